@@ -1,0 +1,1 @@
+"""Thin WebSocket front ends over the hub: one module per wire protocol."""

@@ -1,0 +1,138 @@
+"""The one port: the page, WebSocket upgrades on "/" and "/relay/<room>".
+
+Routing is by path and by the ``Upgrade`` header, so ``GET /`` in a browser
+gets the page while a WebSocket handshake on ``/`` gets the seed's chat, on
+the same reactor and the same listening socket.
+"""
+
+from __future__ import annotations
+
+import os
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.resource import ErrorPage, IResource, NoResource, Resource
+from twisted.web.server import Request, Site
+from twisted.web.static import File
+
+from chatd.config import Settings
+from chatd.hub import Hub
+from chatd.limits import valid_room_name
+from chatd.protocols.base import ChatdFactory
+from chatd.protocols.plain import PlainChat
+from chatd.protocols.relay import Relay
+
+SECURITY_HEADERS = {
+    b"X-Content-Type-Options": b"nosniff",
+    b"X-Frame-Options": b"DENY",
+    b"Referrer-Policy": b"no-referrer",
+    # The page ships its own script and style; it may open a WebSocket to
+    # whatever server the user types in, and nothing else.
+    b"Content-Security-Policy": (
+        b"default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+}
+
+
+def is_upgrade(request: Request) -> bool:
+    value = request.getHeader(b"upgrade")
+    return value is not None and value.strip().lower() == b"websocket"
+
+
+class Page(File):
+    """The page's directory: files only, no listings, nothing outside it."""
+
+    root_dir: str = ""
+    contentTypes = {
+        **File.contentTypes,
+        ".html": "text/html; charset=utf-8",
+        ".js": "text/javascript; charset=utf-8",
+        ".css": "text/css; charset=utf-8",
+        ".txt": "text/plain; charset=utf-8",
+        ".json": "application/json",
+        ".svg": "image/svg+xml",
+    }
+
+    def directoryListing(self) -> IResource:
+        return NoResource()
+
+    def createSimilarFile(self, path: str) -> File:
+        child = super().createSimilarFile(path)
+        child.root_dir = self.root_dir or os.path.realpath(self.path)
+        return child
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        child = super().getChild(path, request)
+        root = self.root_dir or os.path.realpath(self.path)
+        if isinstance(child, File):
+            real = os.path.realpath(child.path)
+            if real != root and not real.startswith(root + os.sep):
+                return NoResource()  # a symlink out of the page directory
+        return child
+
+    def render(self, request: Request) -> bytes | int:
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        return super().render(request)
+
+
+class UpgradeRequired(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(426, b"Upgrade Required")
+        request.setHeader(b"Upgrade", b"websocket")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"426 Upgrade Required: this is a WebSocket endpoint\n"
+
+
+class RelayRooms(Resource):
+    """``/relay/<room>``: checks the name, then hands the upgrade to Autobahn."""
+
+    def __init__(self, ws: IResource) -> None:
+        super().__init__()
+        self.ws = ws
+
+    def getChildWithDefault(self, name: bytes, request: Request) -> IResource:
+        if not name or request.postpath:
+            return NoResource("No such relay room path.")
+        if not valid_room_name(name.decode("utf-8", "replace")):
+            return ErrorPage(
+                400,
+                "Bad Request",
+                "A room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -",
+            )
+        if not is_upgrade(request):
+            return UpgradeRequired()
+        return self.ws
+
+    def render(self, request: Request) -> bytes:
+        return NoResource("Relay rooms are at /relay/<room>.").render(request)
+
+
+class Root(Resource):
+    def __init__(self, page: Page, chat: IResource, relay: IResource) -> None:
+        super().__init__()
+        self.page = page
+        self.chat = chat
+        self.relay = RelayRooms(relay)
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+        if path == b"relay":
+            return self.relay
+        if path == b"" and is_upgrade(request):
+            return self.chat
+        return self.page.getChildWithDefault(path, request)
+
+    def render(self, request: Request) -> bytes | int:
+        return self.page.render(request)
+
+
+def make_site(settings: Settings, hub: Hub) -> Site:
+    chat = ChatdFactory(PlainChat, hub, settings, settings.max_message_size)
+    relay = ChatdFactory(Relay, hub, settings, settings.relay_max_size)
+    page = Page(settings.static)
+    page.root_dir = os.path.realpath(settings.static)
+    site = Site(Root(page, WebSocketResource(chat), WebSocketResource(relay)))
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,20 @@
+"""chatd: WebSocket chat and message push on Twisted and Autobahn.
+
+``pip install .`` installs the package, its page (package data) and the
+twistd plugin (``twisted/plugins/chatd_plugin.py``), so ``twistd chatd`` works.
+"""
+
+from setuptools import setup
+
+setup(
+    name="chatd",
+    version="0.1.0",
+    description="WebSocket chat and message-push daemon on Twisted and Autobahn",
+    python_requires=">=3.11",
+    packages=["chatd", "chatd.protocols", "twisted.plugins"],
+    package_data={"chatd": ["static/*"], "twisted": ["plugins/chatd_plugin.py"]},
+    install_requires=["twisted>=24.7", "autobahn[twisted]>=24.4"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "playwright>=1.45", "ruff>=0.5"],
+    },
+)

@@ -1,0 +1,1 @@
+"""Developer tools: running the daemon for tests, conformance and benchmarks."""
