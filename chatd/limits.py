@@ -38,5 +38,9 @@ _ROOM_RE = re.compile(rf"[A-Za-z0-9._~:@+-]{{1,{ROOM_NAME_MAX}}}\Z")
 
 
 def valid_room_name(name: str) -> bool:
-    """True for 1-64 characters of ``A-Z a-z 0-9 . _ ~ : @ + -``."""
-    return _ROOM_RE.match(name) is not None
+    """True for 1-64 characters of ``A-Z a-z 0-9 . _ ~ : @ + -``, not all dots.
+
+    "." and ".." are refused because URL normalisation (browsers, proxies)
+    would turn "/relay/.." into another path.
+    """
+    return _ROOM_RE.match(name) is not None and name.strip(".") != ""

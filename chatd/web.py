@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.web.resource import ErrorPage, IResource, NoResource, Resource
+from twisted.web.pages import errorPage, forbidden, notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
@@ -53,8 +54,11 @@ class Page(File):
         ".svg": "image/svg+xml",
     }
 
+    childNotFound = notFound()
+    forbidden = forbidden()
+
     def directoryListing(self) -> IResource:
-        return NoResource()
+        return notFound()
 
     def createSimilarFile(self, path: str) -> File:
         child = super().createSimilarFile(path)
@@ -67,7 +71,7 @@ class Page(File):
         if isinstance(child, File):
             real = os.path.realpath(child.path)
             if real != root and not real.startswith(root + os.sep):
-                return NoResource()  # a symlink out of the page directory
+                return notFound()  # a symlink out of the page directory
         return child
 
     def render(self, request: Request) -> bytes | int:
@@ -95,19 +99,19 @@ class RelayRooms(Resource):
 
     def getChildWithDefault(self, name: bytes, request: Request) -> IResource:
         if not name or request.postpath:
-            return NoResource("No such relay room path.")
+            return notFound("No Such Relay Room", "Relay rooms are at /relay/<room>.")
         if not valid_room_name(name.decode("utf-8", "replace")):
-            return ErrorPage(
+            return errorPage(
                 400,
                 "Bad Request",
-                "A room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -",
+                "A room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -, not all dots.",
             )
         if not is_upgrade(request):
             return UpgradeRequired()
         return self.ws
 
     def render(self, request: Request) -> bytes:
-        return NoResource("Relay rooms are at /relay/<room>.").render(request)
+        return notFound("No Such Relay Room", "Relay rooms are at /relay/<room>.").render(request)
 
 
 class Root(Resource):

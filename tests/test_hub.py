@@ -1,0 +1,97 @@
+"""The hub and the fan-out without a reactor: rooms, delivery, backpressure."""
+
+from __future__ import annotations
+
+from twisted.internet.testing import StringTransport
+
+from chatd.fanout import Link, broadcast, encode_frame
+from chatd.hub import InMemoryHub
+
+
+class Member:
+    def __init__(self, max_backlog: int = 1 << 20) -> None:
+        self.transport = StringTransport()
+        self.dropped: list[str] = []
+        self.link = Link(self.transport, max_backlog, self.dropped.append)
+
+
+def test_encode_frame_lengths() -> None:
+    assert encode_frame(b"hi", False) == b"\x81\x02hi"
+    assert encode_frame(b"x" * 126, True)[:4] == b"\x82\x7e\x00\x7e"
+    assert encode_frame(b"x" * 65536, True)[:10] == b"\x82\x7f" + (65536).to_bytes(8, "big")
+
+
+def test_rooms_created_on_join_dropped_when_empty() -> None:
+    hub = InMemoryHub()
+    a, b = Member(), Member()
+    hub.join("relay/r", a.link)
+    hub.join("relay/r", b.link)
+    hub.join("relay/s", a.link)
+    assert hub.rooms() == {"relay/r": 2, "relay/s": 1}
+    hub.leave("relay/r", a.link)
+    hub.leave("relay/r", a.link)  # idempotent
+    hub.leave("relay/s", a.link)
+    assert hub.rooms() == {"relay/r": 1}
+    hub.leave("nowhere", a.link)
+
+
+def test_publish_encodes_once_and_reaches_only_the_room() -> None:
+    hub = InMemoryHub()
+    r = [Member() for _ in range(3)]
+    other = Member()
+    for m in r:
+        hub.join("relay/r", m.link)
+    hub.join("relay/other", other.link)
+    assert hub.publish("relay/r", b"\x00\xff", True) == 3
+    for m in r:
+        assert m.transport.value() == b"\x82\x02\x00\xff"
+    assert other.transport.value() == b""
+    assert hub.publish("relay/empty", b"x", False) == 0
+
+
+def test_paused_link_is_dropped_past_its_backlog_others_unharmed() -> None:
+    slow, ok = Member(max_backlog=10), Member()
+    slow.link.pauseProducing()  # what the transport does when its buffer is full
+    links = [slow.link, ok.link]
+    assert broadcast(links, b"12345", False) == 2
+    assert broadcast(links, b"12345", False) == 2  # backlog 10: at the bound, still written
+    assert slow.dropped == []
+    assert broadcast(links, b"1", False) == 1  # 11 > 10: dropped, not written
+    assert slow.dropped == ["backlog"]
+    assert not slow.link.open
+    assert ok.transport.value() == b"\x81\x0512345" * 2 + b"\x81\x011"
+    assert slow.transport.value() == b"\x81\x0512345" * 2
+    assert broadcast(links, b"x", False) == 1  # a closed link is skipped
+
+
+def test_resume_clears_the_backlog() -> None:
+    m = Member(max_backlog=8)
+    m.link.pauseProducing()
+    broadcast([m.link], b"1234567", False)
+    m.link.resumeProducing()
+    m.link.pauseProducing()
+    broadcast([m.link], b"1234567", False)
+    assert m.dropped == []
+
+
+def test_failing_transport_does_not_stop_the_loop() -> None:
+    bad, good = Member(), Member()
+
+    def boom(data: bytes) -> None:
+        raise OSError("gone")
+
+    bad.transport.write = boom  # type: ignore[method-assign]
+    assert broadcast([bad.link, good.link], b"x", False) == 1
+    assert bad.dropped == ["error"]
+    assert good.transport.value() == b"\x81\x01x"
+
+
+def test_compressing_link_frames_itself() -> None:
+    sent: list[tuple[bytes, bool]] = []
+    m = Member()
+    m.link.send_message = lambda p, b: sent.append((p, b))
+    plain = Member()
+    broadcast([m.link, plain.link], b"abc", True)
+    assert sent == [(b"abc", True)]
+    assert m.transport.value() == b""
+    assert plain.transport.value() == b"\x82\x03abc"
