@@ -1,0 +1,53 @@
+# chatd: `make run` runs the daemon, `make test` runs every test. Both set up
+# everything they need on a fresh machine (a venv in .venv, Debian's chromium,
+# the Python 2.7 Autobahn|Testsuite in .cache).
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PORT    ?= 9000
+ARGS    ?=
+PYTHON3 ?= python3
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test check lint format conformance deps browser-deps clean
+
+$(VENV)/.deps: requirements-dev.txt setup.py
+	@$(PYTHON3) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "chatd needs Python 3.11+ (set PYTHON3=...)")'
+	$(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+deps: $(VENV)/.deps
+
+browser-deps:
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+## run the daemon on its defaults: http://127.0.0.1:9000/ (PORT=..., ARGS="--interface 0.0.0.0")
+run: deps
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/twistd -n --pidfile= chatd --port $(PORT) $(ARGS)
+
+## every test: lint, unit, protocol, browser, packaging and the full Autobahn|Testsuite run
+test: deps browser-deps lint
+	$(PY) -m pytest
+
+## the same without the 9-minute conformance run
+check: deps browser-deps lint
+	$(PY) -m pytest -m "not conformance"
+
+## the Autobahn|Testsuite alone; CASES="1.* 7.*" for a subset
+conformance: deps
+	$(PY) -m tools.conformance $(CASES)
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: deps
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .cache reports build *.egg-info .pytest_cache .ruff_cache
