@@ -13,7 +13,9 @@ transport pauses the link when its buffer passes Twisted's bufferSize
 (64 KiB); from then on every byte is counted, and once a client is more than
 ``max_backlog`` behind, the link stops writing and asks its owner to close it.
 Memory per slow client is therefore bounded by bufferSize + one message +
-max_backlog, whatever the publishers do.
+max_backlog, whatever the publishers do. A ``Budget`` shared by all links
+bounds the sum: past it the server is overloaded, and a client that is
+behind at all is dropped (close 1013, try again later).
 
 This module knows nothing of Autobahn, rooms or protocols: it moves bytes.
 """
@@ -43,6 +45,19 @@ def encode_frame(payload: bytes, binary: bool) -> bytes:
     return header + payload
 
 
+class Budget:
+    """Unsent bytes over every paused link of a server, against one limit."""
+
+    __slots__ = ("limit", "total")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+
+
+UNLIMITED = Budget(2**63)
+
+
 @implementer(IPushProducer)
 class Link:
     """A connection's outgoing side, as the fan-out sees it."""
@@ -50,6 +65,7 @@ class Link:
     __slots__ = (
         "__weakref__",
         "backlog",
+        "budget",
         "max_backlog",
         "on_drop",
         "open",
@@ -64,14 +80,17 @@ class Link:
         max_backlog: int,
         on_drop: Callable[[str], object],
         send_message: Callable[[bytes, bool], object] | None = None,
+        budget: Budget = UNLIMITED,
     ) -> None:
         self.transport = transport
         # Set for a compressing connection: it frames (and deflates) itself.
         self.send_message = send_message
-        # Called (after the fan-out loop) when a link is given up on: the
-        # reason is "backlog" for a slow consumer or "error" for a failed write.
+        # Called (after the fan-out loop) when a link is given up on: the reason
+        # is "backlog" for a slow consumer, "overload" for one that is behind
+        # while the budget is spent, or "error" for a failed write.
         self.on_drop = on_drop
         self.max_backlog = max_backlog
+        self.budget = budget
         self.open = True
         self.paused = False
         self.backlog = 0  # bytes handed over since the transport paused us
@@ -82,10 +101,17 @@ class Link:
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.budget.total -= self.backlog
         self.backlog = 0
 
     def stopProducing(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Write nothing more; give back what this link held of the budget."""
         self.open = False
+        self.budget.total -= self.backlog
+        self.backlog = 0
 
 
 def broadcast(links: Iterable[Link], payload: bytes, binary: bool) -> int:
@@ -104,11 +130,13 @@ def broadcast(links: Iterable[Link], payload: bytes, binary: bool) -> int:
             continue
         if link.paused:
             link.backlog += size
-            if link.backlog > link.max_backlog:
-                link.open = False
+            link.budget.total += size
+            if link.backlog > link.max_backlog or link.budget.total > link.budget.limit:
+                reason = "backlog" if link.backlog > link.max_backlog else "overload"
+                link.close()
                 if dropped is None:
                     dropped = []
-                dropped.append((link, "backlog"))
+                dropped.append((link, reason))
                 continue
         try:
             if link.send_message is None:
@@ -118,7 +146,7 @@ def broadcast(links: Iterable[Link], payload: bytes, binary: bool) -> int:
             else:
                 link.send_message(payload, binary)
         except Exception:  # a broken transport must not stop the loop
-            link.open = False
+            link.close()
             if dropped is None:
                 dropped = []
             dropped.append((link, "error"))

@@ -1,65 +1,274 @@
 """Rooms and their members: the seam a multi-node (Redis) hub plugs into.
 
-Protocols never loop over clients themselves: they join, leave and publish
-through a ``Hub``. ``InMemoryHub`` is the single-process implementation; a
-clustered one keeps the same four methods and publishes through its broker,
-calling ``fanout.broadcast`` for the members it holds locally.
+Protocols never loop over clients themselves: they join, leave, publish and
+post through a ``Hub``. ``InMemoryHub`` is the single-process implementation;
+a clustered one keeps these methods and does id assignment, storage and
+publication in its broker, calling ``fanout.broadcast`` for the members it
+holds locally.
 
-Room keys are opaque strings chosen by the protocols (``relay/<name>``,
-``chat/lobby``), so different kinds of room can never see each other.
+Two kinds of room, in separate namespaces:
+
+- relay rooms (``publish``): opaque bytes, byte-exact to every member;
+- chat rooms (``chat_join``/``post``): messages with ids and history, and
+  presence. Members of one chat room may speak different wire formats (the
+  plain seed chat and chatd.v1 share ``lobby``), so members are grouped by
+  format and each message is rendered once per format, then fanned out.
 """
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from twisted.internet.defer import Deferred
+
+from chatd import limits
 from chatd.fanout import Link, broadcast
+from chatd.history import History, Message
+
+
+class Renderer(Protocol):
+    """A wire format's view of chat events; None: this format does not show it."""
+
+    def message(self, msg: Message) -> bytes | None: ...
+
+    def presence(self, room: str, nick: str, event: str) -> bytes | None: ...
+
+
+class NickTaken(Exception):
+    """Another member of the room has this nick."""
+
+
+class Unavailable(Exception):
+    """The message could not be stored, so it was not sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    room: str
+    members: list[str]
+    history: list[Message]
+    last_id: int
+    truncated: bool  # messages after ``since`` were lost to retention
+
+
+@dataclass(slots=True)
+class Member:
+    nick: str
+    fmt: str
+    unique: bool
+
+
+@dataclass(slots=True)
+class ChatRoom:
+    members: dict[Link, Member] = field(default_factory=dict)
+    groups: dict[str, dict[Link, None]] = field(default_factory=dict)  # by format
+    nicks: dict[str, Link] = field(default_factory=dict)  # casefolded, unique ones
 
 
 class Hub(Protocol):
-    def join(self, room: str, link: Link) -> None:
-        """Add ``link`` to ``room``, creating the room on first join."""
+    # relay rooms
+    def join(self, room: str, link: Link) -> None: ...
+    def leave(self, room: str, link: Link) -> None: ...
+    def publish(self, room: str, payload: bytes, binary: bool) -> int: ...
 
-    def leave(self, room: str, link: Link) -> None:
-        """Remove ``link`` from ``room``; an empty room is dropped. Idempotent."""
+    # chat rooms
+    def add_format(self, name: str, renderer: Renderer) -> None: ...
+    def chat_join(
+        self,
+        room: str,
+        link: Link,
+        nick: str,
+        fmt: str,
+        since: int | None = None,
+        unique: bool = True,
+    ) -> Joined: ...
+    def chat_leave(self, room: str, link: Link) -> bool: ...
+    def post(self, room: str, link: Link, text: str, ref: str | None = None) -> Deferred: ...
 
-    def publish(self, room: str, payload: bytes, binary: bool) -> int:
-        """Deliver one message to every member of ``room``; return how many got it."""
+    def rooms(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
 
-    def rooms(self) -> dict[str, int]:
-        """Every room with its member count."""
+
+def _later(f: Callable[[], object]) -> None:
+    from twisted.internet import reactor
+
+    reactor.callLater(0, f)
 
 
 class InMemoryHub:
-    """All rooms of one process, as dicts used as ordered sets of links."""
+    """All rooms of one process; chat history in SQLite (``History``)."""
 
-    def __init__(self) -> None:
-        self._rooms: dict[str, dict[Link, None]] = {}
-        self.published = 0  # messages accepted
+    def __init__(
+        self,
+        history: History | None = None,
+        call_soon: Callable[[Callable[[], object]], object] = _later,
+        join_history: int = limits.JOIN_HISTORY,
+    ) -> None:
+        self.history = history if history is not None else History(":memory:", 0)
+        self.join_history = join_history
+        self._call_soon = call_soon
+        self._relay: dict[str, dict[Link, None]] = {}
+        self._chat: dict[str, ChatRoom] = {}
+        self._renderers: dict[str, Renderer] = {}
+        self._pending: list[tuple[Message, Deferred]] = []
+        self.published = 0  # relay messages accepted
+        self.posted = 0  # chat messages stored and sent
         self.delivered = 0  # frames handed to transports
 
+    # -- relay rooms ------------------------------------------------------
     def join(self, room: str, link: Link) -> None:
-        members = self._rooms.get(room)
+        members = self._relay.get(room)
         if members is None:
-            members = self._rooms[room] = {}
+            members = self._relay[room] = {}
         members[link] = None
 
     def leave(self, room: str, link: Link) -> None:
-        members = self._rooms.get(room)
+        members = self._relay.get(room)
         if members is None:
             return
         members.pop(link, None)
         if not members:
-            del self._rooms[room]
+            del self._relay[room]
 
     def publish(self, room: str, payload: bytes, binary: bool) -> int:
-        members = self._rooms.get(room)
         self.published += 1
+        members = self._relay.get(room)
         if not members:
             return 0
         n = broadcast(tuple(members), payload, binary)
         self.delivered += n
         return n
 
+    # -- chat rooms -------------------------------------------------------
+    def add_format(self, name: str, renderer: Renderer) -> None:
+        self._renderers[name] = renderer
+
+    def chat_join(
+        self,
+        room: str,
+        link: Link,
+        nick: str,
+        fmt: str,
+        since: int | None = None,
+        unique: bool = True,
+    ) -> Joined:
+        """Join (or re-join) ``room``; the history and the live stream meet exactly.
+
+        Everything accepted before the join is committed and sent first, so
+        ``history`` ends at ``last_id`` and every later message arrives live,
+        once.
+        """
+        self.flush()
+        r = self._chat.get(room)
+        if r is None:
+            r = self._chat[room] = ChatRoom()
+        key = nick.casefold()
+        holder = r.nicks.get(key)
+        if unique and holder is not None and holder is not link:
+            if not r.members:
+                del self._chat[room]
+            raise NickTaken(nick)
+        if link not in r.members:
+            self._presence(r, room, nick, "join")
+            r.members[link] = Member(nick, fmt, unique)
+            r.groups.setdefault(fmt, {})[link] = None
+            if unique:
+                r.nicks[key] = link
+        if since is None:
+            history = self.history.recent(room, self.join_history)
+            truncated = False
+        else:
+            history, truncated = self.history.since(room, since)
+        return Joined(
+            room,
+            [m.nick for m in r.members.values()],
+            history,
+            self.history.last_id(room),
+            truncated,
+        )
+
+    def chat_leave(self, room: str, link: Link) -> bool:
+        r = self._chat.get(room)
+        member = r.members.pop(link, None) if r is not None else None
+        if r is None or member is None:
+            return False
+        group = r.groups[member.fmt]
+        del group[link]
+        if not group:
+            del r.groups[member.fmt]
+        if member.unique:
+            r.nicks.pop(member.nick.casefold(), None)
+        if r.members:
+            self._presence(r, room, member.nick, "leave")
+        else:
+            del self._chat[room]
+        return True
+
+    def members(self, room: str) -> list[str]:
+        r = self._chat.get(room)
+        return [m.nick for m in r.members.values()] if r else []
+
+    def post(self, room: str, link: Link, text: str, ref: str | None = None) -> Deferred:
+        """Store a message from a member and send it to the room.
+
+        The message is written at once and committed with everything else
+        accepted in this reactor turn; only then is it broadcast (and the
+        Deferred fired with it). If the commit fails nothing is sent and the
+        Deferred fails with Unavailable.
+        """
+        r = self._chat.get(room)
+        member = r.members.get(link) if r is not None else None
+        if member is None:
+            raise KeyError(room)
+        msg = self.history.append(room, member.nick, text, ref)
+        d: Deferred = Deferred()
+        if not self._pending:
+            self._call_soon(self.flush)
+        self._pending.append((msg, d))
+        return d
+
+    def flush(self) -> None:
+        """Commit what was posted, then deliver it, in id order."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        try:
+            self.history.commit()
+        except sqlite3.Error as e:
+            self.history.rollback()
+            for _, d in pending:
+                d.errback(Unavailable(str(e)))
+            return
+        for msg, d in pending:
+            self._deliver(msg)
+            self.posted += 1
+            d.callback(msg)
+
+    def _deliver(self, msg: Message) -> None:
+        r = self._chat.get(msg.room)
+        if r is None:
+            return
+        for fmt, links in tuple(r.groups.items()):
+            payload = self._renderers[fmt].message(msg)
+            if payload is not None:
+                self.delivered += broadcast(tuple(links), payload, False)
+
+    def _presence(self, r: ChatRoom, room: str, nick: str, event: str) -> None:
+        for fmt, links in tuple(r.groups.items()):
+            payload = self._renderers[fmt].presence(room, nick, event)
+            if payload is not None:
+                broadcast(tuple(links), payload, False)
+
+    # -- both -------------------------------------------------------------
     def rooms(self) -> dict[str, int]:
-        return {name: len(members) for name, members in self._rooms.items()}
+        counts = {f"relay/{name}": len(m) for name, m in self._relay.items()}
+        counts.update({f"chat/{name}": len(r.members) for name, r in self._chat.items()})
+        return counts
+
+    def close(self) -> None:
+        """Commit and deliver what is pending, then close the database."""
+        self.flush()
+        self.history.close()

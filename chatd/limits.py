@@ -20,6 +20,17 @@ PING_INTERVAL = 30.0  # seconds between server pings; 0 turns them off
 PING_TIMEOUT = 20.0  # seconds to wait for the pong before dropping
 OPEN_HANDSHAKE_TIMEOUT = 10.0  # seconds for a client to finish the upgrade
 CLOSE_HANDSHAKE_TIMEOUT = 5.0  # seconds to wait for the close reply
+MAX_TOTAL_BACKLOG = 256 * MiB  # unsent bytes over all slow clients: past it, overloaded
+
+# Chat (protocol chatd.v1 and the plain chat on "/").
+MAX_TEXT = 16 * KiB  # bytes of UTF-8 in one chat message (v1: error "too_long")
+HISTORY_SIZE = 1000  # messages kept per room; "since" can recover this many
+JOIN_HISTORY = 50  # messages sent with "joined" when the client gives no "since"
+MAX_ROOMS_PER_CONNECTION = 16
+RATE = 20.0  # chat messages per second a connection may send, on average
+RATE_BURST = 60  # ... and at once
+RATE_FLOOD = 60  # messages refused for rate in a row before close 1008
+NICK_MAX = 32
 
 # RFC 6455 section 7.4.1 close codes that chatd sends itself.
 CLOSE_NORMAL = 1000
@@ -29,7 +40,7 @@ CLOSE_UNSUPPORTED_DATA = 1003  # binary data on the text chat
 CLOSE_INVALID_PAYLOAD = 1007  # text that is not UTF-8
 CLOSE_POLICY_VIOLATION = 1008  # a client that stopped reading (slow consumer)
 CLOSE_MESSAGE_TOO_BIG = 1009
-CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_TRY_AGAIN_LATER = 1013  # slow consumer while the server as a whole is overloaded
 
 # Room names: what fits in one URL path segment without escaping, so that
 # "/relay/<room>" needs no decoding and a name reads the same everywhere.
@@ -44,3 +55,53 @@ def valid_room_name(name: str) -> bool:
     would turn "/relay/.." into another path.
     """
     return _ROOM_RE.match(name) is not None and name.strip(".") != ""
+
+
+_NICK_EXTRA = set("_-.")
+_RESERVED_NICK = re.compile(r"ID\d+\Z")
+
+
+def nick_problem(nick: object) -> str | None:
+    """Why ``nick`` is not acceptable, or None if it is.
+
+    1-32 characters, letters (any script), digits and ``_ - .``; ``ID<digits>``
+    is reserved for plain clients, whose sender name it is.
+    """
+    if not isinstance(nick, str) or not 1 <= len(nick) <= NICK_MAX:
+        return f"a nick is 1-{NICK_MAX} characters"
+    if not all(c.isalnum() or c in _NICK_EXTRA for c in nick):
+        return "a nick has only letters, digits and _ - ."
+    if _RESERVED_NICK.match(nick):
+        return "nicks ID<digits> are reserved for plain clients"
+    return None
+
+
+class TokenBucket:
+    """Per-connection rate limit: ``rate``/s on average, ``burst`` at once.
+
+    Each message takes a token. Past the burst a message is refused (the
+    client gets an error) and the bucket goes further into debt; ``flood``
+    refusals of debt mean a sustained flood, and the connection is closed.
+    Sans-I/O: the caller passes the time.
+    """
+
+    __slots__ = ("burst", "flood", "rate", "stamp", "tokens")
+
+    OK, LIMITED, FLOOD = 0, 1, 2
+
+    def __init__(self, rate: float, burst: int, flood: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.flood = flood
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float) -> int:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1
+        if self.tokens >= 0:
+            return self.OK
+        if self.tokens >= -self.flood:
+            return self.LIMITED
+        return self.FLOOD

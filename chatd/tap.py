@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
@@ -10,7 +12,8 @@ from twisted.python import usage
 
 from chatd import __version__
 from chatd.config import PAGE_DIR, ConfigError, Settings
-from chatd.hub import InMemoryHub
+from chatd.history import History
+from chatd.hub import Hub, InMemoryHub
 from chatd.web import make_site
 
 _log = Logger()
@@ -87,6 +90,57 @@ class Options(usage.Options):
             "Seconds to wait for a pong before dropping the client.",
             float,
         ],
+        [
+            "max-total-backlog",
+            None,
+            _defaults.max_total_backlog,
+            "Unsent bytes over all slow clients; past it the server is overloaded "
+            "and a client that is behind is closed with 1013.",
+            _size,
+        ],
+        [
+            "db",
+            None,
+            _defaults.db,
+            "SQLite file for chat history (relative to the working directory), "
+            "or :memory: to keep none across restarts.",
+        ],
+        [
+            "db-sync",
+            None,
+            _defaults.db_sync,
+            "normal: survive a crash of chatd; full: also a power loss (an fsync per batch).",
+        ],
+        [
+            "history-size",
+            None,
+            _defaults.history_size,
+            "Chat messages kept per room, for history and 'since' recovery (0: none).",
+            int,
+        ],
+        [
+            "join-history",
+            None,
+            _defaults.join_history,
+            "Messages sent with 'joined' when a client gives no 'since'.",
+            int,
+        ],
+        [
+            "max-text",
+            None,
+            _defaults.max_text,
+            "Largest chat message text, in bytes of UTF-8 (chatd.v1: error too_long).",
+            _size,
+        ],
+        ["rate", None, _defaults.rate, "Chat messages per second per connection.", float],
+        ["rate-burst", None, _defaults.rate_burst, "... and how many at once.", int],
+        [
+            "rate-flood",
+            None,
+            _defaults.rate_flood,
+            "Messages refused for rate before the connection is closed (1008).",
+            int,
+        ],
     ]
     optFlags = [["no-compression", None, "Decline permessage-deflate."]]
 
@@ -108,6 +162,15 @@ class Options(usage.Options):
                 ping_interval=self["ping-interval"],
                 ping_timeout=self["ping-timeout"],
                 compression=not self["no-compression"],
+                max_total_backlog=self["max-total-backlog"],
+                db=self["db"],
+                db_sync=self["db-sync"],
+                history_size=self["history-size"],
+                join_history=self["join-history"],
+                max_text=self["max-text"],
+                rate=self["rate"],
+                rate_burst=self["rate-burst"],
+                rate_flood=self["rate-flood"],
             )
             settings.check()
             # Parse (without binding) so a bad description fails here.
@@ -140,12 +203,30 @@ class ListeningService(StreamServerEndpointService):
         return port
 
 
+class HubService(service.Service):
+    """Closes the hub (commits pending history) when the daemon stops."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def stopService(self):
+        super().stopService()
+        self.hub.close()
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     settings: Settings = options.settings
-    hub = InMemoryHub()
+    try:
+        history = History(settings.db, settings.history_size, settings.db_sync)
+    except sqlite3.Error as e:
+        raise SystemExit(f"chatd: cannot open the history database {settings.db!r}: {e}") from None
+    hub = InMemoryHub(history, join_history=settings.join_history)
     top = service.MultiService()
+    # Started first, stopped last: pending history is committed after the
+    # listener has stopped accepting and every client has been closed.
+    HubService(hub).setServiceParent(top)
     endpoint = endpoints.serverFromString(reactor, settings.endpoint_description())
     listener = ListeningService(endpoint, make_site(settings, hub))
     listener._raiseSynchronously = True  # a bind error stops twistd at start-up

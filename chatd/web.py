@@ -1,8 +1,9 @@
 """The one port: the page, WebSocket upgrades on "/" and "/relay/<room>".
 
-Routing is by path and by the ``Upgrade`` header, so ``GET /`` in a browser
-gets the page while a WebSocket handshake on ``/`` gets the seed's chat, on
-the same reactor and the same listening socket.
+Routing is by path, by the ``Upgrade`` header and by the offered subprotocol:
+``GET /`` in a browser gets the page, a WebSocket handshake on ``/`` offering
+``chatd.v1`` gets the JSON chat, any other handshake on ``/`` the seed's
+plain chat; all on the same reactor and the same listening socket.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from chatd.config import Settings
+from chatd.fanout import Budget
 from chatd.hub import Hub
 from chatd.limits import valid_room_name
 from chatd.protocols.base import ChatdFactory
-from chatd.protocols.plain import PlainChat
+from chatd.protocols.plain import PlainChat, PlainRenderer
 from chatd.protocols.relay import Relay
+from chatd.protocols.v1 import SUBPROTOCOL, V1Chat, V1Renderer
 
 SECURITY_HEADERS = {
     b"X-Content-Type-Options": b"nosniff",
@@ -38,6 +41,14 @@ SECURITY_HEADERS = {
 def is_upgrade(request: Request) -> bool:
     value = request.getHeader(b"upgrade")
     return value is not None and value.strip().lower() == b"websocket"
+
+
+def offers(request: Request, subprotocol: bytes) -> bool:
+    """Whether the handshake lists ``subprotocol`` in Sec-WebSocket-Protocol."""
+    for header in request.requestHeaders.getRawHeaders(b"sec-websocket-protocol", []):
+        if subprotocol in (p.strip() for p in header.split(b",")):
+            return True
+    return False
 
 
 class Page(File):
@@ -115,17 +126,18 @@ class RelayRooms(Resource):
 
 
 class Root(Resource):
-    def __init__(self, page: Page, chat: IResource, relay: IResource) -> None:
+    def __init__(self, page: Page, plain: IResource, v1: IResource, relay: IResource) -> None:
         super().__init__()
         self.page = page
-        self.chat = chat
+        self.plain = plain
+        self.v1 = v1
         self.relay = RelayRooms(relay)
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         if path == b"relay":
             return self.relay
         if path == b"" and is_upgrade(request):
-            return self.chat
+            return self.v1 if offers(request, SUBPROTOCOL.encode()) else self.plain
         return self.page.getChildWithDefault(path, request)
 
     def render(self, request: Request) -> bytes | int:
@@ -133,10 +145,16 @@ class Root(Resource):
 
 
 def make_site(settings: Settings, hub: Hub) -> Site:
-    chat = ChatdFactory(PlainChat, hub, settings, settings.max_message_size)
-    relay = ChatdFactory(Relay, hub, settings, settings.relay_max_size)
+    hub.add_format("plain", PlainRenderer())
+    hub.add_format("v1", V1Renderer())
+    budget = Budget(settings.max_total_backlog)
+    plain = ChatdFactory(PlainChat, hub, settings, settings.max_message_size, budget)
+    v1 = ChatdFactory(V1Chat, hub, settings, settings.max_message_size, budget)
+    relay = ChatdFactory(Relay, hub, settings, settings.relay_max_size, budget)
     page = Page(settings.static)
     page.root_dir = os.path.realpath(settings.static)
-    site = Site(Root(page, WebSocketResource(chat), WebSocketResource(relay)))
+    site = Site(
+        Root(page, WebSocketResource(plain), WebSocketResource(v1), WebSocketResource(relay))
+    )
     site.displayTracebacks = False
     return site

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,9 +38,18 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Daemon:
-    """One chatd process; ``lines`` collects everything it logs."""
+    """One chatd process; ``lines`` collects everything it logs.
+
+    It runs in ``cwd`` (by default a fresh temporary directory), where its
+    history database ``chatd.sqlite3`` lives: pass the same ``cwd`` to a
+    second Daemon to restart "the same" server.
+    """
 
     def __init__(self, *args: str, timeout: float = 15.0, cwd: str | None = None) -> None:
+        if cwd is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="chatd-")
+            cwd = self._tmp.name
+        self.cwd = cwd
         argv = [twistd(), "-n", "--pidfile=", "chatd", *args]
         if not any(a == "--port" or a.startswith(("--port=", "--endpoint", "-e")) for a in args):
             argv += ["--port", "0"]
@@ -48,7 +58,7 @@ class Daemon:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.proc = subprocess.Popen(
             argv,
-            cwd=cwd or str(REPO),
+            cwd=cwd,
             env=child_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from chatd import limits
 from chatd.config import Settings
-from chatd.fanout import Link
+from chatd.fanout import Budget, Link
 from chatd.hub import Hub
 
 
@@ -35,6 +35,7 @@ class Connection(WebSocketServerProtocol):
             self.factory.settings.max_backlog,
             self._dropped,
             self.sendMessage if compressing else None,
+            self.factory.budget,
         )
         # After the upgrade the transport still has twisted.web's HTTPChannel
         # as its producer; from now on the link is, so the transport tells
@@ -54,7 +55,7 @@ class Connection(WebSocketServerProtocol):
         link = self.link
         if link is not None:
             self.link = None
-            link.open = False
+            link.close()
             self.detach(link)
 
     # -- for subclasses ---------------------------------------------------
@@ -78,6 +79,8 @@ class Connection(WebSocketServerProtocol):
                 limits.CLOSE_POLICY_VIOLATION,
                 f"slow consumer: more than {self.factory.settings.max_backlog} bytes unread",
             )
+        elif reason == "overload":
+            self.fail(limits.CLOSE_TRY_AGAIN_LATER, "server overloaded: too much unread")
         else:
             self.dropConnection(abort=True)
 
@@ -85,11 +88,19 @@ class Connection(WebSocketServerProtocol):
 class ChatdFactory(WebSocketServerFactory):
     """One per kind of endpoint; holds the hub that holds the clients."""
 
-    def __init__(self, protocol: type[Connection], hub: Hub, settings: Settings, max_size: int):
+    def __init__(
+        self,
+        protocol: type[Connection],
+        hub: Hub,
+        settings: Settings,
+        max_size: int,
+        budget: Budget,
+    ) -> None:
         super().__init__()
         self.protocol = protocol
         self.hub = hub
         self.settings = settings
+        self.budget = budget
         self.max_size = max_size
         accept = None
         if settings.compression:

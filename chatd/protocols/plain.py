@@ -1,22 +1,39 @@
 """The seed's chat on "/": every text message goes to everyone as ``ID<port>: <text>``.
 
-Plain clients are members of the chat room ``lobby``, so later protocols can
-share that room with them.
+Plain clients are members of the chat room ``lobby`` under the name
+``ID<port>``: what they send is stored and numbered like any chat message and
+shows to chatd.v1 clients with ``from: "ID<port>"``; what v1 clients send in
+``lobby`` reaches plain clients as ``<nick>: <text>``. Plain clients get no
+history and no presence (the seed had neither) and, having no way to read an
+error, are closed with 1008 when they send faster than the rate limit.
 """
 
 from __future__ import annotations
 
+import time
+
 from chatd import limits
 from chatd.fanout import Link
+from chatd.history import Message
 from chatd.protocols.base import Connection
 
-LOBBY = "chat/lobby"
+LOBBY = "lobby"
 
 
-def sender_id(peer: object, fallback: int) -> bytes:
+def sender_id(peer: object, fallback: int) -> str:
     """``ID<remote TCP port>``, as the seed named senders."""
     port = getattr(peer, "port", None)
-    return b"ID%d" % (port if isinstance(port, int) else fallback)
+    return f"ID{port if isinstance(port, int) else fallback}"
+
+
+class PlainRenderer:
+    """Chat events as the seed showed them: ``<from>: <text>``, no presence."""
+
+    def message(self, msg: Message) -> bytes:
+        return f"{msg.sender}: {msg.text}".encode()
+
+    def presence(self, room: str, nick: str, event: str) -> None:
+        return None
 
 
 class PlainChat(Connection):
@@ -24,11 +41,14 @@ class PlainChat(Connection):
 
     def attach(self) -> None:
         assert self.link is not None
-        self.prefix = sender_id(self.transport.getPeer(), id(self) & 0xFFFF) + b": "
-        self.hub.join(LOBBY, self.link)
+        s = self.factory.settings
+        self.bucket = limits.TokenBucket(s.rate, s.rate_burst, 0, time.monotonic())
+        nick = sender_id(self.transport.getPeer(), id(self) & 0xFFFF)
+        # Ports can repeat across client hosts, so plain names need not be unique.
+        self.hub.chat_join(LOBBY, self.link, nick, "plain", unique=False)
 
     def detach(self, link: Link) -> None:
-        self.hub.leave(LOBBY, link)
+        self.hub.chat_leave(LOBBY, link)
 
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
@@ -36,4 +56,13 @@ class PlainChat(Connection):
             self.fail(limits.CLOSE_UNSUPPORTED_DATA, "binary messages are not accepted on /")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.hub.publish(LOBBY, self.prefix + payload, False)
+        if self.link is None:
+            return
+        if self.bucket.take(time.monotonic()) != limits.TokenBucket.OK:
+            self.fail(limits.CLOSE_POLICY_VIOLATION, "rate limit: too many messages")
+            return
+        d = self.hub.post(LOBBY, self.link, payload.decode("utf-8"))
+        d.addErrback(self._unavailable)
+
+    def _unavailable(self, failure: object) -> None:
+        self.fail(limits.CLOSE_TRY_AGAIN_LATER, "chat history unavailable, message not sent")

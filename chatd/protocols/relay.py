@@ -33,7 +33,7 @@ class Relay(Connection):
         name = room_from_path(request.path)
         if name is None:  # web.py checks first; this guards other mounts
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "no such relay room")
-        self.room = "relay/" + name
+        self.room = name
         return None
 
     def attach(self) -> None:

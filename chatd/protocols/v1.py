@@ -1,0 +1,239 @@
+"""chatd.v1: the JSON chat protocol on "/" (docs/PROTOCOL.md says every detail).
+
+Chosen by the WebSocket subprotocol ``chatd.v1``. Every frame is one JSON
+object whose ``type`` names it. This module only parses, checks and answers;
+rooms, ids, history and presence are the hub's.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.websocket.types import ConnectionDeny
+
+from chatd import limits
+from chatd.fanout import Link
+from chatd.history import Message
+from chatd.hub import Joined, NickTaken, Unavailable
+from chatd.protocols.base import Connection
+
+SUBPROTOCOL = "chatd.v1"
+REF_MAX = 64
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return _dumps(obj).encode("utf-8")
+
+
+def message_obj(msg: Message) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "type": "message",
+        "room": msg.room,
+        "id": msg.id,
+        "ts": msg.ts,
+        "from": msg.sender,
+        "text": msg.text,
+    }
+    if msg.ref is not None:
+        obj["ref"] = msg.ref
+    return obj
+
+
+class V1Renderer:
+    def message(self, msg: Message) -> bytes:
+        return encode(message_obj(msg))
+
+    def presence(self, room: str, nick: str, event: str) -> bytes:
+        return encode({"type": "presence", "room": room, "nick": nick, "event": event})
+
+
+class ProtocolError(Exception):
+    """A request chatd refuses: becomes an ``error`` frame, the connection stays."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _encodable(text: str) -> bool:
+    """False for strings with lone surrogates (JSON allows them, UTF-8 does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True):
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise ProtocolError("bad_field", f"'{name}' is required")
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProtocolError("bad_field", f"'{name}' has the wrong type")
+    return value
+
+
+def _room(obj: dict[str, Any]) -> str:
+    room = _field(obj, "room", str)
+    if not limits.valid_room_name(room):
+        raise ProtocolError(
+            "bad_room", "a room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -"
+        )
+    return room
+
+
+class V1Chat(Connection):
+    kind = "v1"
+    nick: str | None = None
+
+    def onConnect(self, request):
+        if SUBPROTOCOL not in request.protocols:  # web.py routes only offers of it here
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, f"subprotocol {SUBPROTOCOL} needed")
+        return SUBPROTOCOL
+
+    def attach(self) -> None:
+        s = self.factory.settings
+        self.bucket = limits.TokenBucket(s.rate, s.rate_burst, s.rate_flood, time.monotonic())
+        self.joined: set[str] = set()
+        self.session = secrets.token_urlsafe(12)
+
+    def detach(self, link: Link) -> None:
+        for room in self.joined:
+            self.hub.chat_leave(room, link)
+        self.joined = set()
+
+    def reply(self, obj: dict[str, Any]) -> None:
+        if self.link is not None and self.link.open:
+            self.sendMessage(encode(obj), False)
+
+    def error(self, code: str, message: str, ref: object = None) -> None:
+        obj: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if ref is not None:
+            obj["ref"] = ref
+        self.reply(obj)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        if isBinary:
+            self.fail(limits.CLOSE_UNSUPPORTED_DATA, "chatd.v1 frames are JSON text")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.link is None:
+            return
+        verdict = self.bucket.take(time.monotonic())
+        if verdict == limits.TokenBucket.FLOOD:
+            self.fail(limits.CLOSE_POLICY_VIOLATION, "rate limit: sustained flood")
+            return
+        ref = None
+        try:
+            try:
+                obj = json.loads(payload)
+            except ValueError as e:
+                raise ProtocolError("bad_json", f"not JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise ProtocolError("bad_message", "a frame is a JSON object")
+            ref = obj.get("ref")
+            if ref is not None and not (
+                (isinstance(ref, str) and len(ref) <= REF_MAX and _encodable(ref))
+                or (isinstance(ref, int) and not isinstance(ref, bool) and abs(ref) < 2**53)
+            ):
+                ref = None
+                raise ProtocolError(
+                    "bad_field", f"'ref' is a string of at most {REF_MAX} or an integer"
+                )
+            if verdict == limits.TokenBucket.LIMITED:
+                raise ProtocolError("rate_limited", "too many messages; slow down")
+            handler = self.HANDLERS.get(obj.get("type"))  # type: ignore[arg-type]
+            if handler is None:
+                raise ProtocolError("unknown_type", f"unknown type {obj.get('type')!r}")
+            handler(self, obj, ref)
+        except ProtocolError as e:
+            self.error(e.code, str(e), ref)
+
+    # -- requests ---------------------------------------------------------
+    def on_hello(self, obj: dict[str, Any], ref: object) -> None:
+        if self.nick is not None:
+            raise ProtocolError("already_hello", f"already hello as {self.nick}")
+        nick = obj.get("nick")
+        problem = limits.nick_problem(nick)
+        if problem:
+            raise ProtocolError("bad_nick", problem)
+        self.nick = nick
+        self.reply({"type": "welcome", "nick": nick, "session": self.session})
+
+    def on_join(self, obj: dict[str, Any], ref: object) -> None:
+        if self.nick is None:
+            raise ProtocolError("hello_first", "say hello with a nick first")
+        room = _room(obj)
+        since = _field(obj, "since", int, required=False)
+        if since is not None and since < 0:
+            raise ProtocolError("bad_field", "'since' is an id >= 0")
+        if room not in self.joined and len(self.joined) >= limits.MAX_ROOMS_PER_CONNECTION:
+            raise ProtocolError(
+                "too_many_rooms", f"at most {limits.MAX_ROOMS_PER_CONNECTION} rooms at once"
+            )
+        assert self.link is not None
+        try:
+            j: Joined = self.hub.chat_join(room, self.link, self.nick, "v1", since)
+        except NickTaken:
+            raise ProtocolError("nick_taken", f"{self.nick} is already in {room}") from None
+        self.joined.add(room)
+        out: dict[str, Any] = {
+            "type": "joined",
+            "room": room,
+            "members": j.members,
+            "history": [message_obj(m) for m in j.history],
+            "last_id": j.last_id,
+        }
+        if j.truncated:
+            out["truncated"] = True
+        if ref is not None:
+            out["ref"] = ref
+        self.reply(out)
+
+    def on_leave(self, obj: dict[str, Any], ref: object) -> None:
+        room = _room(obj)
+        if room not in self.joined:
+            raise ProtocolError("not_joined", f"not in {room}")
+        assert self.link is not None
+        self.joined.discard(room)
+        self.hub.chat_leave(room, self.link)
+        out: dict[str, Any] = {"type": "left", "room": room}
+        if ref is not None:
+            out["ref"] = ref
+        self.reply(out)
+
+    def on_send(self, obj: dict[str, Any], ref: object) -> None:
+        room = _room(obj)
+        text = _field(obj, "text", str)
+        if room not in self.joined:
+            raise ProtocolError("not_joined", f"join {room} first")
+        if not text.strip():
+            raise ProtocolError("bad_field", "'text' is empty")
+        if not _encodable(text):
+            raise ProtocolError("bad_field", "'text' is not valid Unicode (lone surrogate)")
+        max_text = self.factory.settings.max_text
+        if len(text.encode("utf-8")) > max_text:
+            raise ProtocolError("too_long", f"a message is at most {max_text} bytes of UTF-8")
+        assert self.link is not None
+        d = self.hub.post(room, self.link, text, ref)  # type: ignore[arg-type]
+        d.addErrback(self._unavailable, ref)
+
+    def _unavailable(self, failure, ref: object) -> None:
+        failure.trap(Unavailable)
+        self.error("unavailable", "the message could not be stored and was not sent", ref)
+
+    HANDLERS: dict[str, Callable[[V1Chat, dict[str, Any], object], None]] = {
+        "hello": on_hello,
+        "join": on_join,
+        "leave": on_leave,
+        "send": on_send,
+    }
