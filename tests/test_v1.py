@@ -1,0 +1,451 @@
+"""chatd.v1 against the real daemon: every message type, error and limit."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from v1client import V1
+from wsclient import TEXT, Client, HandshakeError, frame
+
+from tools.daemon import Daemon
+
+
+def test_subprotocol_negotiated(chatd: Daemon) -> None:
+    c = V1(chatd.port, subprotocols="other, chatd.v1")
+    assert "Sec-WebSocket-Protocol: chatd.v1" in c.response_headers
+    c.close()
+
+
+def test_hello_welcome_and_nick_rules(chatd: Daemon) -> None:
+    c = V1(chatd.port)
+    for bad in ["", "x" * 33, "two words", "<b>", "ID1234", 42, None]:
+        c.req("hello", nick=bad)
+        err = c.next("error")
+        assert err["code"] in ("bad_nick", "bad_field"), err
+    c.req("hello", nick="Zoë_李-1.0", ref="r1")
+    w = c.next("welcome")
+    assert w["nick"] == "Zoë_李-1.0" and isinstance(w["session"], str) and len(w["session"]) >= 16
+    c.req("hello", nick="again", ref=7)
+    assert c.next("error") == {
+        "type": "error",
+        "code": "already_hello",
+        "message": "already hello as Zoë_李-1.0",
+        "ref": 7,
+    }
+    c.close()
+
+
+def test_join_presence_send_leave(chatd: Daemon) -> None:
+    a = V1(chatd.port, "alice")
+    j = a.join("room1")
+    assert j == {
+        "type": "joined",
+        "room": "room1",
+        "members": ["alice"],
+        "history": [],
+        "last_id": 0,
+    }
+    b = V1(chatd.port, "bob")
+    j = b.join("room1")
+    assert j["members"] == ["alice", "bob"]
+    assert a.next("presence") == {
+        "type": "presence",
+        "room": "room1",
+        "nick": "bob",
+        "event": "join",
+    }
+    before = int(time.time() * 1000)
+    a.say("room1", "hi bob", ref="m1")
+    for c in (a, b):  # the sender gets its own message: its acknowledgement
+        m = c.next("message")
+        assert m["room"] == "room1" and m["id"] == 1 and m["from"] == "alice"
+        assert m["text"] == "hi bob" and m["ref"] == "m1"
+        assert before - 1000 <= m["ts"] <= int(time.time() * 1000) + 1000
+    b.say("room1", "hi alice")
+    assert a.next("message")["id"] == 2
+    assert "ref" not in b.next("message")
+    b.req("leave", room="room1", ref="bye")
+    assert b.next("left") == {"type": "left", "room": "room1", "ref": "bye"}
+    assert a.next("presence")["event"] == "leave"
+    b.say("room1", "after leaving")
+    assert b.next("error")["code"] == "not_joined"
+    b.join("room1")
+    assert a.next("presence") == {
+        "type": "presence",
+        "room": "room1",
+        "nick": "bob",
+        "event": "join",
+    }
+    b.drop()  # vanishing counts as leaving
+    assert a.next("presence") == {
+        "type": "presence",
+        "room": "room1",
+        "nick": "bob",
+        "event": "leave",
+    }
+    a.close()
+
+
+def test_rooms_are_separate(chatd: Daemon) -> None:
+    a, b = V1(chatd.port, "ann"), V1(chatd.port, "ben")
+    a.join("sep-1")
+    b.join("sep-2")
+    a.say("sep-1", "one")
+    b.say("sep-2", "two")
+    assert a.next("message")["text"] == "one"
+    assert b.next("message")["text"] == "two"
+    a.close()
+    b.close()
+
+
+def test_nick_unique_within_a_room(chatd: Daemon) -> None:
+    a, b = V1(chatd.port, "Carol"), V1(chatd.port, "carol")
+    a.join("uniq")
+    b.req("join", room="uniq", ref=1)
+    assert b.next("error") == {
+        "type": "error",
+        "code": "nick_taken",
+        "message": "carol is already in uniq",
+        "ref": 1,
+    }
+    assert b.join("elsewhere")["members"] == ["carol"]
+    a.close()
+    time.sleep(0.2)
+    assert b.join("uniq")["members"] == ["carol"]  # free again once Carol left
+    b.close()
+
+
+def test_history_on_join_and_since(daemon) -> None:
+    d = daemon("--join-history", "3")
+    a = V1(d.port, "hist")
+    a.join("h")
+    for i in range(5):
+        a.say("h", f"m{i}")
+    for i in range(5):
+        assert a.next("message")["text"] == f"m{i}"
+    b = V1(d.port, "late")
+    j = b.join("h")
+    assert [m["text"] for m in j["history"]] == ["m2", "m3", "m4"] and j["last_id"] == 5
+    assert [m["id"] for m in j["history"]] == [3, 4, 5]
+    c = V1(d.port, "resumer")
+    j = c.join("h", since=1)
+    assert [m["id"] for m in j["history"]] == [2, 3, 4, 5] and "truncated" not in j
+    assert j["history"][0] == {
+        "type": "message",
+        "room": "h",
+        "id": 2,
+        "ts": j["history"][0]["ts"],
+        "from": "hist",
+        "text": "m1",
+    }
+    for x in (a, b, c):
+        x.close()
+
+
+def test_reconnect_with_since_sees_every_missed_message_once(chatd: Daemon) -> None:
+    a, b = V1(chatd.port, "away"), V1(chatd.port, "stays")
+    last = a.join("gap")["last_id"]
+    b.join("gap")
+    a.next("presence")
+    b.say("gap", "seen")
+    last = a.next("message")["id"]
+    a.drop()
+    for i in range(3):
+        b.say("gap", f"missed {i}")
+    a = V1(chatd.port, "away")
+    j = a.join("gap", since=last)
+    assert [m["text"] for m in j["history"]] == ["missed 0", "missed 1", "missed 2"]
+    b.say("gap", "live")
+    m = a.next("message")
+    assert m["text"] == "live" and m["id"] == j["last_id"] + 1  # no gap, no duplicate
+    a.close()
+    b.close()
+
+
+def test_join_in_the_same_turn_as_sends_no_duplicates(chatd: Daemon) -> None:
+    """Sends and a join in one TCP segment: history and live stream meet exactly."""
+    a = V1(chatd.port, "burst")
+    a.join("turn")
+    b = V1(chatd.port, "joiner")
+    frames = b"".join(
+        frame(TEXT, json.dumps({"type": "send", "room": "turn", "text": f"t{i}"}).encode())
+        for i in range(5)
+    )
+    a.sock.sendall(frames)
+    b.req("join", room="turn")
+    seen: list[int] = []
+    j = b.next("joined")
+    seen += [m["id"] for m in j["history"]]
+    while len(seen) < 5:
+        seen.append(b.next("message")["id"])
+    assert seen == [1, 2, 3, 4, 5]
+    a.close()
+    b.close()
+
+
+def test_history_survives_a_restart(daemon, tmp_path) -> None:
+    d = Daemon(cwd=str(tmp_path))
+    a = V1(d.port, "before")
+    a.join("keep")
+    for i in range(3):
+        a.say("keep", f"k{i}")
+    for _ in range(3):
+        a.next("message")
+    a.close()
+    d.stop()
+    d2 = Daemon(cwd=str(tmp_path))
+    try:
+        b = V1(d2.port, "after")
+        j = b.join("keep", since=0)
+        assert [m["text"] for m in j["history"]] == ["k0", "k1", "k2"] and j["last_id"] == 3
+        b.say("keep", "k3")
+        assert b.next("message")["id"] == 4  # ids go on increasing
+        b.close()
+    finally:
+        d2.stop()
+
+
+def test_retention_and_truncated(daemon) -> None:
+    d = daemon("--history-size", "5", "--rate-burst", "100")
+    a = V1(d.port, "ret")
+    a.join("r")
+    for i in range(12):
+        a.say("r", f"n{i}")
+    for _ in range(12):
+        a.next("message")
+    b = V1(d.port, "old")
+    j = b.join("r", since=2)
+    assert [m["id"] for m in j["history"]] == [8, 9, 10, 11, 12]
+    assert j["truncated"] is True
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"{not json", "bad_json"),
+        (b"[1, 2]", "bad_message"),
+        (b'"hello"', "bad_message"),
+        (b'{"type": "dance"}', "unknown_type"),
+        (b'{"no": "type"}', "unknown_type"),
+        (b'{"type": "send", "room": "x"}', "bad_field"),
+        (b'{"type": "send", "room": "x", "text": 5}', "bad_field"),
+        (b'{"type": "join", "room": "bad room"}', "bad_room"),
+        (b'{"type": "join", "room": "ok", "since": -1}', "bad_field"),
+        (b'{"type": "join", "room": "ok", "since": "3"}', "bad_field"),
+        (b'{"type": "join", "room": "ok", "since": true}', "bad_field"),
+        (b'{"type": "leave", "room": "never"}', "not_joined"),
+        (b'{"type": "send", "room": "ok", "text": "x", "ref": {"a": 1}}', "bad_field"),
+        (b'{"type": "send", "room": "never", "text": "x"}', "not_joined"),
+    ],
+)
+def test_bad_requests_get_an_error_and_the_connection_stays(chatd, raw, code) -> None:
+    c = V1(chatd.port, "errs")
+    c.send_frame(TEXT, raw)
+    err = c.next("error")
+    assert err["code"] == code, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert c.join("still-works")["type"] == "joined"
+    c.close()
+
+
+def test_join_before_hello(chatd: Daemon) -> None:
+    c = V1(chatd.port)
+    c.req("join", room="x")
+    assert c.next("error")["code"] == "hello_first"
+    c.close()
+
+
+def test_text_limits(daemon) -> None:
+    d = daemon("--max-text", "10")
+    c = V1(d.port, "limits")
+    c.join("t")
+    c.say("t", "0123456789")
+    assert c.next("message")["text"] == "0123456789"
+    c.say("t", "01234567890", ref="long")
+    assert c.next("error") == {
+        "type": "error",
+        "code": "too_long",
+        "message": "a message is at most 10 bytes of UTF-8",
+        "ref": "long",
+    }
+    c.say("t", "你好世界")  # 12 bytes of UTF-8
+    assert c.next("error")["code"] == "too_long"
+    c.say("t", "   ")
+    assert c.next("error")["code"] == "bad_field"
+    c.send_frame(TEXT, b'{"type":"send","room":"t","text":"\\ud800"}')
+    assert c.next("error")["code"] == "bad_field"
+    c.close()
+
+
+def test_too_many_rooms(chatd: Daemon) -> None:
+    c = V1(chatd.port, "roamer")
+    for i in range(16):
+        c.join(f"many-{i}")
+    c.req("join", room="many-16")
+    assert c.next("error")["code"] == "too_many_rooms"
+    assert c.join("many-0")["room"] == "many-0"  # re-joining one it is in is fine
+    c.close()
+
+
+def test_binary_and_oversize_frames_close(chatd: Daemon) -> None:
+    c = V1(chatd.port, "bin")
+    c.send(b"\x00")
+    assert c.expect_close() == 1003
+    c = V1(chatd.port, "big")
+    c.send_frame(TEXT, b"x" * (64 * 1024 + 1))
+    assert c.expect_close() == 1009
+
+
+def test_rate_limit_error_then_1008_on_flood(daemon) -> None:
+    # Every frame takes a token: hello and join are 2 of the burst of 5.
+    d = daemon("--rate", "1", "--rate-burst", "5", "--rate-flood", "5")
+    c, other = V1(d.port, "flood"), V1(d.port, "calm")
+    c.join("f")
+    other.join("f")
+    c.next("presence")
+    for i in range(3):
+        c.say("f", f"ok{i}")
+    for i in range(3):
+        assert other.next("message")["text"] == f"ok{i}"
+    c.say("f", "too fast", ref="x")
+    while (m := c.next())["type"] == "message":
+        pass
+    assert m == {
+        "type": "error",
+        "code": "rate_limited",
+        "message": "too many messages; slow down",
+        "ref": "x",
+    }
+    for _ in range(10):
+        c.say("f", "flooding")
+    assert c.expect_close() == 1008
+    assert other.next("presence")["event"] == "leave"  # and nobody else was harmed
+    other.say("f", "fine")
+    assert other.next("message")["text"] == "fine"
+    other.close()
+
+
+def test_plain_and_v1_share_the_lobby(chatd: Daemon) -> None:
+    v = V1(chatd.port, "vera")
+    j = v.join("lobby")
+    p = Client(chatd.port, "/")
+    pid = f"ID{p.local_port}"
+    assert v.next("presence") == {"type": "presence", "room": "lobby", "nick": pid, "event": "join"}
+    p.send("from plain")
+    m = v.next("message")
+    assert m["from"] == pid and m["text"] == "from plain" and m["id"] > j["last_id"]
+    assert p.recv() == f"{pid}: from plain"
+    v.say("lobby", "from v1")
+    assert p.recv() == "vera: from v1"
+    assert v.next("message")["text"] == "from v1"
+    p.close()
+    assert v.next("presence") == {
+        "type": "presence",
+        "room": "lobby",
+        "nick": pid,
+        "event": "leave",
+    }
+    v.close()
+
+
+def test_plain_flood_closed_1008(daemon) -> None:
+    d = daemon("--rate", "1", "--rate-burst", "3")
+    p = Client(d.port, "/")
+    for i in range(4):
+        p.send(f"p{i}")
+    assert p.expect_close() == 1008
+
+
+def test_v1_handshake_without_offer_is_plain(chatd: Daemon) -> None:
+    p = Client(chatd.port, "/", headers={"Sec-WebSocket-Protocol": "something-else"})
+    assert "Sec-WebSocket-Protocol" not in p.response_headers
+    p.close()
+    with pytest.raises(HandshakeError):
+        Client(chatd.port, "/relay/bad room")
+
+
+def run_slow_consumer(d: Daemon, count: int, size: int):
+    """One v1 member never reads, one reads everything, one sends; returns (got, growth MiB)."""
+    slow = V1(d.port, "slow", rcvbuf=4096)
+    slow.join("busy")
+    healthy = V1(d.port, "healthy")
+    healthy.join("busy")
+    sender = V1(d.port, "sender")
+    sender.join("busy")
+    healthy.next("presence")
+    baseline = d.rss_kib()
+    peak = [baseline]
+    got: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], d.rss_kib())
+            time.sleep(0.01)
+
+    def read() -> None:
+        while len(got) < count:
+            m = healthy.next()
+            if m["type"] == "message":
+                got.append(m["id"])
+        stop.set()
+
+    def drain() -> None:
+        n = 0
+        while n < count:
+            if sender.next()["type"] == "message":
+                n += 1
+
+    threads = [threading.Thread(target=f) for f in (sample, read, drain)]
+    for t in threads:
+        t.start()
+    text = "x" * (size - 40)
+    for i in range(count):
+        sender.say("busy", f"{i:08d}{text}")
+    for t in threads:
+        t.join(60)
+    stop.set()
+    return slow, got, (peak[0] - baseline) / 1024
+
+
+def test_v1_slow_consumer_dropped_1008_others_get_everything(daemon) -> None:
+    d = daemon(
+        "--max-backlog",
+        "1M",
+        "--rate",
+        "100000",
+        "--rate-burst",
+        "100000",
+        "--history-size",
+        "100",
+        "--join-history",
+        "0",
+    )
+    slow, got, growth = run_slow_consumer(d, count=3000, size=16 * 1024)  # ~48 MiB sent
+    print(f"v1 slow consumer: daemon RSS growth {growth:.1f} MiB for ~48 MiB sent")
+    assert got == list(range(got[0], got[0] + 3000))
+    d.wait_for_log(r"code=1008")
+    assert slow.expect_close() == 1008
+    assert growth < 24
+
+
+def test_overloaded_server_closes_slow_consumers_1013(daemon) -> None:
+    d = daemon(
+        "--max-total-backlog",
+        "256K",
+        "--rate",
+        "100000",
+        "--rate-burst",
+        "100000",
+        "--history-size",
+        "100",
+    )
+    slow, got, _ = run_slow_consumer(d, count=500, size=16 * 1024)
+    assert len(got) == 500
+    d.wait_for_log(r"code=1013")
+    assert slow.expect_close() == 1013
