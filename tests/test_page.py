@@ -19,12 +19,22 @@ def get(d: Daemon, path: str, headers: dict[str, str] | None = None) -> http.cli
     return resp
 
 
-def test_index_served_as_html(chatd: Daemon) -> None:
+def test_index_is_the_v1_chat_page(chatd: Daemon) -> None:
     r = get(chatd, "/")
     assert r.status == 200
     assert r.getheader("Content-Type") == "text/html; charset=utf-8"
     body = r.body.decode()  # type: ignore[attr-defined]
-    for needle in ('id="host"', 'id="port"', "连接", "发送", 'id="log"', 'src="app.js"'):
+    for needle in ('id="nick"', 'id="room"', 'id="members"', 'id="log"', 'src="chat.js"'):
+        assert needle in body
+    assert "http://" not in body and "https://" not in body  # no external assets
+
+
+def test_plain_page_served_as_html(chatd: Daemon) -> None:
+    r = get(chatd, "/plain.html")
+    assert r.status == 200
+    assert r.getheader("Content-Type") == "text/html; charset=utf-8"
+    body = r.body.decode()  # type: ignore[attr-defined]
+    for needle in ('id="host"', 'id="port"', "连接", "发送", 'id="log"', 'src="plain.js"'):
         assert needle in body
     assert "http://" not in body and "https://" not in body  # no external assets
     assert r.getheader("X-Content-Type-Options") == "nosniff"
@@ -33,7 +43,12 @@ def test_index_served_as_html(chatd: Daemon) -> None:
 
 @pytest.mark.parametrize(
     ("path", "ctype"),
-    [("/app.js", "text/javascript; charset=utf-8"), ("/style.css", "text/css; charset=utf-8")],
+    [
+        ("/chat.js", "text/javascript; charset=utf-8"),
+        ("/plain.js", "text/javascript; charset=utf-8"),
+        ("/style.css", "text/css; charset=utf-8"),
+        ("/chat.css", "text/css; charset=utf-8"),
+    ],
 )
 def test_assets_content_types(chatd: Daemon, path: str, ctype: str) -> None:
     r = get(chatd, path)

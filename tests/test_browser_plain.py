@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator
-
 import pytest
 from wsclient import Client
 
@@ -13,39 +9,16 @@ from tools.daemon import REPO, Daemon
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("CHATD_CHROMIUM", "/usr/bin/chromium")
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
 
 @pytest.fixture
 def page(browser, chatd: Daemon):
+    """The seed-style plain page (/plain.html) on a phone-sized screen."""
     context = browser.new_context(viewport={"width": 390, "height": 740})  # a phone
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
     pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    pg.goto(f"http://127.0.0.1:{chatd.port}/")
+    pg.goto(f"http://127.0.0.1:{chatd.port}/plain.html")
     yield pg
     context.close()
     assert errors == []
@@ -116,7 +89,7 @@ def test_relay_room_from_the_page(page, chatd: Daemon) -> None:
 def test_server_going_away_is_shown(browser, daemon) -> None:
     d = daemon()
     pg = browser.new_page()
-    pg.goto(f"http://127.0.0.1:{d.port}/")
+    pg.goto(f"http://127.0.0.1:{d.port}/plain.html")
     pg.click("#connect")
     pg.wait_for_selector('#state[data-state="open"]')
     d.stop()

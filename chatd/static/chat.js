@@ -1,0 +1,197 @@
+// chatd chat page, on the chatd.v1 protocol (docs/PROTOCOL.md). No framework, no CDN.
+// Everything from the network is shown with textContent: text, never HTML.
+"use strict";
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const nickEl = $("nick"), roomEl = $("room"), joinBtn = $("join"), leaveBtn = $("leave");
+  const state = $("state"), notice = $("notice"), log = $("log"), membersEl = $("members");
+  const countEl = $("count"), text = $("text"), sendBtn = $("send");
+  const MAX_LINES = 1000;          // the page's memory stays flat on a busy room
+  const BACKOFF_MIN = 500, BACKOFF_MAX = 10000;
+
+  let ws = null;         // the socket, while there is one
+  let wanted = false;    // the user wants to be in `room` (so: reconnect when dropped)
+  let nick = "", room = "";
+  let lastId = 0;        // the last message id shown: resume point and duplicate filter
+  let members = [];
+  let attempt = 0, timer = null, refSeq = 0;
+
+  nickEl.value = localStorage.getItem("chatd.nick") || "";
+  roomEl.value = localStorage.getItem("chatd.room") || "lobby";
+
+  function setState(s, label) {
+    state.dataset.state = s;
+    state.textContent = label;
+    const open = s === "open";
+    text.disabled = sendBtn.disabled = !open;
+    joinBtn.hidden = wanted;
+    leaveBtn.hidden = !wanted;
+    nickEl.disabled = roomEl.disabled = wanted;
+    if (open) text.focus();
+  }
+
+  function showNotice(msg) {
+    notice.textContent = msg;
+    notice.hidden = !msg;
+  }
+
+  function atBottom() {
+    return log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+  }
+
+  function append(node) {
+    const stick = atBottom();
+    log.appendChild(node);
+    while (log.childElementCount > MAX_LINES) log.firstElementChild.remove();
+    if (stick) log.scrollTop = log.scrollHeight;
+  }
+
+  function sys(line) {
+    const div = document.createElement("div");
+    div.className = "sys";
+    div.textContent = line;
+    append(div);
+  }
+
+  function addMessage(m) {
+    const div = document.createElement("div");
+    div.className = "msg" + (m.from === nick ? " mine" : "");
+    div.dataset.id = m.id;
+    const t = document.createElement("time");
+    const d = new Date(m.ts);
+    t.dateTime = d.toISOString();
+    t.title = d.toLocaleString();
+    t.textContent = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    const from = document.createElement("span");
+    from.className = "from";
+    from.textContent = m.from;
+    const body = document.createElement("span");
+    body.className = "text";
+    body.textContent = m.text;
+    div.append(t, from, body);
+    append(div);
+  }
+
+  function renderMembers() {
+    membersEl.replaceChildren(...members.map((n) => {
+      const li = document.createElement("li");
+      li.textContent = n;
+      if (n === nick) li.className = "me";
+      return li;
+    }));
+    countEl.textContent = String(members.length);
+  }
+
+  function send(obj) {
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj));
+  }
+
+  function connect() {
+    clearTimeout(timer);
+    setState("connecting", attempt ? "reconnecting…" : "connecting…");
+    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+    const sock = new WebSocket(scheme + location.host + "/", "chatd.v1");
+    ws = sock;
+    sock.onopen = () => send({ type: "hello", nick });
+    sock.onmessage = (ev) => {
+      let m;
+      try { m = JSON.parse(ev.data); } catch (e) { return; }
+      handle(m);
+    };
+    sock.onclose = (ev) => {
+      if (ws !== sock) return;
+      ws = null;
+      if (!wanted) { setState("closed", "not connected"); return; }
+      // Dropped: come back by ourselves, resuming after the last id we showed.
+      const delay = Math.min(BACKOFF_MAX, BACKOFF_MIN * 2 ** attempt) * (0.5 + Math.random() / 2);
+      attempt += 1;
+      setState("reconnecting", "reconnecting in " + Math.ceil(delay / 1000) + " s");
+      if (attempt === 1) sys("connection lost (" + ev.code + "), reconnecting…");
+      timer = setTimeout(connect, delay);
+    };
+  }
+
+  function handle(m) {
+    switch (m.type) {
+      case "welcome":
+        send(lastId ? { type: "join", room, since: lastId } : { type: "join", room });
+        break;
+      case "joined": {
+        if (m.last_id < lastId) {            // the server lost its history: start over
+          log.replaceChildren();
+          lastId = 0;
+          sys("the server's history was reset");
+        }
+        if (m.truncated) sys("some messages are too old to recover");
+        for (const h of m.history) {
+          if (h.id > lastId) { addMessage(h); lastId = h.id; }
+        }
+        lastId = Math.max(lastId, m.last_id);
+        members = m.members.slice();
+        renderMembers();
+        if (attempt) sys("reconnected");
+        attempt = 0;
+        showNotice("");
+        setState("open", nick + " in " + room);
+        break;
+      }
+      case "message":
+        if (m.room !== room || m.id <= lastId) return;   // never shown twice
+        lastId = m.id;
+        addMessage(m);
+        break;
+      case "presence":
+        if (m.room !== room) return;
+        if (m.event === "join") { if (!members.includes(m.nick)) members.push(m.nick); }
+        else members = members.filter((n) => n !== m.nick);
+        renderMembers();
+        sys(m.nick + (m.event === "join" ? " joined" : " left"));
+        break;
+      case "error":
+        if (["nick_taken", "bad_nick", "bad_room", "hello_first"].includes(m.code)) {
+          wanted = false;                    // cannot work as asked: stop and say why
+          showNotice(m.message);
+          if (ws) ws.close(1000);
+        } else {
+          sys("error: " + m.message);
+        }
+        break;
+    }
+  }
+
+  $("join-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    nick = nickEl.value.trim();
+    const newRoom = roomEl.value.trim();
+    if (newRoom !== room) { log.replaceChildren(); lastId = 0; }
+    room = newRoom;
+    localStorage.setItem("chatd.nick", nick);
+    localStorage.setItem("chatd.room", room);
+    wanted = true;
+    attempt = 0;
+    showNotice("");
+    connect();
+  });
+
+  leaveBtn.addEventListener("click", () => {
+    wanted = false;
+    clearTimeout(timer);
+    send({ type: "leave", room });
+    if (ws) ws.close(1000); else setState("closed", "not connected");
+    members = [];
+    renderMembers();
+  });
+
+  $("send-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const value = text.value;
+    if (!value.trim() || !ws || ws.readyState !== WebSocket.OPEN) return;
+    send({ type: "send", room, text: value, ref: "r" + ++refSeq });
+    text.value = "";
+  });
+
+  window.addEventListener("online", () => { if (wanted && !ws) connect(); });
+
+  setState("closed", "not connected");
+  if (nickEl.value) $("join-form").requestSubmit();   // a reload rejoins and shows the history
+})();

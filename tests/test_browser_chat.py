@@ -1,0 +1,183 @@
+"""The chat page (chatd.v1) in headless Chromium: what a person would do with it."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from v1client import V1
+
+from tools.daemon import REPO, Daemon
+
+pytestmark = pytest.mark.browser
+
+
+class Person:
+    """One browser context (its own storage): a person at a phone-sized screen."""
+
+    def __init__(self, browser, port: int) -> None:
+        self.port = port
+        self.context = browser.new_context(viewport={"width": 390, "height": 780})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on(
+            "console",
+            lambda m: (
+                self.errors.append(m.text)
+                if m.type == "error" and "WebSocket connection" not in m.text
+                else None
+            ),
+        )
+        self.open()
+
+    def open(self) -> None:
+        self.page.goto(f"http://127.0.0.1:{self.port}/")
+
+    def join(self, nick: str, room: str = "lobby") -> None:
+        self.page.fill("#nick", nick)
+        self.page.fill("#room", room)
+        self.page.press("#room", "Enter")
+        self.wait_open()
+
+    def wait_open(self, timeout: float = 10_000) -> None:
+        self.page.wait_for_selector('#state[data-state="open"]', timeout=timeout)
+
+    def say(self, text: str) -> None:
+        self.page.fill("#text", text)
+        self.page.press("#text", "Enter")
+
+    def wait_text(self, text: str, timeout: float = 10_000) -> None:
+        self.page.locator("#log .msg .text").get_by_text(text, exact=True).first.wait_for(
+            timeout=timeout
+        )
+
+    def texts(self) -> list[str]:
+        return self.page.locator("#log .msg .text").all_text_contents()
+
+    def members(self) -> list[str]:
+        return self.page.locator("#members li").all_text_contents()
+
+    def close(self) -> None:
+        self.context.close()
+        assert self.errors == []
+
+
+@pytest.fixture
+def people(browser, chatd: Daemon) -> Iterator[list[Person]]:
+    made: list[Person] = []
+
+    def make(port: int = chatd.port) -> Person:
+        p = Person(browser, port)
+        made.append(p)
+        return p
+
+    yield make  # type: ignore[misc]
+    for p in made:
+        p.close()
+
+
+def shot(person: Person, name: str) -> None:
+    out = REPO / "reports" / "screenshots"
+    out.mkdir(parents=True, exist_ok=True)
+    person.page.screenshot(path=str(out / name))
+
+
+def test_two_people_chat_and_see_each_other(people) -> None:
+    alice, bob = people(), people()
+    alice.join("alice", "tea")
+    bob.join("bob", "tea")
+    alice.page.locator("#members li").get_by_text("bob", exact=True).wait_for()
+    assert sorted(bob.members()) == ["alice", "bob"]
+    alice.say("hello bob")
+    bob.wait_text("hello bob")
+    alice.wait_text("hello bob")
+    mine = alice.page.locator("#log .msg.mine .text").all_text_contents()
+    assert mine == ["hello bob"]  # one's own messages are marked
+    assert bob.page.locator("#log .msg.mine").count() == 0
+    bob.say("hi alice 你好")
+    alice.wait_text("hi alice 你好")
+    assert alice.page.locator("#log .msg time").first.text_content()  # timestamps shown
+    shot(alice, "chat-alice.png")
+    bob.page.click("#leave")
+    alice.page.locator("#log .sys").get_by_text("bob left", exact=True).wait_for()
+    assert alice.members() == ["alice"]
+
+
+def test_reload_shows_the_history(people) -> None:
+    carol = people()
+    carol.join("carol", "reload-room")
+    for i in range(3):
+        carol.say(f"before reload {i}")
+    carol.wait_text("before reload 2")
+    carol.open()  # a reload: nick and room are remembered, the history comes with "joined"
+    carol.wait_open()
+    carol.wait_text("before reload 2")
+    assert carol.texts() == [f"before reload {i}" for i in range(3)]
+
+
+def test_html_is_shown_as_text_and_never_runs(people, chatd: Daemon) -> None:
+    dave = people()
+    dave.join("dave", "xss")
+    evil = V1(chatd.port, "mallory")
+    evil.join("xss")
+    payload = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>b</b>'
+    evil.say("xss", payload)
+    dave.wait_text(payload)
+    assert dave.page.evaluate("window.pwned") is None
+    assert dave.page.locator("#log img, #log script, #log b").count() == 0
+    evil.close()
+
+
+def test_nick_taken_is_explained(people) -> None:
+    a, b = people(), people()
+    a.join("erin", "names")
+    b.page.fill("#nick", "Erin")
+    b.page.fill("#room", "names")
+    b.page.press("#room", "Enter")
+    b.page.wait_for_selector("#notice:not([hidden])")
+    assert "already in names" in b.page.text_content("#notice")
+    assert b.page.get_attribute("#state", "data-state") == "closed"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_restart_under_an_open_page_reconnects_and_shows_missed_messages_once(
+    people, tmp_path
+) -> None:
+    port = free_port()
+    d = Daemon("--port", str(port), cwd=str(tmp_path))
+    try:
+        frank = people(port)
+        frank.join("frank", "restart")
+        other = V1(port, "grace")
+        other.join("restart")
+        other.say("restart", "before the restart")
+        frank.wait_text("before the restart")
+        d.stop()
+        frank.page.wait_for_selector('#state[data-state="reconnecting"]')
+        d = Daemon("--port", str(port), cwd=str(tmp_path))
+        other = V1(port, "grace")  # quick, before the page's backoff brings it back
+        other.join("restart")
+        for i in range(3):
+            other.say("restart", f"while you were away {i}")
+        frank.wait_open(timeout=20_000)
+        frank.wait_text("while you were away 2")
+        other.say("restart", "after the reconnect")
+        frank.wait_text("after the reconnect")
+        assert frank.texts() == [
+            "before the restart",
+            "while you were away 0",
+            "while you were away 1",
+            "while you were away 2",
+            "after the reconnect",
+        ]
+        shot(frank, "chat-after-restart.png")
+        other.close()
+    finally:
+        d.stop()
