@@ -9,7 +9,7 @@ ARGS    ?=
 PYTHON3 ?= python3
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint format conformance deps browser-deps clean
+.PHONY: run test check lint format conformance bench deps browser-deps clean
 
 $(VENV)/.deps: requirements-dev.txt setup.py
 	@$(PYTHON3) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "chatd needs Python 3.11+ (set PYTHON3=...)")'
@@ -51,3 +51,7 @@ format: deps
 
 clean:
 	rm -rf $(VENV) .cache reports build *.egg-info .pytest_cache .ruff_cache
+
+## benchmarks: they print numbers and assert nothing
+bench: deps
+	$(PY) -m bench.chat

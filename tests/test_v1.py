@@ -28,6 +28,7 @@ def test_hello_welcome_and_nick_rules(chatd: Daemon) -> None:
     c.req("hello", nick="Zoë_李-1.0", ref="r1")
     w = c.next("welcome")
     assert w["nick"] == "Zoë_李-1.0" and isinstance(w["session"], str) and len(w["session"]) >= 16
+    assert w["ref"] == "r1"
     c.req("hello", nick="again", ref=7)
     assert c.next("error") == {
         "type": "error",

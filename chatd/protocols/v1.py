@@ -167,7 +167,10 @@ class V1Chat(Connection):
         if problem:
             raise ProtocolError("bad_nick", problem)
         self.nick = nick
-        self.reply({"type": "welcome", "nick": nick, "session": self.session})
+        out: dict[str, Any] = {"type": "welcome", "nick": nick, "session": self.session}
+        if ref is not None:
+            out["ref"] = ref
+        self.reply(out)
 
     def on_join(self, obj: dict[str, Any], ref: object) -> None:
         if self.nick is None:
