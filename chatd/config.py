@@ -1,9 +1,19 @@
-"""The daemon's settings: one immutable value, checked once before anything binds."""
+"""The daemon's settings: one immutable value, checked once before anything binds.
+
+Settings come from three places, later ones winning: a TOML file
+(``--config``, keys named as the fields below), the environment
+(``CHATD_API_TOKEN`` only, so a secret need not sit in a unit file or on a
+command line), and the command line. ``from_mapping`` turns either source's
+values into a ``Settings``, naming the key of anything wrong.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 from chatd import limits
 
@@ -36,9 +46,14 @@ class Settings:
     rate: float = limits.RATE
     rate_burst: int = limits.RATE_BURST
     rate_flood: int = limits.RATE_FLOOD
+    allowed_origins: tuple[str, ...] = ()  # empty: the page's own host only
+    api_token: str | None = None  # the push API is off without one
+    metrics_endpoint: str | None = None  # /healthz and /metrics there instead
+    log_format: str = "text"
+    shutdown_timeout: float = 10.0
 
     def check(self) -> None:
-        """Raise ConfigError naming the first setting that is out of range."""
+        """Raise ConfigError naming the first setting that is out of range (TOML key names)."""
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0-65535, not {self.port}")
         if not self.interface:
@@ -71,6 +86,15 @@ class Settings:
             raise ConfigError(f"rate must be > 0, not {self.rate}")
         if self.rate_burst < 1 or self.rate_flood < 0:
             raise ConfigError("rate_burst must be >= 1 and rate_flood >= 0")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
+        if not 0 < self.shutdown_timeout <= 3600:
+            raise ConfigError(f"shutdown_timeout must be 0-3600 s, not {self.shutdown_timeout}")
+        if self.api_token is not None and len(self.api_token) < 16:
+            raise ConfigError("api_token must be at least 16 characters")
+        for origin in self.allowed_origins:
+            if origin != "*" and "://" not in origin:
+                raise ConfigError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
         if not os.path.isfile(os.path.join(self.static, "index.html")):
             raise ConfigError(f"static: {self.static!r} has no index.html")
 
@@ -80,3 +104,120 @@ class Settings:
             return self.endpoint
         interface = self.interface.replace(":", "\\:")  # IPv6 literals
         return f"tcp:{self.port}:interface={interface}:backlog={self.listen_backlog}"
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("must be an integer")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    raise ValueError("must be an integer")
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError("must be a number")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError("must be a number") from None
+
+
+def _size(v: Any) -> int:
+    """Bytes: an integer, or a string with a K/M/G suffix (powers of 1024)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if not isinstance(v, str):
+        raise ValueError("must be a size such as 65536, 64K or 16M")
+    text = v.strip().upper().removesuffix("B").removesuffix("I")
+    factor = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+    if factor != 1:
+        text = text[:-1]
+    if not text.isdigit():
+        raise ValueError("must be a size such as 65536, 64K or 16M")
+    return int(text) * factor
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise ValueError("must be true or false")
+
+
+def _strs(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        return (v,)
+    if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise ValueError("must be a list of strings")
+
+
+COERCE: dict[str, Callable[[Any], Any]] = {
+    "port": _int,
+    "interface": _str,
+    "endpoint": _str,
+    "static": _str,
+    "max_message_size": _size,
+    "relay_max_size": _size,
+    "max_backlog": _size,
+    "listen_backlog": _int,
+    "ping_interval": _float,
+    "ping_timeout": _float,
+    "compression": _bool,
+    "max_total_backlog": _size,
+    "db": _str,
+    "db_sync": _str,
+    "history_size": _int,
+    "join_history": _int,
+    "max_text": _size,
+    "rate": _float,
+    "rate_burst": _int,
+    "rate_flood": _int,
+    "allowed_origins": _strs,
+    "api_token": _str,
+    "metrics_endpoint": _str,
+    "log_format": _str,
+    "shutdown_timeout": _float,
+}
+assert set(COERCE) == {f.name for f in fields(Settings)}, "every setting needs a coercion"
+
+
+def from_mapping(
+    values: Mapping[str, Any],
+    source: str,
+    base: Settings | None = None,
+    label: Callable[[str], str] = str,
+) -> Settings:
+    """Settings from ``values`` (over ``base``); ConfigError names the source and key."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        coerce = COERCE.get(key)
+        if coerce is None:
+            raise ConfigError(f"{source}unknown key {label(key)!r}")
+        try:
+            out[key] = coerce(value)
+        except ValueError as e:
+            raise ConfigError(f"{source}{label(key)} {e}") from None
+    base = base or Settings()
+    return Settings(**{**{f.name: getattr(base, f.name) for f in fields(Settings)}, **out})
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """The keys of a TOML config file; ConfigError if it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path}: {e}") from None
+    # A [chatd] table, or the keys at the top level.
+    return data.get("chatd", data) if isinstance(data.get("chatd"), dict) else data

@@ -18,6 +18,7 @@ Two kinds of room, in separate namespaces:
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,6 +28,7 @@ from twisted.internet.defer import Deferred
 from chatd import limits
 from chatd.fanout import Link, broadcast
 from chatd.history import History, Message
+from chatd.stats import Stats
 
 
 class Renderer(Protocol):
@@ -86,7 +88,8 @@ class Hub(Protocol):
         unique: bool = True,
     ) -> Joined: ...
     def chat_leave(self, room: str, link: Link) -> bool: ...
-    def post(self, room: str, link: Link, text: str, ref: str | None = None) -> Deferred: ...
+    def post(self, room: str, sender: str, text: str, ref: str | None = None) -> Deferred: ...
+    def flush(self) -> None: ...
 
     def rooms(self) -> dict[str, int]: ...
     def close(self) -> None: ...
@@ -106,8 +109,10 @@ class InMemoryHub:
         history: History | None = None,
         call_soon: Callable[[Callable[[], object]], object] = _later,
         join_history: int = limits.JOIN_HISTORY,
+        stats: Stats | None = None,
     ) -> None:
         self.history = history if history is not None else History(":memory:", 0)
+        self.stats = stats if stats is not None else Stats()
         self.join_history = join_history
         self._call_soon = call_soon
         self._relay: dict[str, dict[Link, None]] = {}
@@ -140,6 +145,8 @@ class InMemoryHub:
             return 0
         n = broadcast(tuple(members), payload, binary)
         self.delivered += n
+        self.stats.deliveries["relay"] += n
+        self.stats.bytes_out["relay"] += n * len(payload)
         return n
 
     # -- chat rooms -------------------------------------------------------
@@ -211,19 +218,15 @@ class InMemoryHub:
         r = self._chat.get(room)
         return [m.nick for m in r.members.values()] if r else []
 
-    def post(self, room: str, link: Link, text: str, ref: str | None = None) -> Deferred:
-        """Store a message from a member and send it to the room.
+    def post(self, room: str, sender: str, text: str, ref: str | None = None) -> Deferred:
+        """Store a message and send it to the room's members (there may be none).
 
         The message is written at once and committed with everything else
         accepted in this reactor turn; only then is it broadcast (and the
         Deferred fired with it). If the commit fails nothing is sent and the
-        Deferred fails with Unavailable.
+        Deferred fails with Unavailable. Who may post is the caller's check.
         """
-        r = self._chat.get(room)
-        member = r.members.get(link) if r is not None else None
-        if member is None:
-            raise KeyError(room)
-        msg = self.history.append(room, member.nick, text, ref)
+        msg = self.history.append(room, sender, text, ref)
         d: Deferred = Deferred()
         if not self._pending:
             self._call_soon(self.flush)
@@ -235,8 +238,10 @@ class InMemoryHub:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        started = time.perf_counter()
         try:
             self.history.commit()
+            self.stats.history_commit.observe(time.perf_counter() - started)
         except sqlite3.Error as e:
             self.history.rollback()
             for _, d in pending:
@@ -254,7 +259,10 @@ class InMemoryHub:
         for fmt, links in tuple(r.groups.items()):
             payload = self._renderers[fmt].message(msg)
             if payload is not None:
-                self.delivered += broadcast(tuple(links), payload, False)
+                n = broadcast(tuple(links), payload, False)
+                self.delivered += n
+                self.stats.deliveries["chat"] += n
+                self.stats.bytes_out["chat"] += n * len(payload)
 
     def _presence(self, r: ChatRoom, room: str, nick: str, event: str) -> None:
         for fmt, links in tuple(r.groups.items()):

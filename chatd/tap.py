@@ -2,147 +2,141 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import sys
+from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
-from twisted.logger import Logger
+from twisted.internet import defer, endpoints
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from chatd import __version__
-from chatd.config import PAGE_DIR, ConfigError, Settings
+from chatd import __version__, limits
+from chatd.config import ConfigError, Settings, from_mapping, load_file
 from chatd.history import History
 from chatd.hub import Hub, InMemoryHub
-from chatd.web import make_site
+from chatd.logs import JsonLines
+from chatd.ops import Health
+from chatd.stats import Stats
+from chatd.web import Web, make_web
 
 _log = Logger()
-_defaults = Settings()
+_d = Settings()
 
-
-def _size(text: str) -> int:
-    """Bytes, with an optional K/M/G suffix (binary units): 64K, 16M."""
-    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    factor = units.get(text[-1:], 1)
-    if factor != 1:
-        text = text[:-1]
-    return int(text) * factor
+# (option, short, help). The setting is the option with "-" as "_"; the
+# default shown is the Settings default (None means: not given, so a config
+# file or the default decides).
+_PARAMETERS = [
+    ("port", "p", f"TCP port to listen on (0: any free port). [default: {_d.port}]"),
+    ("interface", "i", f"Address to listen on. [default: {_d.interface}]"),
+    (
+        "endpoint",
+        "e",
+        "A Twisted strports description to listen on, overriding --port and "
+        "--interface: tcp:9000:interface=0.0.0.0, ssl:9443:privateKey=key.pem:certKey=cert.pem, "
+        "systemd:domain=INET:index=0.",
+    ),
+    ("static", None, "Directory of the page served on '/' (needs index.html)."),
+    (
+        "max-message-size",
+        None,
+        "Largest message on '/', bytes (K/M suffixes); larger: close "
+        f"1009. [default: {_d.max_message_size}]",
+    ),
+    (
+        "relay-max-size",
+        None,
+        f"Largest relay message; larger: close 1009. [default: {_d.relay_max_size}]",
+    ),
+    (
+        "max-backlog",
+        None,
+        "Unsent bytes allowed for a client that stopped reading; past it: "
+        f"close 1008. [default: {_d.max_backlog}]",
+    ),
+    (
+        "max-total-backlog",
+        None,
+        "Unsent bytes over all slow clients; past it a client that is "
+        f"behind gets close 1013. [default: {_d.max_total_backlog}]",
+    ),
+    (
+        "listen-backlog",
+        None,
+        f"The kernel's queue of connections not yet accepted. [default: {_d.listen_backlog}]",
+    ),
+    (
+        "ping-interval",
+        None,
+        f"Seconds between pings to each client (0: none). [default: {_d.ping_interval}]",
+    ),
+    ("ping-timeout", None, f"Seconds to wait for a pong. [default: {_d.ping_timeout}]"),
+    (
+        "db",
+        None,
+        "SQLite file for chat history, or :memory:. [default: chatd.sqlite3 in the "
+        "working directory]",
+    ),
+    (
+        "db-sync",
+        None,
+        "normal: history survives a crash of chatd; full: also a power loss. "
+        f"[default: {_d.db_sync}]",
+    ),
+    ("history-size", None, f"Chat messages kept per room (0: none). [default: {_d.history_size}]"),
+    (
+        "join-history",
+        None,
+        f"Messages sent with 'joined' when no 'since' is given. [default: {_d.join_history}]",
+    ),
+    ("max-text", None, f"Longest chat text, bytes of UTF-8. [default: {_d.max_text}]"),
+    ("rate", None, f"Chat frames per second per connection. [default: {_d.rate}]"),
+    ("rate-burst", None, f"... and at once. [default: {_d.rate_burst}]"),
+    ("rate-flood", None, f"Frames refused for rate before close 1008. [default: {_d.rate_flood}]"),
+    (
+        "api-token",
+        None,
+        "Bearer token of the HTTP push API (or CHATD_API_TOKEN); the API is off without one.",
+    ),
+    (
+        "metrics-endpoint",
+        None,
+        "Serve /healthz and /metrics on this strports endpoint only "
+        "(e.g. tcp:9100:interface=127.0.0.1) instead of the main port.",
+    ),
+    ("log-format", None, "text, or json: one JSON object per line. [default: text]"),
+    (
+        "shutdown-timeout",
+        None,
+        f"Seconds clients get to finish closing on SIGTERM. [default: {_d.shutdown_timeout}]",
+    ),
+]
 
 
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
-        "chatd: WebSocket chat and message push. The page and the chat are on "
-        "'/', relay rooms on '/relay/<room>', all on one port."
+        "chatd: WebSocket chat and message push. The page, the chat (plain and "
+        "chatd.v1) and relay rooms (/relay/<room>) are all on one port. Settings "
+        "come from --config (TOML), then CHATD_API_TOKEN, then these options."
     )
     optParameters = [
-        ["port", "p", _defaults.port, "TCP port to listen on.", int],
-        ["interface", "i", _defaults.interface, "Address to listen on."],
-        [
-            "endpoint",
-            "e",
-            None,
-            "A Twisted strports description to listen on (overrides --port and "
-            "--interface), e.g. tcp:9000:interface=0.0.0.0 or "
-            "ssl:9443:privateKey=key.pem:certKey=cert.pem.",
-        ],
-        ["static", None, PAGE_DIR, "Directory of the page served on '/' (needs index.html)."],
-        [
-            "max-message-size",
-            None,
-            _defaults.max_message_size,
-            "Largest chat message on '/', in bytes (K/M suffixes); larger: close 1009.",
-            _size,
-        ],
-        [
-            "relay-max-size",
-            None,
-            _defaults.relay_max_size,
-            "Largest relay message, in bytes (K/M suffixes); larger: close 1009.",
-            _size,
-        ],
-        [
-            "max-backlog",
-            None,
-            _defaults.max_backlog,
-            "Unsent bytes allowed to queue for a client that stopped reading; past it: close 1008.",
-            _size,
-        ],
-        [
-            "listen-backlog",
-            None,
-            _defaults.listen_backlog,
-            "The kernel's queue of connections not yet accepted.",
-            int,
-        ],
-        [
-            "ping-interval",
-            None,
-            _defaults.ping_interval,
-            "Seconds between WebSocket pings to each idle client (0: none).",
-            float,
-        ],
-        [
-            "ping-timeout",
-            None,
-            _defaults.ping_timeout,
-            "Seconds to wait for a pong before dropping the client.",
-            float,
-        ],
-        [
-            "max-total-backlog",
-            None,
-            _defaults.max_total_backlog,
-            "Unsent bytes over all slow clients; past it the server is overloaded "
-            "and a client that is behind is closed with 1013.",
-            _size,
-        ],
-        [
-            "db",
-            None,
-            _defaults.db,
-            "SQLite file for chat history (relative to the working directory), "
-            "or :memory: to keep none across restarts.",
-        ],
-        [
-            "db-sync",
-            None,
-            _defaults.db_sync,
-            "normal: survive a crash of chatd; full: also a power loss (an fsync per batch).",
-        ],
-        [
-            "history-size",
-            None,
-            _defaults.history_size,
-            "Chat messages kept per room, for history and 'since' recovery (0: none).",
-            int,
-        ],
-        [
-            "join-history",
-            None,
-            _defaults.join_history,
-            "Messages sent with 'joined' when a client gives no 'since'.",
-            int,
-        ],
-        [
-            "max-text",
-            None,
-            _defaults.max_text,
-            "Largest chat message text, in bytes of UTF-8 (chatd.v1: error too_long).",
-            _size,
-        ],
-        ["rate", None, _defaults.rate, "Chat messages per second per connection.", float],
-        ["rate-burst", None, _defaults.rate_burst, "... and how many at once.", int],
-        [
-            "rate-flood",
-            None,
-            _defaults.rate_flood,
-            "Messages refused for rate before the connection is closed (1008).",
-            int,
-        ],
+        ["config", "c", None, "A TOML file of settings (see etc/chatd.toml)."],
+        *([name, short, None, doc] for name, short, doc in _PARAMETERS),
     ]
     optFlags = [["no-compression", None, "Decline permessage-deflate."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allowed-origin"] = []
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """A page origin (scheme://host[:port]) that may open WebSockets, or * for any.
+        Repeatable. [default: the page's own host]"""
+        self["allowed-origin"].append(origin)
 
     def opt_version(self) -> None:
         print(f"chatd {__version__}")
@@ -150,33 +144,31 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            settings = Settings(
-                port=self["port"],
-                interface=self["interface"],
-                endpoint=self["endpoint"],
-                static=self["static"],
-                max_message_size=self["max-message-size"],
-                relay_max_size=self["relay-max-size"],
-                max_backlog=self["max-backlog"],
-                listen_backlog=self["listen-backlog"],
-                ping_interval=self["ping-interval"],
-                ping_timeout=self["ping-timeout"],
-                compression=not self["no-compression"],
-                max_total_backlog=self["max-total-backlog"],
-                db=self["db"],
-                db_sync=self["db-sync"],
-                history_size=self["history-size"],
-                join_history=self["join-history"],
-                max_text=self["max-text"],
-                rate=self["rate"],
-                rate_burst=self["rate-burst"],
-                rate_flood=self["rate-flood"],
+            settings = Settings()
+            if self["config"]:
+                settings = from_mapping(load_file(self["config"]), f"config {self['config']}: ")
+            if os.environ.get("CHATD_API_TOKEN"):
+                env = {"api_token": os.environ["CHATD_API_TOKEN"]}
+                settings = from_mapping(env, "CHATD_API_TOKEN: ", settings)
+            given: dict[str, Any] = {
+                name.replace("-", "_"): self[name]
+                for name, _, _ in _PARAMETERS
+                if self[name] is not None
+            }
+            if self["no-compression"]:
+                given["compression"] = False
+            if self["allowed-origin"]:
+                given["allowed_origins"] = self["allowed-origin"]
+            settings = from_mapping(
+                given, "", settings, label=lambda key: "--" + key.replace("_", "-")
             )
             settings.check()
             # Parse (without binding) so a bad description fails here.
             from twisted.internet import reactor
 
-            endpoints.serverFromString(reactor, settings.endpoint_description())
+            for desc in (settings.endpoint_description(), settings.metrics_endpoint):
+                if desc:
+                    endpoints.serverFromString(reactor, desc)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         except (ValueError, TypeError, KeyError) as e:
@@ -187,50 +179,96 @@ class Options(usage.Options):
 class ListeningService(StreamServerEndpointService):
     """Says where it listens, so operators (and tests using port 0) know."""
 
+    def __init__(self, endpoint, factory, what: str) -> None:
+        super().__init__(endpoint, factory)
+        self.what = what
+        self._raiseSynchronously = True  # a bind error stops twistd at start-up
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port):
         address = port.getHost()
-        host = getattr(address, "host", address)
         _log.info(
-            "chatd {version} listening on {host}:{port}",
+            "chatd {version} {what} listening on {host}:{port}",
             version=__version__,
-            host=host,
+            what=self.what,
+            host=getattr(address, "host", address),
             port=getattr(address, "port", ""),
         )
         return port
 
 
-class HubService(service.Service):
-    """Closes the hub (commits pending history) when the daemon stops."""
+class ChatdService(service.MultiService):
+    """The daemon: listeners, the hub, and an orderly stop.
 
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    On SIGTERM (or any reactor stop): /healthz turns 503, the listeners stop
+    accepting, what was accepted is committed and delivered, every client
+    gets close 1001 and up to --shutdown-timeout to answer, then the history
+    database is closed and twistd exits 0.
+    """
 
+    def __init__(self, settings: Settings, hub: Hub, web: Web) -> None:
+        super().__init__()
+        self.settings, self.hub, self.web = settings, hub, web
+        self.listeners: list[ListeningService] = []
+
+    def setServiceParent(self, parent) -> None:
+        if self.settings.log_format == "json" and hasattr(parent, "setComponent"):
+            # twistd asks the application for its observer when logging starts.
+            parent.setComponent(ILogObserver, JsonLines(sys.stdout))
+        super().setServiceParent(parent)
+
+    def listen(self, description: str, factory, what: str) -> None:
+        from twisted.internet import reactor
+
+        s = ListeningService(endpoints.serverFromString(reactor, description), factory, what)
+        s.setServiceParent(self)
+        self.listeners.append(s)
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        # Twisted's own SIGTERM handler makes twistd exit with the signal;
+        # a graceful stop is a success, so stop the reactor ourselves.
+        reactor.callWhenRunning(
+            signal.signal, signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop)
+        )
+
+    @defer.inlineCallbacks
     def stopService(self):
-        super().stopService()
+        from twisted.internet import reactor
+
+        service.Service.stopService(self)
+        self.web.health.stopping = True
+        _log.info("chatd stopping: closing {n} connections", n=len(self.web.clients.live))
+        yield defer.gatherResults([defer.maybeDeferred(s.stopService) for s in self.listeners])
+        self.hub.flush()
+        yield self.web.clients.close_all(
+            limits.CLOSE_GOING_AWAY,
+            "server shutting down",
+            self.settings.shutdown_timeout,
+            reactor,
+        )
         self.hub.close()
+        _log.info("chatd stopped")
 
 
 def makeService(options: Options) -> service.IService:
-    from twisted.internet import reactor
-
     settings: Settings = options.settings
     try:
         history = History(settings.db, settings.history_size, settings.db_sync)
     except sqlite3.Error as e:
         raise SystemExit(f"chatd: cannot open the history database {settings.db!r}: {e}") from None
-    hub = InMemoryHub(history, join_history=settings.join_history)
-    top = service.MultiService()
-    # Started first, stopped last: pending history is committed after the
-    # listener has stopped accepting and every client has been closed.
-    HubService(hub).setServiceParent(top)
-    endpoint = endpoints.serverFromString(reactor, settings.endpoint_description())
-    listener = ListeningService(endpoint, make_site(settings, hub))
-    listener._raiseSynchronously = True  # a bind error stops twistd at start-up
-    listener.setServiceParent(top)
+    stats = Stats()
+    hub = InMemoryHub(history, join_history=settings.join_history, stats=stats)
+    web = make_web(settings, hub, stats, Health())
+    top = ChatdService(settings, hub, web)
+    top.listen(settings.endpoint_description(), web.site, "web")
+    if web.ops is not None and settings.metrics_endpoint:
+        top.listen(settings.metrics_endpoint, web.ops, "metrics")
     return top
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"chatd \S+ listening on (\S+):(\d+)")
+_LISTENING = re.compile(r"chatd \S+ web listening on (\S+):(\d+)")
 
 
 def twistd() -> str:

@@ -1,31 +1,81 @@
-"""What every chatd WebSocket connection shares: limits, backpressure, closing.
+"""What every chatd WebSocket connection shares: limits, backpressure, closing, accounting.
 
 A connection owns one ``fanout.Link`` (its outgoing side) from onOpen until
 its close handshake starts. Subclasses say what to do when the link opens
-(``attach``), when a message arrives, and when the link goes (``detach``);
-``detach`` runs exactly once, as soon as chatd sends or receives a close or
-the TCP connection is lost, so a closing client is never written to again.
+(``attach``), when a message arrives (``received``), and when the link goes
+(``detach``); ``detach`` runs exactly once, as soon as chatd sends or
+receives a close or the TCP connection is lost, so a closing client is
+never written to again.
 """
 
 from __future__ import annotations
 
+import time
 from typing import ClassVar
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatd import limits
 from chatd.config import Settings
 from chatd.fanout import Budget, Link
 from chatd.hub import Hub
+from chatd.stats import Stats
+
+_log = Logger(namespace="chatd.connection")
+
+
+class Clients:
+    """Every open WebSocket connection of the server, for counts and shutdown."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.live: set[Connection] = set()
+        self.stats = stats
+        self._emptied: list[defer.Deferred] = []
+
+    def add(self, c: Connection) -> None:
+        self.live.add(c)
+        self.stats.connections[c.kind] += 1
+        self.stats.connections_total[c.kind] += 1
+
+    def remove(self, c: Connection) -> None:
+        if c in self.live:
+            self.live.discard(c)
+            self.stats.connections[c.kind] -= 1
+            if not self.live:
+                waiting, self._emptied = self._emptied, []
+                for d in waiting:
+                    d.callback(None)
+
+    def close_all(self, code: int, reason: str, timeout: float, clock) -> defer.Deferred:
+        """Close every connection with ``code``; fires when all are gone.
+
+        Connections that have not finished closing after ``timeout`` seconds
+        are dropped.
+        """
+        if not self.live:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._emptied.append(d)
+        for c in list(self.live):
+            c.fail(code, reason)
+
+        def drop_stragglers() -> None:
+            for c in list(self.live):
+                c.dropConnection(abort=True)
+
+        call = clock.callLater(timeout, drop_stragglers)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
 
 
 class Connection(WebSocketServerProtocol):
     factory: ChatdFactory
     kind: ClassVar[str] = "?"
     link: Link | None = None
-    _log = Logger()
+    opened_at = 0.0
 
     # -- lifecycle -------------------------------------------------------
     def onOpen(self) -> None:
@@ -42,6 +92,14 @@ class Connection(WebSocketServerProtocol):
         # it when the client stops reading.
         self.transport.unregisterProducer()
         self.transport.registerProducer(self.link, True)
+        self.opened_at = time.monotonic()
+        self.factory.clients.add(self)
+        _log.info(
+            "open {kind} {peer}{deflate}",
+            kind=self.kind,
+            peer=self.peer,
+            deflate=" (permessage-deflate)" if compressing else "",
+        )
         self.attach()
 
     def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False) -> None:
@@ -50,6 +108,21 @@ class Connection(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code, reason) -> None:
         self._detach()
+        if self.opened_at:
+            self.factory.clients.remove(self)
+            # The code the closing handshake settled on: ours if we closed
+            # first, the client's otherwise; 1006 when there was none.
+            sent = self.localCloseCode if self.closedByMe else self.remoteCloseCode
+            code = sent if wasClean and sent else 1006
+            self.factory.stats.close_codes[str(code)] += 1
+            _log.info(
+                "close {kind} {peer} after {duration:.1f}s code={code}",
+                kind=self.kind,
+                peer=self.peer,
+                duration=time.monotonic() - self.opened_at,
+                code=code,
+            )
+            self.opened_at = 0.0
 
     def _detach(self) -> None:
         link = self.link
@@ -58,12 +131,22 @@ class Connection(WebSocketServerProtocol):
             link.close()
             self.detach(link)
 
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        stats = self.factory.stats
+        stats.messages_in[self.kind] += 1
+        stats.bytes_in[self.kind] += len(payload)
+        if self.link is not None:
+            self.received(payload, isBinary)
+
     # -- for subclasses ---------------------------------------------------
     def attach(self) -> None:
         """The connection is open: join rooms with ``self.link``."""
 
     def detach(self, link: Link) -> None:
         """The connection is closing: leave every room ``link`` joined."""
+
+    def received(self, payload: bytes, isBinary: bool) -> None:
+        """One whole message from the client, while the connection is open."""
 
     @property
     def hub(self) -> Hub:
@@ -74,6 +157,7 @@ class Connection(WebSocketServerProtocol):
         self._fail_connection(code, reason)
 
     def _dropped(self, reason: str) -> None:
+        self.factory.stats.dropped[reason] += 1
         if reason == "backlog":
             self.fail(
                 limits.CLOSE_POLICY_VIOLATION,
@@ -95,13 +179,15 @@ class ChatdFactory(WebSocketServerFactory):
         settings: Settings,
         max_size: int,
         budget: Budget,
+        clients: Clients,
     ) -> None:
         super().__init__()
         self.protocol = protocol
         self.hub = hub
         self.settings = settings
         self.budget = budget
-        self.max_size = max_size
+        self.clients = clients
+        self.stats = clients.stats
         accept = None
         if settings.compression:
 

@@ -43,9 +43,9 @@ class PlainChat(Connection):
         assert self.link is not None
         s = self.factory.settings
         self.bucket = limits.TokenBucket(s.rate, s.rate_burst, 0, time.monotonic())
-        nick = sender_id(self.transport.getPeer(), id(self) & 0xFFFF)
+        self.nick = sender_id(self.transport.getPeer(), id(self) & 0xFFFF)
         # Ports can repeat across client hosts, so plain names need not be unique.
-        self.hub.chat_join(LOBBY, self.link, nick, "plain", unique=False)
+        self.hub.chat_join(LOBBY, self.link, self.nick, "plain", unique=False)
 
     def detach(self, link: Link) -> None:
         self.hub.chat_leave(LOBBY, link)
@@ -55,13 +55,12 @@ class PlainChat(Connection):
         if isBinary:  # refuse at the first frame, before buffering any of it
             self.fail(limits.CLOSE_UNSUPPORTED_DATA, "binary messages are not accepted on /")
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.link is None:
-            return
+    def received(self, payload: bytes, isBinary: bool) -> None:
         if self.bucket.take(time.monotonic()) != limits.TokenBucket.OK:
+            self.factory.stats.rate_limited[self.kind] += 1
             self.fail(limits.CLOSE_POLICY_VIOLATION, "rate limit: too many messages")
             return
-        d = self.hub.post(LOBBY, self.link, payload.decode("utf-8"))
+        d = self.hub.post(LOBBY, self.nick, payload.decode("utf-8"))
         d.addErrback(self._unavailable)
 
     def _unavailable(self, failure: object) -> None:

@@ -43,5 +43,5 @@ class Relay(Connection):
     def detach(self, link: Link) -> None:
         self.hub.leave(self.room, link)
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+    def received(self, payload: bytes, isBinary: bool) -> None:
         self.hub.publish(self.room, payload, isBinary)

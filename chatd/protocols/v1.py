@@ -125,10 +125,10 @@ class V1Chat(Connection):
         if isBinary:
             self.fail(limits.CLOSE_UNSUPPORTED_DATA, "chatd.v1 frames are JSON text")
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.link is None:
-            return
+    def received(self, payload: bytes, isBinary: bool) -> None:
         verdict = self.bucket.take(time.monotonic())
+        if verdict != limits.TokenBucket.OK:
+            self.factory.stats.rate_limited[self.kind] += 1
         if verdict == limits.TokenBucket.FLOOD:
             self.fail(limits.CLOSE_POLICY_VIOLATION, "rate limit: sustained flood")
             return
@@ -226,8 +226,8 @@ class V1Chat(Connection):
         max_text = self.factory.settings.max_text
         if len(text.encode("utf-8")) > max_text:
             raise ProtocolError("too_long", f"a message is at most {max_text} bytes of UTF-8")
-        assert self.link is not None
-        d = self.hub.post(room, self.link, text, ref)  # type: ignore[arg-type]
+        assert self.nick is not None
+        d = self.hub.post(room, self.nick, text, ref)  # type: ignore[arg-type]
         d.addErrback(self._unavailable, ref)
 
     def _unavailable(self, failure, ref: object) -> None:

@@ -1,0 +1,162 @@
+"""The HTTP push API: back ends publish to chat and relay rooms with a bearer token.
+
+    POST /api/rooms/<room>/messages   {"text": ..., "from": ...}  -> 201 {"room", "id", "ts"}
+    POST /api/relay/<room>/messages   any body                    -> 200 {"room", "delivered"}
+    GET  /api/rooms                                               -> 200 {"rooms": [...]}
+
+Off (404) while no token is configured. Answers: 400 bad JSON or fields,
+401 no bearer token, 403 a wrong one, 404 no such path, 405 wrong method,
+413 too large, 415 a chat body that is not application/json, 503 history
+unavailable. Every answer is JSON.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from chatd import limits
+from chatd.config import Settings
+from chatd.history import Message
+from chatd.hub import Hub, Unavailable
+from chatd.stats import Stats
+
+DEFAULT_SENDER = "api"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[bytes, bytes] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class PushAPI(Resource):
+    isLeaf = True
+
+    def __init__(self, hub: Hub, settings: Settings, stats: Stats) -> None:
+        super().__init__()
+        self.hub = hub
+        self.settings = settings
+        self.stats = stats
+        self.token = (settings.api_token or "").encode()
+
+    def render(self, request: Request) -> bytes | int:
+        try:
+            return self._route(request)
+        except ApiError as e:
+            for name, value in e.headers.items():
+                request.setHeader(name, value)
+            return self._json(request, e.status, {"error": str(e)})
+
+    def _json(self, request: Request, status: int, body: dict[str, Any]) -> bytes:
+        self.stats.api_requests[str(status)] += 1
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps(body, ensure_ascii=False).encode() + b"\n"
+
+    def _route(self, request: Request) -> bytes | int:
+        if not self.token:
+            raise ApiError(404, "the push API is off: set api_token")
+        self._authorize(request)
+        path = [p.decode("utf-8", "replace") for p in request.postpath]
+        method = request.method
+        if path == ["rooms"]:
+            self._method(method, b"GET")
+            return self._list(request)
+        if len(path) == 3 and path[0] in ("rooms", "relay") and path[2] == "messages":
+            self._method(method, b"POST")
+            room = path[1]
+            if not limits.valid_room_name(room):
+                raise ApiError(400, "a room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -")
+            if path[0] == "rooms":
+                return self._chat(request, room)
+            return self._relay(request, room)
+        raise ApiError(404, "no such API path")
+
+    def _authorize(self, request: Request) -> None:
+        header = request.getHeader(b"authorization")
+        if not header or not header[:7].lower() == b"bearer ":
+            raise ApiError(
+                401, "send Authorization: Bearer <token>", {b"WWW-Authenticate": b"Bearer"}
+            )
+        if not hmac.compare_digest(header[7:].strip(), self.token):
+            raise ApiError(403, "wrong token")
+
+    @staticmethod
+    def _method(method: bytes, allowed: bytes) -> None:
+        if method != allowed:
+            raise ApiError(405, f"use {allowed.decode()}", {b"Allow": allowed})
+
+    @staticmethod
+    def _body(request: Request, limit: int) -> bytes:
+        length = request.getHeader(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"the body is over {limit} bytes")
+        body = request.content.read(limit + 1)
+        if len(body) > limit:
+            raise ApiError(413, f"the body is over {limit} bytes")
+        return body
+
+    def _list(self, request: Request) -> bytes:
+        rooms = []
+        for key, members in sorted(self.hub.rooms().items()):
+            kind, name = key.split("/", 1)
+            rooms.append({"kind": kind, "name": name, "members": members})
+        return self._json(request, 200, {"rooms": rooms})
+
+    def _chat(self, request: Request, room: str) -> int | bytes:
+        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if ctype != b"application/json":
+            raise ApiError(415, "send Content-Type: application/json")
+        body = self._body(request, self.settings.max_message_size)
+        try:
+            obj = json.loads(body)
+        except ValueError as e:
+            raise ApiError(400, f"not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, "the body is a JSON object")
+        text, sender = obj.get("text"), obj.get("from", DEFAULT_SENDER)
+        if not isinstance(text, str) or not text.strip():
+            raise ApiError(400, "'text' is a non-empty string")
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ApiError(400, "'text' is not valid Unicode") from None
+        if size > self.settings.max_text:
+            raise ApiError(413, f"'text' is over {self.settings.max_text} bytes of UTF-8")
+        problem = limits.nick_problem(sender)
+        if problem:
+            raise ApiError(400, f"'from': {problem}")
+        d = self.hub.post(room, sender, text)
+
+        def done(msg: Message) -> None:
+            body = {"room": msg.room, "id": msg.id, "ts": msg.ts}
+            request.write(self._json(request, 201, body))
+            request.finish()
+
+        def failed(f: Failure) -> None:
+            f.trap(Unavailable)
+            request.write(self._json(request, 503, {"error": "history unavailable; not sent"}))
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+    def _relay(self, request: Request, room: str) -> bytes:
+        body = self._body(request, self.settings.relay_max_size)
+        ctype = (request.getHeader(b"content-type") or b"").strip().lower()
+        binary = not ctype.startswith(b"text/")
+        if not binary:
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(400, "a text/* body must be UTF-8") from None
+        delivered = self.hub.publish(room, body, binary)
+        return self._json(request, 200, {"room": room, "delivered": delivered})

@@ -1,0 +1,162 @@
+"""What operators poll: ``/healthz`` and ``/metrics`` (Prometheus text format).
+
+The numbers come from ``chatd.stats.Stats`` and the hub at scrape time, so
+collecting them costs the message path nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from chatd import __version__
+from chatd.hub import Hub
+from chatd.stats import Stats
+
+
+class Health:
+    """The daemon's state as /healthz reports it."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.stopping = False
+        self.problems: dict[str, str] = {}  # name -> why; any problem: "degraded"
+
+    def status(self) -> str:
+        if self.stopping:
+            return "stopping"
+        return "degraded" if self.problems else "ok"
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, health: Health, stats: Stats, hub: Hub) -> None:
+        super().__init__()
+        self.health, self.stats, self.hub = health, stats, hub
+
+    def render_GET(self, request: Request) -> bytes:
+        status = self.health.status()
+        request.setResponseCode(200 if status == "ok" else 503)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        body = {
+            "status": status,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.health.started, 1),
+            "connections": sum(self.stats.connections.values()),
+            "rooms": len(self.hub.rooms()),
+        }
+        if self.health.problems:
+            body["problems"] = self.health.problems
+        return json.dumps(body).encode() + b"\n"
+
+
+class Collector:
+    """Reads Stats and the hub when Prometheus scrapes."""
+
+    def __init__(self, stats: Stats, hub: Hub, health: Health) -> None:
+        self.stats, self.hub, self.health = stats, hub, health
+
+    def collect(self) -> Iterator[object]:
+        s = self.stats
+
+        def labelled(family, label: str, values: dict[str, int] | object) -> object:
+            for key, value in sorted(values.items()):  # type: ignore[attr-defined]
+                family.add_metric([key], value)
+            return family
+
+        def counter(name: str, doc: str, label: str, values) -> object:
+            return labelled(CounterMetricFamily(name, doc, labels=[label]), label, values)
+
+        yield labelled(
+            GaugeMetricFamily("chatd_connections", "Open WebSocket connections.", labels=["kind"]),
+            "kind",
+            s.connections,
+        )
+        yield counter(
+            "chatd_connections_opened", "WebSocket connections opened.", "kind", s.connections_total
+        )
+        yield counter(
+            "chatd_messages_received", "Messages received from clients.", "kind", s.messages_in
+        )
+        yield counter(
+            "chatd_received_bytes", "Payload bytes received from clients.", "kind", s.bytes_in
+        )
+        yield counter(
+            "chatd_messages_sent",
+            "Messages sent to clients (one per recipient).",
+            "room_kind",
+            s.deliveries,
+        )
+        yield counter(
+            "chatd_sent_bytes", "Payload bytes sent to clients.", "room_kind", s.bytes_out
+        )
+        yield counter(
+            "chatd_rate_limited", "Messages refused by the rate limit.", "kind", s.rate_limited
+        )
+        yield counter(
+            "chatd_slow_consumers_dropped",
+            "Clients dropped for not reading (backlog, overload) or failed writes.",
+            "reason",
+            s.dropped,
+        )
+        yield counter(
+            "chatd_closes", "Closed WebSocket connections by close code.", "code", s.close_codes
+        )
+        yield counter(
+            "chatd_api_requests", "Push API requests by HTTP status.", "status", s.api_requests
+        )
+        rooms: dict[str, int] = {}
+        for name in self.hub.rooms():
+            kind = name.split("/", 1)[0]
+            rooms[kind] = rooms.get(kind, 0) + 1
+        yield labelled(
+            GaugeMetricFamily("chatd_rooms", "Rooms with members.", labels=["kind"]),
+            "kind",
+            {"chat": rooms.get("chat", 0), "relay": rooms.get("relay", 0)},
+        )
+        h = s.history_commit
+        yield HistogramMetricFamily(
+            "chatd_history_commit_seconds",
+            "Time to commit a batch of chat messages to the history database.",
+            buckets=h.cumulative(),
+            sum_value=h.total,
+        )
+        up = GaugeMetricFamily("chatd_up", "1 when healthy, 0 when degraded or stopping.")
+        up.add_metric([], 1 if self.health.status() == "ok" else 0)
+        yield up
+
+
+class MetricsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, collector: Collector) -> None:
+        super().__init__()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)  # type: ignore[arg-type]
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        request.setHeader(b"Cache-Control", b"no-store")
+        return generate_latest(self.registry)
+
+
+def ops_children(health: Health, stats: Stats, hub: Hub) -> dict[bytes, Resource]:
+    return {
+        b"healthz": HealthResource(health, stats, hub),
+        b"metrics": MetricsResource(Collector(stats, hub, health)),
+    }
+
+
+__all__ = ["Health", "ops_children"]
