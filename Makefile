@@ -9,7 +9,7 @@ ARGS    ?=
 PYTHON3 ?= python3
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint format conformance bench deps browser-deps clean
+.PHONY: run test check lint format conformance bench deps system-deps clean
 
 $(VENV)/.deps: requirements-dev.txt setup.py
 	@$(PYTHON3) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "chatd needs Python 3.11+ (set PYTHON3=...)")'
@@ -19,22 +19,27 @@ $(VENV)/.deps: requirements-dev.txt setup.py
 
 deps: $(VENV)/.deps
 
-browser-deps:
-	@command -v chromium >/dev/null || { \
-	  echo "installing Debian's chromium for the browser tests"; \
+# Debian packages the tests use: chromium (the page), systemd (unit checks, socket activation)
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 ## run the daemon on its defaults: http://127.0.0.1:9000/ (PORT=..., ARGS="--interface 0.0.0.0")
 run: deps
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/twistd -n --pidfile= chatd --port $(PORT) $(ARGS)
 
 ## every test: lint, unit, protocol, browser, packaging and the full Autobahn|Testsuite run
-test: deps browser-deps lint
+test: deps system-deps lint
 	$(PY) -m pytest
 
 ## the same without the 9-minute conformance run
-check: deps browser-deps lint
+check: deps system-deps lint
 	$(PY) -m pytest -m "not conformance"
 
 ## the Autobahn|Testsuite alone; CASES="1.* 7.*" for a subset

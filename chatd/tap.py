@@ -203,16 +203,18 @@ class ListeningService(StreamServerEndpointService):
 class ChatdService(service.MultiService):
     """The daemon: listeners, the hub, and an orderly stop.
 
-    On SIGTERM (or any reactor stop): /healthz turns 503, the listeners stop
-    accepting, what was accepted is committed and delivered, every client
-    gets close 1001 and up to --shutdown-timeout to answer, then the history
-    database is closed and twistd exits 0.
+    On SIGTERM (or any reactor stop): /healthz turns 503, the main listener
+    stops accepting, what was accepted is committed and delivered, every
+    client gets close 1001 and up to --shutdown-timeout to answer, then the
+    history database is closed, a separate metrics listener last, and twistd
+    exits 0.
     """
 
     def __init__(self, settings: Settings, hub: Hub, web: Web) -> None:
         super().__init__()
         self.settings, self.hub, self.web = settings, hub, web
         self.listeners: list[ListeningService] = []
+        self.ops_listeners: list[ListeningService] = []
 
     def setServiceParent(self, parent) -> None:
         if self.settings.log_format == "json" and hasattr(parent, "setComponent"):
@@ -225,7 +227,7 @@ class ChatdService(service.MultiService):
 
         s = ListeningService(endpoints.serverFromString(reactor, description), factory, what)
         s.setServiceParent(self)
-        self.listeners.append(s)
+        (self.ops_listeners if what == "metrics" else self.listeners).append(s)
 
     def startService(self) -> None:
         super().startService()

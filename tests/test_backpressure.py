@@ -14,7 +14,7 @@ SIZE = 64 * 1024
 
 
 def test_slow_consumer_dropped_memory_flat_others_lose_nothing(daemon) -> None:
-    d: Daemon = daemon("--max-backlog", "1M", "--ping-interval", "0")
+    d: Daemon = daemon("--max-backlog", "4M", "--ping-interval", "0")
     slow = Client(d.port, "/relay/flood", rcvbuf=4096)  # joins, never reads
     healthy = Client(d.port, "/relay/flood")
     publisher = Client(d.port, "/relay/flood")
@@ -47,7 +47,7 @@ def test_slow_consumer_dropped_memory_flat_others_lose_nothing(daemon) -> None:
     done.set()
 
     assert [int.from_bytes(g, "big") for g in got] == list(range(MESSAGES))  # nothing lost
-    d.wait_for_log(r"code=1008")
+    d.wait_for_log(r"code=1008", timeout=20)
     assert slow.expect_close() == 1008
     growth_mib = (peak[0] - baseline) / 1024
     print(f"daemon RSS: baseline {baseline} KiB, peak {peak[0]} KiB, growth {growth_mib:.1f} MiB")

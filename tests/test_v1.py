@@ -417,7 +417,7 @@ def run_slow_consumer(d: Daemon, count: int, size: int):
 def test_v1_slow_consumer_dropped_1008_others_get_everything(daemon) -> None:
     d = daemon(
         "--max-backlog",
-        "1M",
+        "4M",
         "--rate",
         "100000",
         "--rate-burst",
@@ -430,7 +430,7 @@ def test_v1_slow_consumer_dropped_1008_others_get_everything(daemon) -> None:
     slow, got, growth = run_slow_consumer(d, count=3000, size=16 * 1024)  # ~48 MiB sent
     print(f"v1 slow consumer: daemon RSS growth {growth:.1f} MiB for ~48 MiB sent")
     assert got == list(range(got[0], got[0] + 3000))
-    d.wait_for_log(r"code=1008")
+    d.wait_for_log(r"code=1008", timeout=20)
     assert slow.expect_close() == 1008
     assert growth < 24
 
@@ -448,5 +448,5 @@ def test_overloaded_server_closes_slow_consumers_1013(daemon) -> None:
     )
     slow, got, _ = run_slow_consumer(d, count=500, size=16 * 1024)
     assert len(got) == 500
-    d.wait_for_log(r"code=1013")
+    d.wait_for_log(r"code=1013", timeout=20)
     assert slow.expect_close() == 1013

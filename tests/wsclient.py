@@ -60,12 +60,16 @@ class Client:
         headers: dict[str, str] | None = None,
         timeout: float = 10.0,
         rcvbuf: int | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:  # small buffers make a client that stops reading fall behind fast
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sock is None:  # else: an already connected socket, e.g. TLS-wrapped
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if rcvbuf is not None:  # small buffers: a client that stops reading falls behind fast
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+        self.sock = sock
         self.sock.settimeout(timeout)
-        self.sock.connect((host, port))
         self.buf = b""
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [

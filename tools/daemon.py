@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"chatd \S+ web listening on (\S+):(\d+)")
+_LISTENING = re.compile(r"chatd \S+ (\w+) listening on (\S+?):(\d+)")
 
 
 def twistd() -> str:
@@ -45,21 +45,31 @@ class Daemon:
     second Daemon to restart "the same" server.
     """
 
-    def __init__(self, *args: str, timeout: float = 15.0, cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        timeout: float = 15.0,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        argv: list[str] | None = None,
+    ) -> None:
         if cwd is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="chatd-")
             cwd = self._tmp.name
         self.cwd = cwd
-        argv = [twistd(), "-n", "--pidfile=", "chatd", *args]
-        if not any(a == "--port" or a.startswith(("--port=", "--endpoint", "-e")) for a in args):
-            argv += ["--port", "0"]
+        if argv is None:
+            argv = [twistd(), "-n", "--pidfile=", "chatd", *args]
+            explicit = ("--port", "--endpoint", "-e", "--config", "-c")
+            if not any(a.split("=")[0] in explicit for a in args):
+                argv += ["--port", "0"]
         self.argv = argv
+        self.ports: dict[str, int] = {}
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.proc = subprocess.Popen(
             argv,
             cwd=cwd,
-            env=child_env(),
+            env=child_env(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -94,10 +104,19 @@ class Daemon:
                 raise RuntimeError(f"chatd exited {self.proc.returncode}:\n" + self.log())
             m = _LISTENING.search(line)
             if m:
-                return m.group(1), int(m.group(2))
+                self.ports[m.group(1)] = int(m.group(3))
+                if m.group(1) == "web":
+                    return m.group(2), int(m.group(3))
 
     def url(self, path: str = "/", scheme: str = "ws") -> str:
         return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def port_of(self, what: str, timeout: float = 5.0) -> int:
+        """The port of another listener ("metrics"), once it has said so."""
+        line = self.wait_for_log(rf"chatd \S+ {what} listening on", timeout)
+        m = _LISTENING.search(line)
+        assert m is not None
+        return int(m.group(3))
 
     def log(self) -> str:
         return "\n".join(self.lines)

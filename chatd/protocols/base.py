@@ -110,10 +110,9 @@ class Connection(WebSocketServerProtocol):
         self._detach()
         if self.opened_at:
             self.factory.clients.remove(self)
-            # The code the closing handshake settled on: ours if we closed
-            # first, the client's otherwise; 1006 when there was none.
-            sent = self.localCloseCode if self.closedByMe else self.remoteCloseCode
-            code = sent if wasClean and sent else 1006
+            # Why it closed: the code we sent if we closed first (even if the
+            # client never answered), the client's otherwise; 1006 for none.
+            code = (self.localCloseCode if self.closedByMe else self.remoteCloseCode) or 1006
             self.factory.stats.close_codes[str(code)] += 1
             _log.info(
                 "close {kind} {peer} after {duration:.1f}s code={code}",
