@@ -15,6 +15,7 @@ retention, through the primary key.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -44,10 +45,16 @@ class Message:
 class History:
     """One SQLite database; ``retention`` messages kept per room (0: none stored)."""
 
-    def __init__(self, path: str, retention: int = 1000, sync: str = "normal") -> None:
+    def __init__(
+        self, path: str, retention: int = 1000, sync: str = "normal", busy_timeout: float = 0.1
+    ) -> None:
         self.path = path
         self.retention = retention
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # The database is chatd's alone; if something else locks it, fail fast
+        # (the client gets "unavailable") rather than stall the reactor.
+        self.db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+        )
         if path != ":memory:":
             self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
@@ -68,8 +75,6 @@ class History:
     def append(self, room: str, sender: str, text: str, ref: str | None = None) -> Message:
         """Assign the next id and write the message (committed by ``commit``)."""
         msg = Message(room, self.last_id(room) + 1, int(time.time() * 1000), sender, text, ref)
-        self._last[room] = msg.id
-        self.appended += 1
         if self.retention:
             if not self._in_tx:
                 self.db.execute("BEGIN")
@@ -86,6 +91,8 @@ class History:
                 )
                 n = 0
             self._since_trim[room] = n
+        self._last[room] = msg.id  # only once it is written
+        self.appended += 1
         return msg
 
     def commit(self) -> None:
@@ -99,7 +106,8 @@ class History:
         """Forget an uncommitted batch; ids are read again from the database."""
         if self._in_tx:
             self._in_tx = False
-            self.db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                self.db.execute("ROLLBACK")
         self._last.clear()
 
     def since(self, room: str, after: int) -> tuple[list[Message], bool]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 
 from chatd import limits
 from chatd.fanout import Link, broadcast
@@ -226,7 +226,12 @@ class InMemoryHub:
         Deferred fired with it). If the commit fails nothing is sent and the
         Deferred fails with Unavailable. Who may post is the caller's check.
         """
-        msg = self.history.append(room, sender, text, ref)
+        try:
+            msg = self.history.append(room, sender, text, ref)
+        except sqlite3.Error as e:
+            # Nothing of this batch can be trusted now: fail it all, send none.
+            self._fail_pending(e)
+            return fail(Unavailable(str(e)))
         d: Deferred = Deferred()
         if not self._pending:
             self._call_soon(self.flush)
@@ -237,20 +242,25 @@ class InMemoryHub:
         """Commit what was posted, then deliver it, in id order."""
         if not self._pending:
             return
-        pending, self._pending = self._pending, []
         started = time.perf_counter()
         try:
             self.history.commit()
-            self.stats.history_commit.observe(time.perf_counter() - started)
         except sqlite3.Error as e:
-            self.history.rollback()
-            for _, d in pending:
-                d.errback(Unavailable(str(e)))
+            self._fail_pending(e)
             return
+        self.stats.history_commit.observe(time.perf_counter() - started)
+        pending, self._pending = self._pending, []
         for msg, d in pending:
             self._deliver(msg)
             self.posted += 1
             d.callback(msg)
+
+    def _fail_pending(self, error: Exception) -> None:
+        """Roll back the uncommitted batch: none of it is sent, every sender is told."""
+        self.history.rollback()
+        pending, self._pending = self._pending, []
+        for _, d in pending:
+            d.errback(Unavailable(str(error)))
 
     def _deliver(self, msg: Message) -> None:
         r = self._chat.get(msg.room)
