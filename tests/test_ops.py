@@ -74,7 +74,7 @@ def test_systemd_units_verify(tmp_path) -> None:
     assert "chatd" not in r.stdout + r.stderr, r.stdout + r.stderr  # not a single warning
 
 
-def test_socket_activation_for_real() -> None:
+def test_socket_activation_for_real(tmp_path) -> None:
     port = free_port()
     argv = [
         "systemd-socket-activate",
@@ -93,7 +93,12 @@ def test_socket_activation_for_real() -> None:
         "systemd:domain=INET:index=0",
     ]
     proc = subprocess.Popen(
-        argv, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,  # where its database goes
     )
     try:
         assert proc.stdout is not None

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from wsclient import Client
@@ -15,9 +16,16 @@ from tools.daemon import REPO, Daemon, child_env, twistd
 
 
 def run(*argv: str, env: dict[str, str] | None = None, cwd: str | None = None):
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=60, env=env or child_env(), cwd=cwd
-    )
+    """Run in a scratch directory: a daemon that gets as far as start-up makes its database."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env or child_env(),
+            cwd=cwd or scratch,
+        )
 
 
 def free_port() -> int:
