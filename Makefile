@@ -9,7 +9,7 @@ ARGS    ?=
 PYTHON3 ?= python3
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint format conformance bench deps system-deps clean
+.PHONY: run test check lint format conformance bench bench-quick deps system-deps clean
 
 $(VENV)/.deps: requirements-dev.txt setup.py
 	@$(PYTHON3) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "chatd needs Python 3.11+ (set PYTHON3=...)")'
@@ -57,6 +57,11 @@ format: deps
 clean:
 	rm -rf $(VENV) .cache reports build *.egg-info .pytest_cache .ruff_cache
 
-## benchmarks: they print numbers and assert nothing
+## benchmarks: they print numbers and assert nothing (bench.run: ~10 min, writes bench/RESULTS.md)
 bench: deps
+	$(PY) -m bench.run
 	$(PY) -m bench.chat
+
+## the fan-out comparison as a smoke run (under 3 minutes)
+bench-quick: deps
+	$(PY) -m bench.run --quick
