@@ -171,6 +171,9 @@ def sqlite_cost(messages: int, batch: int, size: int) -> float:
     return dt / messages * 1e6
 
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS-chat.md")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", type=int, default=100)
@@ -179,21 +182,26 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=50)
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()
+    lines: list[str] = []
 
-    print(
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(
         f"chatd chat-path benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}, "
         f"{os.cpu_count()} CPUs, text {a.size} B"
     )
-    print("\nSQLite append+commit, microseconds per message (median of 3):")
+    say("\nSQLite append+commit, microseconds per message (median of 3):")
     for batch in (1, 10, 100):
         cost = statistics.median(sqlite_cost(5000, batch, a.size) for _ in range(3))
-        print(f"  commit every {batch:>3} message(s): {cost:7.1f} us")
+        say(f"  commit every {batch:>3} message(s): {cost:7.1f} us")
 
-    print(
+    say(
         f"\nfan-out: {a.members} members in one room, {a.messages} messages, "
         f"window {a.window}, median of {a.runs}:"
     )
-    print(
+    say(
         f"  {'history':<12}{'deliveries/s':>14}{'msgs/s':>10}{'us/deliv':>10}"
         f"{'server cpu':>12}{'gen cpu':>9}"
     )
@@ -203,11 +211,14 @@ def main() -> None:
         r = runs[len(runs) // 2]
         flag = "  GENERATOR SATURATED" if r["generator_cpu_share"] > 0.9 else ""
         flag += "" if r["complete"] else "  INCOMPLETE"
-        print(
+        say(
             f"  {label:<12}{r['deliveries_per_s']:>14,.0f}{r['messages_per_s']:>10,.0f}"
             f"{r['server_us_per_delivery']:>10.2f}{r['server_cpu_share']:>11.0%}"
             f"{r['generator_cpu_share']:>9.0%}{flag}"
         )
+    with open(RESULTS, "w") as f:
+        f.write("# chatd chat path: newest run of `python -m bench.chat`\n\n```\n")
+        f.write("\n".join(lines).strip() + "\n```\n")
 
 
 if __name__ == "__main__":
