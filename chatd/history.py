@@ -62,8 +62,6 @@ class History:
         self._last: dict[str, int] = {}
         self._in_tx = False
         self._since_trim: dict[str, int] = {}
-        self.appended = 0
-        self.commit_seconds = 0.0  # total time spent committing, for metrics
 
     def last_id(self, room: str) -> int:
         last = self._last.get(room)
@@ -92,15 +90,12 @@ class History:
                 n = 0
             self._since_trim[room] = n
         self._last[room] = msg.id  # only once it is written
-        self.appended += 1
         return msg
 
     def commit(self) -> None:
         if self._in_tx:
-            started = time.perf_counter()
             self.db.execute("COMMIT")
             self._in_tx = False
-            self.commit_seconds += time.perf_counter() - started
 
     def rollback(self) -> None:
         """Forget an uncommitted batch; ids are read again from the database."""

@@ -119,9 +119,6 @@ class InMemoryHub:
         self._chat: dict[str, ChatRoom] = {}
         self._renderers: dict[str, Renderer] = {}
         self._pending: list[tuple[Message, Deferred]] = []
-        self.published = 0  # relay messages accepted
-        self.posted = 0  # chat messages stored and sent
-        self.delivered = 0  # frames handed to transports
 
     # -- relay rooms ------------------------------------------------------
     def join(self, room: str, link: Link) -> None:
@@ -139,12 +136,10 @@ class InMemoryHub:
             del self._relay[room]
 
     def publish(self, room: str, payload: bytes, binary: bool) -> int:
-        self.published += 1
         members = self._relay.get(room)
         if not members:
             return 0
         n = broadcast(tuple(members), payload, binary)
-        self.delivered += n
         self.stats.deliveries["relay"] += n
         self.stats.bytes_out["relay"] += n * len(payload)
         return n
@@ -252,7 +247,6 @@ class InMemoryHub:
         pending, self._pending = self._pending, []
         for msg, d in pending:
             self._deliver(msg)
-            self.posted += 1
             d.callback(msg)
 
     def _fail_pending(self, error: Exception) -> None:
@@ -270,7 +264,6 @@ class InMemoryHub:
             payload = self._renderers[fmt].message(msg)
             if payload is not None:
                 n = broadcast(tuple(links), payload, False)
-                self.delivered += n
                 self.stats.deliveries["chat"] += n
                 self.stats.bytes_out["chat"] += n * len(payload)
 
