@@ -2,10 +2,21 @@
 
 Everything chatd delivers goes through ``broadcast``. It is shaped for the
 common case: the WebSocket frame is encoded once per message and the same
-``bytes`` object is handed to every recipient's transport, so the cost per
-recipient is one ``transport.write`` and a few attribute reads. Only a
-connection that negotiated permessage-deflate gets its own copy, because its
-compressor state is its own (RFC 7692 context takeover).
+``bytes`` object is queued for every recipient, so the cost per recipient in
+the loop is a list append and a few attribute reads. Only a connection that
+negotiated permessage-deflate gets its own copy, because its compressor
+state is its own (RFC 7692 context takeover).
+
+Writes are coalesced per reactor turn: at the end of the turn (``Outbox``)
+each connection's queued frames are joined and written once. On a plain TCP
+connection whose Twisted buffer is empty they go straight to the socket, so
+a delivery costs one ``send`` and no ``epoll_ctl`` (Twisted would register
+the socket for writability, wake up, write, and unregister it: two more
+system calls and a pass through its write path per connection and turn);
+whatever the kernel does not take goes to the transport, which buffers it
+and tells us when it is full. Every other byte a connection sends (pongs,
+replies, the close frame) joins the same queue while it is not empty, so the
+order on the wire is the order of the calls.
 
 Backpressure lives here too, because it is checked on every write: each
 connection has a ``Link`` registered as its transport's push producer. The
@@ -22,6 +33,7 @@ This module knows nothing of Autobahn, rooms or protocols: it moves bytes.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterable
 from struct import pack
 
@@ -70,7 +82,9 @@ class Link:
         "on_drop",
         "open",
         "paused",
+        "pending",
         "send_message",
+        "sock",
         "transport",
     )
 
@@ -94,6 +108,8 @@ class Link:
         self.open = True
         self.paused = False
         self.backlog = 0  # bytes handed over since the transport paused us
+        self.pending: list[bytes] | None = None  # queued this reactor turn
+        self.sock = _direct_socket(transport)
 
     # IPushProducer: the transport tells us when its buffer is full or drained.
     def pauseProducing(self) -> None:
@@ -113,8 +129,94 @@ class Link:
         self.budget.total -= self.backlog
         self.backlog = 0
 
+    def queue(self, data: bytes) -> bool:
+        """Append ``data`` behind frames queued this turn; False if none are."""
+        if self.pending is None:
+            return False
+        self.pending.append(data)
+        return True
 
-def broadcast(links: Iterable[Link], payload: bytes, binary: bool) -> int:
+    def flush(self) -> None:
+        """Write what was queued this turn: to the socket if nothing is ahead of it."""
+        pending = self.pending
+        if pending is None:
+            return
+        self.pending = None
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        t = self.transport
+        sock = self.sock
+        if (
+            sock is not None
+            and not t._tempDataBuffer  # type: ignore[attr-defined]
+            and t.offset >= len(t.dataBuffer)  # type: ignore[attr-defined]
+            and t.connected  # type: ignore[attr-defined]
+            and not t.disconnecting  # type: ignore[attr-defined]
+        ):
+            try:
+                sent = sock.send(data)
+            except OSError:  # would block, or broken: the transport finds out which
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        t.write(data)
+
+
+def _direct_socket(transport: object) -> socket.socket | None:
+    """The socket of a plain Twisted TCP transport, whose buffer we can see; else None.
+
+    TLS and other wrapped transports must encrypt or frame what they send,
+    so they always get ``transport.write``.
+    """
+    from twisted.internet.tcp import Connection
+
+    # Only Twisted's own TCP connection: a TLS wrapper (twisted.protocols.tls)
+    # forwards unknown attributes to the TCP transport under it, socket included.
+    if not isinstance(transport, Connection):
+        return None
+    sock = getattr(transport, "socket", None)
+    if (
+        isinstance(sock, socket.socket)
+        and getattr(transport, "TLS", None) is False  # startTLS encrypts inside the transport
+        and isinstance(getattr(transport, "_tempDataBuffer", None), list)
+        and isinstance(getattr(transport, "dataBuffer", None), bytes)
+        and isinstance(getattr(transport, "offset", None), int)
+    ):
+        return sock
+    return None
+
+
+class Outbox:
+    """The links with frames queued this reactor turn, flushed once at its end."""
+
+    def __init__(self, call_soon: Callable[[Callable[[], object]], object] | None = None):
+        self.dirty: list[Link] = []
+        self._call_soon = call_soon
+
+    def add(self, link: Link) -> None:
+        if not self.dirty:
+            call_soon = self._call_soon
+            if call_soon is None:
+                from twisted.internet import reactor
+
+                call_soon = self._call_soon = lambda f: reactor.callLater(0, f)
+            call_soon(self.flush)
+        self.dirty.append(link)
+
+    def flush(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for link in dirty:
+            try:
+                link.flush()
+            except Exception:  # one broken connection must not cost the others
+                link.close()
+                link.on_drop("error")
+
+
+OUTBOX = Outbox()
+
+
+def broadcast(links: Iterable[Link], payload: bytes, binary: bool, outbox: Outbox = OUTBOX) -> int:
     """Deliver one message to every open link; return how many got it.
 
     Links that fall too far behind, or whose write raises, are closed and
@@ -142,7 +244,12 @@ def broadcast(links: Iterable[Link], payload: bytes, binary: bool) -> int:
             if link.send_message is None:
                 if frame is None:
                     frame = encode_frame(payload, binary)
-                link.transport.write(frame)
+                pending = link.pending
+                if pending is None:
+                    link.pending = [frame]
+                    outbox.add(link)
+                else:
+                    pending.append(frame)
             else:
                 link.send_message(payload, binary)
         except Exception:  # a broken transport must not stop the loop

@@ -26,7 +26,7 @@ from typing import Protocol
 from twisted.internet.defer import Deferred, fail
 
 from chatd import limits
-from chatd.fanout import Link, broadcast
+from chatd.fanout import OUTBOX, Link, Outbox, broadcast
 from chatd.history import History, Message
 from chatd.stats import Stats
 
@@ -110,8 +110,10 @@ class InMemoryHub:
         call_soon: Callable[[Callable[[], object]], object] = _later,
         join_history: int = limits.JOIN_HISTORY,
         stats: Stats | None = None,
+        outbox: Outbox = OUTBOX,
     ) -> None:
         self.history = history if history is not None else History(":memory:", 0)
+        self.outbox = outbox
         self.stats = stats if stats is not None else Stats()
         self.join_history = join_history
         self._call_soon = call_soon
@@ -139,7 +141,7 @@ class InMemoryHub:
         members = self._relay.get(room)
         if not members:
             return 0
-        n = broadcast(tuple(members), payload, binary)
+        n = broadcast(tuple(members), payload, binary, self.outbox)
         self.stats.deliveries["relay"] += n
         self.stats.bytes_out["relay"] += n * len(payload)
         return n
@@ -263,7 +265,7 @@ class InMemoryHub:
         for fmt, links in tuple(r.groups.items()):
             payload = self._renderers[fmt].message(msg)
             if payload is not None:
-                n = broadcast(tuple(links), payload, False)
+                n = broadcast(tuple(links), payload, False, self.outbox)
                 self.stats.deliveries["chat"] += n
                 self.stats.bytes_out["chat"] += n * len(payload)
 
@@ -271,7 +273,7 @@ class InMemoryHub:
         for fmt, links in tuple(r.groups.items()):
             payload = self._renderers[fmt].presence(room, nick, event)
             if payload is not None:
-                broadcast(tuple(links), payload, False)
+                broadcast(tuple(links), payload, False, self.outbox)
 
     # -- both -------------------------------------------------------------
     def rooms(self) -> dict[str, int]:

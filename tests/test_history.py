@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 from twisted.internet.testing import StringTransport
 
-from chatd.fanout import Link
+from chatd.fanout import Link, Outbox
 from chatd.history import History
 from chatd.hub import InMemoryHub, NickTaken, Unavailable
 from chatd.protocols.plain import PlainRenderer
@@ -46,14 +46,20 @@ class Member:
         self.link = Link(self.transport, 1 << 20, lambda reason: None)
 
     def frames(self) -> bytes:
+        """What reached the transport by the end of this reactor turn."""
+        while turns:
+            turns.pop(0)()
         out = self.transport.value()
         self.transport.clear()
         return out
 
 
+turns: list = []
+
+
 def make_hub(history: History) -> tuple[InMemoryHub, list]:
     soon: list = []
-    hub = InMemoryHub(history, call_soon=soon.append)
+    hub = InMemoryHub(history, call_soon=soon.append, outbox=Outbox(call_soon=turns.append))
     hub.add_format("plain", PlainRenderer())
     hub.add_format("v1", V1Renderer())
     return hub, soon

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from twisted.internet.testing import StringTransport
 
-from chatd.fanout import Link, broadcast, encode_frame
+from chatd.fanout import Link, Outbox, broadcast, encode_frame
 from chatd.hub import InMemoryHub
+
+# The end of a reactor turn, by hand: queued frames are written when flushed.
+turns: list = []
+outbox = Outbox(call_soon=turns.append)
+
+
+def end_turn() -> None:
+    while turns:
+        turns.pop(0)()
 
 
 class Member:
@@ -22,7 +31,7 @@ def test_encode_frame_lengths() -> None:
 
 
 def test_rooms_created_on_join_dropped_when_empty() -> None:
-    hub = InMemoryHub()
+    hub = InMemoryHub(outbox=outbox)
     a, b = Member(), Member()
     hub.join("r", a.link)
     hub.join("r", b.link)
@@ -36,13 +45,15 @@ def test_rooms_created_on_join_dropped_when_empty() -> None:
 
 
 def test_publish_encodes_once_and_reaches_only_the_room() -> None:
-    hub = InMemoryHub()
+    hub = InMemoryHub(outbox=outbox)
     r = [Member() for _ in range(3)]
     other = Member()
     for m in r:
         hub.join("r", m.link)
     hub.join("other", other.link)
     assert hub.publish("r", b"\x00\xff", True) == 3
+    assert r[0].transport.value() == b""  # queued until the end of the turn
+    end_turn()
     for m in r:
         assert m.transport.value() == b"\x82\x02\x00\xff"
     assert other.transport.value() == b""
@@ -53,24 +64,25 @@ def test_paused_link_is_dropped_past_its_backlog_others_unharmed() -> None:
     slow, ok = Member(max_backlog=10), Member()
     slow.link.pauseProducing()  # what the transport does when its buffer is full
     links = [slow.link, ok.link]
-    assert broadcast(links, b"12345", False) == 2
-    assert broadcast(links, b"12345", False) == 2  # backlog 10: at the bound, still written
+    assert broadcast(links, b"12345", False, outbox) == 2
+    assert broadcast(links, b"12345", False, outbox) == 2  # backlog 10: at the bound, still written
     assert slow.dropped == []
-    assert broadcast(links, b"1", False) == 1  # 11 > 10: dropped, not written
+    assert broadcast(links, b"1", False, outbox) == 1  # 11 > 10: dropped, not written
     assert slow.dropped == ["backlog"]
     assert not slow.link.open
+    end_turn()
     assert ok.transport.value() == b"\x81\x0512345" * 2 + b"\x81\x011"
     assert slow.transport.value() == b"\x81\x0512345" * 2
-    assert broadcast(links, b"x", False) == 1  # a closed link is skipped
+    assert broadcast(links, b"x", False, outbox) == 1  # a closed link is skipped
 
 
 def test_resume_clears_the_backlog() -> None:
     m = Member(max_backlog=8)
     m.link.pauseProducing()
-    broadcast([m.link], b"1234567", False)
+    broadcast([m.link], b"1234567", False, outbox)
     m.link.resumeProducing()
     m.link.pauseProducing()
-    broadcast([m.link], b"1234567", False)
+    broadcast([m.link], b"1234567", False, outbox)
     assert m.dropped == []
 
 
@@ -81,8 +93,10 @@ def test_failing_transport_does_not_stop_the_loop() -> None:
         raise OSError("gone")
 
     bad.transport.write = boom  # type: ignore[method-assign]
-    assert broadcast([bad.link, good.link], b"x", False) == 1
+    assert broadcast([bad.link, good.link], b"x", False, outbox) == 2  # both queued
+    end_turn()  # the write fails at the end of the turn: that link alone is dropped
     assert bad.dropped == ["error"]
+    assert not bad.link.open
     assert good.transport.value() == b"\x81\x01x"
 
 
@@ -91,7 +105,8 @@ def test_compressing_link_frames_itself() -> None:
     m = Member()
     m.link.send_message = lambda p, b: sent.append((p, b))
     plain = Member()
-    broadcast([m.link, plain.link], b"abc", True)
+    broadcast([m.link, plain.link], b"abc", True, outbox)
+    end_turn()
     assert sent == [(b"abc", True)]
     assert m.transport.value() == b""
     assert plain.transport.value() == b"\x82\x03abc"

@@ -152,8 +152,15 @@ class Connection(WebSocketServerProtocol):
         link = self.link
         if link is not None:
             self.link = None
+            link.flush()  # what was queued for it goes out before the close frame
             link.close()
             self.detach(link)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Every frame of this connection: behind the fan-out's queue when it has one."""
+        link = self.link
+        if link is None or sync or chopsize or not link.queue(data):
+            super().sendData(data, sync, chopsize)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         stats = self.factory.stats
