@@ -19,10 +19,12 @@ $(VENV)/.deps: requirements-dev.txt setup.py
 
 deps: $(VENV)/.deps
 
-# Debian packages the tests use: chromium (the page), systemd (unit checks, socket activation)
+# Debian packages the tests use: chromium (the page), systemd (unit checks, socket
+# activation), redis-server (cluster tests start their own on free loopback ports)
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

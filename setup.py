@@ -13,7 +13,12 @@ setup(
     python_requires=">=3.11",
     packages=["chatd", "chatd.protocols", "twisted.plugins"],
     package_data={"chatd": ["static/*"], "twisted": ["plugins/chatd_plugin.py"]},
-    install_requires=["twisted[tls]>=24.7", "autobahn[twisted]>=24.4", "prometheus_client>=0.20"],
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "autobahn[twisted]>=24.4",
+        "prometheus_client>=0.20",
+        "txredisapi>=1.4.10",  # only used with --redis
+    ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "playwright>=1.45", "ruff>=0.5"],
     },

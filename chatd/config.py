@@ -51,6 +51,8 @@ class Settings:
     metrics_endpoint: str | None = None  # /healthz and /metrics there instead
     log_format: str = "text"
     shutdown_timeout: float = 10.0
+    redis: str | None = None  # redis://host:port/db: a cluster node; None: one process
+    cluster_ttl: float = limits.CLUSTER_TTL
 
     def check(self) -> None:
         """Raise ConfigError naming the first setting that is out of range (TOML key names)."""
@@ -95,6 +97,15 @@ class Settings:
         for origin in self.allowed_origins:
             if origin != "*" and "://" not in origin:
                 raise ConfigError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
+        if self.redis is not None:
+            from chatd.broker import parse_url
+
+            try:
+                parse_url(self.redis)
+            except ValueError as e:
+                raise ConfigError(f"redis {e}") from None
+        if not 1 <= self.cluster_ttl <= 3600:
+            raise ConfigError(f"cluster_ttl must be 1-3600 s, not {self.cluster_ttl}")
         if not os.path.isfile(os.path.join(self.static, "index.html")):
             raise ConfigError(f"static: {self.static!r} has no index.html")
 
@@ -186,6 +197,8 @@ COERCE: dict[str, Callable[[Any], Any]] = {
     "metrics_endpoint": _str,
     "log_format": _str,
     "shutdown_timeout": _float,
+    "redis": _str,
+    "cluster_ttl": _float,
 }
 assert set(COERCE) == {f.name for f in fields(Settings)}, "every setting needs a coercion"
 

@@ -2,9 +2,10 @@
 
 Protocols never loop over clients themselves: they join, leave, publish and
 post through a ``Hub``. ``InMemoryHub`` is the single-process implementation;
-a clustered one keeps these methods and does id assignment, storage and
-publication in its broker, calling ``fanout.broadcast`` for the members it
-holds locally.
+``chatd.cluster.RedisHub`` keeps these methods and does id assignment,
+storage and publication in Redis. Both keep the links they hold in a
+``Local``, which renders each event once per wire format and hands it to
+``fanout.broadcast``: the per-message hot path is there and in fanout.
 
 Two kinds of room, in separate namespaces:
 
@@ -13,17 +14,20 @@ Two kinds of room, in separate namespaces:
   presence. Members of one chat room may speak different wire formats (the
   plain seed chat and chatd.v1 share ``lobby``), so members are grouped by
   format and each message is rendered once per format, then fanned out.
+
+``chat_join`` and ``post`` return Deferreds: in one process they have fired
+already, in a cluster they wait for the broker.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 
 from chatd import limits
 from chatd.fanout import OUTBOX, Link, Outbox, broadcast
@@ -44,7 +48,7 @@ class NickTaken(Exception):
 
 
 class Unavailable(Exception):
-    """The message could not be stored, so it was not sent."""
+    """The message could not be stored (or the join recorded), so nothing was done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +90,124 @@ class Hub(Protocol):
         fmt: str,
         since: int | None = None,
         unique: bool = True,
-    ) -> Joined: ...
+    ) -> Deferred: ...  # fires with Joined; fails with NickTaken or Unavailable
     def chat_leave(self, room: str, link: Link) -> bool: ...
-    def post(self, room: str, sender: str, text: str, ref: str | None = None) -> Deferred: ...
+    def post(self, room: str, sender: str, text: str, ref: object = None) -> Deferred: ...
     def flush(self) -> None: ...
 
     def rooms(self) -> dict[str, int]: ...
-    def close(self) -> None: ...
+    def close(self) -> Deferred | None: ...
+
+
+class Local:
+    """The links this process holds, by room, and the fan-out to them.
+
+    Knows nothing of ids, storage or other nodes; both hubs feed it events.
+    """
+
+    def __init__(self, stats: Stats, outbox: Outbox) -> None:
+        self.stats = stats
+        self.outbox = outbox
+        self.relay: dict[str, dict[Link, None]] = {}
+        self.chat: dict[str, ChatRoom] = {}
+        self.renderers: dict[str, Renderer] = {}
+
+    # -- relay --------------------------------------------------------------
+    def relay_add(self, room: str, link: Link) -> bool:
+        """Add ``link``; True if the room is new here."""
+        members = self.relay.get(room)
+        if members is None:
+            self.relay[room] = {link: None}
+            return True
+        members[link] = None
+        return False
+
+    def relay_remove(self, room: str, link: Link) -> bool:
+        """Remove ``link``; True if the room is now empty here (and forgotten)."""
+        members = self.relay.get(room)
+        if members is None or link not in members:
+            return False
+        del members[link]
+        if members:
+            return False
+        del self.relay[room]
+        return True
+
+    def relay_send(self, room: str, payload: bytes, binary: bool) -> int:
+        members = self.relay.get(room)
+        if not members:
+            return 0
+        n = broadcast(tuple(members), payload, binary, self.outbox)
+        self.stats.deliveries["relay"] += n
+        self.stats.bytes_out["relay"] += n * len(payload)
+        return n
+
+    # -- chat ---------------------------------------------------------------
+    def chat_add(self, room: str, link: Link, member: Member) -> bool:
+        """Make ``link`` a live member; True if it was not one already."""
+        r = self.chat.get(room)
+        if r is None:
+            r = self.chat[room] = ChatRoom()
+        if link in r.members:
+            return False
+        r.members[link] = member
+        r.groups.setdefault(member.fmt, {})[link] = None
+        if member.unique:
+            r.nicks[member.nick.casefold()] = link
+        return True
+
+    def chat_remove(self, room: str, link: Link) -> Member | None:
+        r = self.chat.get(room)
+        member = r.members.pop(link, None) if r is not None else None
+        if r is None or member is None:
+            return None
+        group = r.groups[member.fmt]
+        del group[link]
+        if not group:
+            del r.groups[member.fmt]
+        if member.unique and r.nicks.get(member.nick.casefold()) is link:
+            del r.nicks[member.nick.casefold()]
+        if not r.members:
+            del self.chat[room]
+        return member
+
+    def deliver(self, msg: Message) -> None:
+        r = self.chat.get(msg.room)
+        if r is None:
+            return
+        for fmt, links in tuple(r.groups.items()):
+            payload = self.renderers[fmt].message(msg)
+            if payload is not None:
+                n = broadcast(tuple(links), payload, False, self.outbox)
+                self.stats.deliveries["chat"] += n
+                self.stats.bytes_out["chat"] += n * len(payload)
+
+    def presence(self, room: str, nick: str, event: str) -> None:
+        r = self.chat.get(room)
+        if r is None:
+            return
+        for fmt, links in tuple(r.groups.items()):
+            payload = self.renderers[fmt].presence(room, nick, event)
+            if payload is not None:
+                broadcast(tuple(links), payload, False, self.outbox)
+
+    def send_to(
+        self, link: Link, fmt: str, events: Iterable[Message | tuple[str, str, str]]
+    ) -> None:
+        """Events for one link only (a member catching up as it goes live)."""
+        renderer = self.renderers[fmt]
+        for event in events:
+            if isinstance(event, Message):
+                payload = renderer.message(event)
+            else:
+                payload = renderer.presence(*event)
+            if payload is not None:
+                broadcast((link,), payload, False, self.outbox)
+
+    def counts(self) -> dict[str, int]:
+        counts = {f"relay/{name}": len(m) for name, m in self.relay.items()}
+        counts.update({f"chat/{name}": len(r.members) for name, r in self.chat.items()})
+        return counts
 
 
 def _later(f: Callable[[], object]) -> None:
@@ -113,42 +228,25 @@ class InMemoryHub:
         outbox: Outbox = OUTBOX,
     ) -> None:
         self.history = history if history is not None else History(":memory:", 0)
-        self.outbox = outbox
         self.stats = stats if stats is not None else Stats()
+        self.local = Local(self.stats, outbox)
         self.join_history = join_history
         self._call_soon = call_soon
-        self._relay: dict[str, dict[Link, None]] = {}
-        self._chat: dict[str, ChatRoom] = {}
-        self._renderers: dict[str, Renderer] = {}
         self._pending: list[tuple[Message, Deferred]] = []
 
     # -- relay rooms ------------------------------------------------------
     def join(self, room: str, link: Link) -> None:
-        members = self._relay.get(room)
-        if members is None:
-            members = self._relay[room] = {}
-        members[link] = None
+        self.local.relay_add(room, link)
 
     def leave(self, room: str, link: Link) -> None:
-        members = self._relay.get(room)
-        if members is None:
-            return
-        members.pop(link, None)
-        if not members:
-            del self._relay[room]
+        self.local.relay_remove(room, link)
 
     def publish(self, room: str, payload: bytes, binary: bool) -> int:
-        members = self._relay.get(room)
-        if not members:
-            return 0
-        n = broadcast(tuple(members), payload, binary, self.outbox)
-        self.stats.deliveries["relay"] += n
-        self.stats.bytes_out["relay"] += n * len(payload)
-        return n
+        return self.local.relay_send(room, payload, binary)
 
     # -- chat rooms -------------------------------------------------------
     def add_format(self, name: str, renderer: Renderer) -> None:
-        self._renderers[name] = renderer
+        self.local.renderers[name] = renderer
 
     def chat_join(
         self,
@@ -158,64 +256,43 @@ class InMemoryHub:
         fmt: str,
         since: int | None = None,
         unique: bool = True,
-    ) -> Joined:
+    ) -> Deferred:
         """Join (or re-join) ``room``; the history and the live stream meet exactly.
 
         Everything accepted before the join is committed and sent first, so
         ``history`` ends at ``last_id`` and every later message arrives live,
-        once.
+        once. The Deferred has fired when this returns.
         """
         self.flush()
-        r = self._chat.get(room)
-        if r is None:
-            r = self._chat[room] = ChatRoom()
-        key = nick.casefold()
-        holder = r.nicks.get(key)
-        if unique and holder is not None and holder is not link:
-            if not r.members:
-                del self._chat[room]
-            raise NickTaken(nick)
-        if link not in r.members:
-            self._presence(r, room, nick, "join")
-            r.members[link] = Member(nick, fmt, unique)
-            r.groups.setdefault(fmt, {})[link] = None
-            if unique:
-                r.nicks[key] = link
+        r = self.local.chat.get(room)
+        if unique and r is not None:
+            holder = r.nicks.get(nick.casefold())
+            if holder is not None and holder is not link:
+                return fail(NickTaken(nick))
+        if r is None or link not in r.members:
+            self.local.presence(room, nick, "join")
+            self.local.chat_add(room, link, Member(nick, fmt, unique))
         if since is None:
             history = self.history.recent(room, self.join_history)
             truncated = False
         else:
             history, truncated = self.history.since(room, since)
-        return Joined(
-            room,
-            [m.nick for m in r.members.values()],
-            history,
-            self.history.last_id(room),
-            truncated,
+        return succeed(
+            Joined(room, self.members(room), history, self.history.last_id(room), truncated)
         )
 
     def chat_leave(self, room: str, link: Link) -> bool:
-        r = self._chat.get(room)
-        member = r.members.pop(link, None) if r is not None else None
-        if r is None or member is None:
+        member = self.local.chat_remove(room, link)
+        if member is None:
             return False
-        group = r.groups[member.fmt]
-        del group[link]
-        if not group:
-            del r.groups[member.fmt]
-        if member.unique:
-            r.nicks.pop(member.nick.casefold(), None)
-        if r.members:
-            self._presence(r, room, member.nick, "leave")
-        else:
-            del self._chat[room]
+        self.local.presence(room, member.nick, "leave")
         return True
 
     def members(self, room: str) -> list[str]:
-        r = self._chat.get(room)
+        r = self.local.chat.get(room)
         return [m.nick for m in r.members.values()] if r else []
 
-    def post(self, room: str, sender: str, text: str, ref: str | None = None) -> Deferred:
+    def post(self, room: str, sender: str, text: str, ref: object = None) -> Deferred:
         """Store a message and send it to the room's members (there may be none).
 
         The message is written at once and committed with everything else
@@ -224,7 +301,7 @@ class InMemoryHub:
         Deferred fails with Unavailable. Who may post is the caller's check.
         """
         try:
-            msg = self.history.append(room, sender, text, ref)
+            msg = self.history.append(room, sender, text, ref)  # type: ignore[arg-type]
         except sqlite3.Error as e:
             # Nothing of this batch can be trusted now: fail it all, send none.
             self._fail_pending(e)
@@ -248,7 +325,7 @@ class InMemoryHub:
         self.stats.history_commit.observe(time.perf_counter() - started)
         pending, self._pending = self._pending, []
         for msg, d in pending:
-            self._deliver(msg)
+            self.local.deliver(msg)
             d.callback(msg)
 
     def _fail_pending(self, error: Exception) -> None:
@@ -258,28 +335,9 @@ class InMemoryHub:
         for _, d in pending:
             d.errback(Unavailable(str(error)))
 
-    def _deliver(self, msg: Message) -> None:
-        r = self._chat.get(msg.room)
-        if r is None:
-            return
-        for fmt, links in tuple(r.groups.items()):
-            payload = self._renderers[fmt].message(msg)
-            if payload is not None:
-                n = broadcast(tuple(links), payload, False, self.outbox)
-                self.stats.deliveries["chat"] += n
-                self.stats.bytes_out["chat"] += n * len(payload)
-
-    def _presence(self, r: ChatRoom, room: str, nick: str, event: str) -> None:
-        for fmt, links in tuple(r.groups.items()):
-            payload = self._renderers[fmt].presence(room, nick, event)
-            if payload is not None:
-                broadcast(tuple(links), payload, False, self.outbox)
-
     # -- both -------------------------------------------------------------
     def rooms(self) -> dict[str, int]:
-        counts = {f"relay/{name}": len(m) for name, m in self._relay.items()}
-        counts.update({f"chat/{name}": len(r.members) for name, r in self._chat.items()})
-        return counts
+        return self.local.counts()
 
     def close(self) -> None:
         """Commit and deliver what is pending, then close the database."""

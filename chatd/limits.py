@@ -27,6 +27,12 @@ MAX_TEXT = 16 * KiB  # bytes of UTF-8 in one chat message (v1: error "too_long")
 HISTORY_SIZE = 1000  # messages kept per room; "since" can recover this many
 JOIN_HISTORY = 50  # messages sent with "joined" when the client gives no "since"
 MAX_ROOMS_PER_CONNECTION = 16
+# chatd.v1 frames that arrive while a join is being answered wait for it, up
+# to this many; one more closes the connection with 1008.
+MAX_WAITING_REQUESTS = 64
+# A cluster node silent (no heartbeat) this long is dead: others remove its
+# members and tell their rooms. Heartbeats go every CLUSTER_TTL / 4.
+CLUSTER_TTL = 10.0
 RATE = 20.0  # chat messages per second a connection may send, on average
 RATE_BURST = 60  # ... and at once
 RATE_FLOOD = 60  # messages refused for rate in a row before close 1008

@@ -133,6 +133,26 @@ class Collector:
             buckets=h.cumulative(),
             sum_value=h.total,
         )
+        if s.redis_up is not None:
+            redis = GaugeMetricFamily("chatd_redis_up", "1 while this node is connected to Redis.")
+            redis.add_metric([], s.redis_up)
+            yield redis
+            reconnects = getattr(getattr(self.hub, "broker", None), "reconnects", 0)
+            yield CounterMetricFamily(
+                "chatd_redis_reconnects", "Times the Redis connection came back.", reconnects
+            )
+            yield counter(
+                "chatd_cluster_events",
+                "Events received from Redis: m message, j/l presence, k join marker, "
+                "gap message read back after an outage.",
+                "kind",
+                s.cluster_events,
+            )
+            yield CounterMetricFamily(
+                "chatd_cluster_reaped_members",
+                "Members of dead nodes removed by this node.",
+                s.cluster_reaped,
+            )
         up = GaugeMetricFamily("chatd_up", "1 when healthy, 0 when degraded or stopping.")
         up.add_metric([], 1 if self.health.status() == "ok" else 0)
         yield up

@@ -50,3 +50,7 @@ class Stats:
         self.history_commit = Histogram(
             (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
         )
+        # Cluster nodes only (--redis): None means not a cluster member.
+        self.redis_up: int | None = None
+        self.cluster_events: Counter[str] = Counter()  # from Redis, by kind (m j l k gap)
+        self.cluster_reaped = 0  # members of dead nodes this node removed

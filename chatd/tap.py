@@ -113,6 +113,19 @@ _PARAMETERS = [
         None,
         f"Seconds clients get to finish closing on SIGTERM. [default: {_d.shutdown_timeout}]",
     ),
+    (
+        "redis",
+        None,
+        "redis://[[user]:password@]host[:port][/db]: run as one node of a cluster sharing "
+        "rooms, presence and history in Redis (docs/SCALING.md). Without it: one process, "
+        "history in --db.",
+    ),
+    (
+        "cluster-ttl",
+        None,
+        "Seconds after which a silent cluster node's members are removed. "
+        f"[default: {_d.cluster_ttl}]",
+    ),
 ]
 
 
@@ -254,19 +267,50 @@ class ChatdService(service.MultiService):
             self.settings.shutdown_timeout,
             reactor,
         )
-        self.hub.close()
+        yield defer.maybeDeferred(self.hub.close)
         _log.info("chatd stopped")
+
+
+def _cluster_hub(settings: Settings, stats: Stats, health: Health) -> Hub:
+    """A node of a cluster: rooms, presence and history in Redis (chatd.cluster)."""
+    from chatd.cluster import RedisHub
+
+    def state(up: bool) -> None:
+        if up:
+            health.problems.pop("redis", None)
+        else:
+            health.problems["redis"] = "unreachable; chat sends and joins refused"
+
+    state(False)  # until connected
+    hub = RedisHub(
+        settings.redis,  # type: ignore[arg-type]
+        retention=settings.history_size,
+        join_history=settings.join_history,
+        ttl=settings.cluster_ttl,
+        stats=stats,
+        on_state=state,
+    )
+    from twisted.internet import reactor
+
+    reactor.callWhenRunning(hub.start)
+    return hub
 
 
 def makeService(options: Options) -> service.IService:
     settings: Settings = options.settings
-    try:
-        history = History(settings.db, settings.history_size, settings.db_sync)
-    except sqlite3.Error as e:
-        raise SystemExit(f"chatd: cannot open the history database {settings.db!r}: {e}") from None
-    stats = Stats()
-    hub = InMemoryHub(history, join_history=settings.join_history, stats=stats)
-    web = make_web(settings, hub, stats, Health())
+    stats, health = Stats(), Health()
+    hub: Hub
+    if settings.redis:
+        hub = _cluster_hub(settings, stats, health)
+    else:
+        try:
+            history = History(settings.db, settings.history_size, settings.db_sync)
+        except sqlite3.Error as e:
+            raise SystemExit(
+                f"chatd: cannot open the history database {settings.db!r}: {e}"
+            ) from None
+        hub = InMemoryHub(history, join_history=settings.join_history, stats=stats)
+    web = make_web(settings, hub, stats, health)
     top = ChatdService(settings, hub, web)
     top.listen(settings.endpoint_description(), web.site, "web")
     if web.ops is not None and settings.metrics_endpoint:

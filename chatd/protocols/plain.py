@@ -45,7 +45,16 @@ class PlainChat(Connection):
         self.bucket = limits.TokenBucket(s.rate, s.rate_burst, 0, time.monotonic())
         self.nick = sender_id(self.transport.getPeer(), id(self) & 0xFFFF)
         # Ports can repeat across client hosts, so plain names need not be unique.
-        self.hub.chat_join(LOBBY, self.link, self.nick, "plain", unique=False)
+        # Until the hub has answered the join (at once in one process, after
+        # Redis in a cluster), what the client sends waits, so it sees its own.
+        self.waiting: list[str] | None = []
+        d = self.hub.chat_join(LOBBY, self.link, self.nick, "plain", unique=False)
+        d.addCallbacks(self._joined, self._unavailable)
+
+    def _joined(self, _: object) -> None:
+        waiting, self.waiting = self.waiting, None
+        for text in waiting or ():
+            self.post(text)
 
     def detach(self, link: Link) -> None:
         self.hub.chat_leave(LOBBY, link)
@@ -60,8 +69,15 @@ class PlainChat(Connection):
             self.factory.stats.rate_limited[self.kind] += 1
             self.fail(limits.CLOSE_POLICY_VIOLATION, "rate limit: too many messages")
             return
-        d = self.hub.post(LOBBY, self.nick, payload.decode("utf-8"))
-        d.addErrback(self._unavailable)
+        text = payload.decode("utf-8")
+        if self.waiting is not None:
+            self.waiting.append(text)  # bounded: the rate limit closes a flood
+        else:
+            self.post(text)
+
+    def post(self, text: str) -> None:
+        if self.link is not None:
+            self.hub.post(LOBBY, self.nick, text).addErrback(self._unavailable)
 
     def _unavailable(self, failure: object) -> None:
         self.fail(limits.CLOSE_TRY_AGAIN_LATER, "chat history unavailable, message not sent")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -103,12 +104,17 @@ class V1Chat(Connection):
         s = self.factory.settings
         self.bucket = limits.TokenBucket(s.rate, s.rate_burst, s.rate_flood, time.monotonic())
         self.joined: set[str] = set()
+        self.joining: str | None = None  # the room of a join the hub has not answered
+        self.waiting: deque[tuple[bytes, int]] = deque()  # frames that came meanwhile
         self.session = secrets.token_urlsafe(12)
 
     def detach(self, link: Link) -> None:
         for room in self.joined:
             self.hub.chat_leave(room, link)
+        if self.joining is not None:
+            self.hub.chat_leave(self.joining, link)
         self.joined = set()
+        self.waiting.clear()
 
     def reply(self, obj: dict[str, Any]) -> None:
         if self.link is not None and self.link.open:
@@ -132,6 +138,17 @@ class V1Chat(Connection):
         if verdict == limits.TokenBucket.FLOOD:
             self.fail(limits.CLOSE_POLICY_VIOLATION, "rate limit: sustained flood")
             return
+        if self.joining is not None:
+            # Requests are answered in order: what follows a join waits for it
+            # (a cluster hub answers a join only after Redis has).
+            if len(self.waiting) >= limits.MAX_WAITING_REQUESTS:
+                self.fail(limits.CLOSE_POLICY_VIOLATION, "too many requests behind a join")
+                return
+            self.waiting.append((payload, verdict))
+            return
+        self.handle(payload, verdict)
+
+    def handle(self, payload: bytes, verdict: int) -> None:
         ref = None
         try:
             try:
@@ -184,10 +201,32 @@ class V1Chat(Connection):
                 "too_many_rooms", f"at most {limits.MAX_ROOMS_PER_CONNECTION} rooms at once"
             )
         assert self.link is not None
-        try:
-            j: Joined = self.hub.chat_join(room, self.link, self.nick, "v1", since)
-        except NickTaken:
-            raise ProtocolError("nick_taken", f"{self.nick} is already in {room}") from None
+        self.joining = room
+        d = self.hub.chat_join(room, self.link, self.nick, "v1", since)
+        d.addCallbacks(
+            self._joined, self._join_failed, callbackArgs=(ref,), errbackArgs=(room, ref)
+        )
+        d.addBoth(self._resume, room)
+
+    def _resume(self, result: object, room: str) -> object:
+        """The join is answered: handle what came in meanwhile, in order."""
+        if self.joining != room:
+            return result
+        self.joining = None
+        while self.waiting and self.joining is None and self.link is not None:
+            self.handle(*self.waiting.popleft())
+        return result
+
+    def _join_failed(self, failure, room: str, ref: object) -> None:
+        if failure.check(NickTaken):
+            self.error("nick_taken", f"{self.nick} is already in {room}", ref)
+        elif failure.check(Unavailable):
+            self.error("unavailable", "the room cannot be joined now; try again", ref)
+        else:
+            failure.raiseException()
+
+    def _joined(self, j: Joined, ref: object) -> None:
+        room = j.room
         self.joined.add(room)
         out: dict[str, Any] = {
             "type": "joined",

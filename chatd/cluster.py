@@ -1,0 +1,647 @@
+"""Several chatd nodes as one chat, over Redis (``--redis URL``): the cluster hub.
+
+``RedisHub`` has the ``Hub`` methods of ``InMemoryHub``; docs/SCALING.md
+says what Redis holds. How it stays exact:
+
+- **One order.** A chat message gets its id, is stored and is published by
+  one Lua script (INCR, XADD, PUBLISH). Redis runs scripts one at a time, so
+  every node receives a room's messages in id order, and a message is in
+  Redis before any node delivers it: an acknowledged message (the sender
+  sees it come back) survives any node dying.
+- **Joins meet the live stream exactly.** A node subscribes to the room's
+  channel first; once Redis confirms it, the join script records the member,
+  reads history and member list, and publishes a marker (the presence
+  ``join``). Events before the marker are in the snapshot; the ones after it
+  are held for the joiner until the script's reply is here, then sent
+  after ``joined``. No ids are compared; presence is covered too.
+- **Gaps are filled.** When the pub/sub connection comes back, each room's
+  messages after the last id delivered here are read from the stream
+  before the live ones (held meanwhile), so nothing is lost or doubled.
+- **Dead nodes expire.** Each node scores itself in a sorted set every
+  ``ttl/4`` seconds; any node's heartbeat script removes the members of
+  nodes silent for ``ttl`` and publishes their ``leave``. A node that finds
+  itself removed (it was cut off, or Redis lost its data) writes back its
+  live members, as it does after every reconnect.
+- **Relay rooms** are best effort across nodes, as a relay is: delivered here
+  at once, published for the other nodes while Redis is up.
+
+While Redis is unreachable: chat sends and joins get ``unavailable``, relay
+rooms keep working on this node, /healthz says ``degraded``, and the broker
+reconnects with backoff; everything resumes by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chatd import limits
+from chatd.broker import Broker, BrokerDown
+from chatd.fanout import OUTBOX, Link, Outbox
+from chatd.history import Message
+from chatd.hub import Joined, Local, Member, NickTaken, Renderer, Unavailable
+from chatd.stats import Stats
+
+_log = Logger()
+_tail = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+NODES = "chatd:nodes"  # sorted set: node id -> last heartbeat, ms (Redis clock)
+
+
+def chat_base(room: str) -> str:
+    """Every key of a chat room starts so; the {room} hash tag keeps them together."""
+    return f"chatd:c:{{{room}}}"
+
+
+def relay_channel(room: str) -> bytes:
+    return f"chatd:r:{{{room}}}".encode()
+
+
+# Member values in a room's hash are "<casefolded nick or ''>\n<nick>": the
+# Lua side frees the nick without knowing Unicode case rules.
+_PURGE = r"""
+local function purge(node, keep)
+  local rooms_key = 'chatd:node:' .. node
+  local prefix = node .. '.'
+  local n = 0
+  for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
+    local base = 'chatd:c:{' .. room .. '}'
+    local all = redis.call('HGETALL', base .. ':m')
+    for i = 1, #all, 2 do
+      local mid, v = all[i], all[i + 1]
+      if string.sub(mid, 1, #prefix) == prefix and not (keep and keep[mid]) then
+        redis.call('HDEL', base .. ':m', mid)
+        local key = string.sub(v, 1, string.find(v, '\n', 1, true) - 1)
+        if key ~= '' and redis.call('HGET', base .. ':k', key) == mid then
+          redis.call('HDEL', base .. ':k', key)
+        end
+        redis.call('PUBLISH', base, 'l ' .. mid .. ' ' .. v)
+        n = n + 1
+      end
+    end
+  end
+  if not keep then redis.call('DEL', rooms_key) end
+  return n
+end
+"""
+
+SCRIPTS = {
+    # KEYS: seq, log. ARGV: channel, retention, sender, text, JSON tail.
+    "post": r"""
+local id = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+if tonumber(ARGV[2]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id .. '-0', 'ts', ts, 'f', ARGV[3], 't', ARGV[4])
+end
+redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' ' .. ARGV[5])
+return {id, ts}
+""",
+    # KEYS: members, nicks, node rooms, seq, log.
+    # ARGV: member id, nick key, value, room, channel, 'since'|'recent', since|count.
+    "join": r"""
+local mid = ARGV[1]
+if ARGV[2] ~= '' then
+  local holder = redis.call('HGET', KEYS[2], ARGV[2])
+  if holder and holder ~= mid then return {'taken'} end
+  redis.call('HSET', KEYS[2], ARGV[2], mid)
+end
+local new = redis.call('HSET', KEYS[1], mid, ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+if new == 1 then
+  redis.call('PUBLISH', ARGV[5], 'j ' .. mid .. ' ' .. ARGV[3])
+else
+  redis.call('PUBLISH', ARGV[5], 'k ' .. mid)
+end
+local last = tonumber(redis.call('GET', KEYS[4]) or '0')
+local entries, truncated = {}, 0
+if ARGV[6] == 'since' then
+  local since = tonumber(ARGV[7])
+  if since < last then
+    entries = redis.call('XRANGE', KEYS[5], '(' .. since .. '-0', '+')
+    local first = last + 1
+    if #entries > 0 then first = tonumber(string.match(entries[1][1], '^(%d+)')) end
+    if first > since + 1 then truncated = 1 end
+  end
+elseif tonumber(ARGV[7]) > 0 then
+  entries = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', ARGV[7])
+end
+return {'ok', new, last, truncated, redis.call('HVALS', KEYS[1]), entries}
+""",
+    # KEYS: members, nicks, node rooms. ARGV: member id, room, channel, '1' if the
+    # node's last member of the room.
+    "leave": r"""
+if ARGV[4] == '1' then redis.call('SREM', KEYS[3], ARGV[2]) end
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local key = string.sub(v, 1, string.find(v, '\n', 1, true) - 1)
+if key ~= '' and redis.call('HGET', KEYS[2], key) == ARGV[1] then
+  redis.call('HDEL', KEYS[2], key)
+end
+redis.call('PUBLISH', ARGV[3], 'l ' .. ARGV[1] .. ' ' .. v)
+return 1
+""",
+    # KEYS: nodes. ARGV: node, ttl in ms. Returns {known before, members reaped}.
+    "heartbeat": _PURGE
+    + r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+local reaped = 0
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))) do
+  reaped = reaped + purge(node, nil)
+  redis.call('ZREM', KEYS[1], node)
+end
+if known then return {1, reaped} end
+return {0, reaped}
+""",
+    # KEYS: nodes. ARGV: node, then (room, member id, value) for every live member
+    # here. Makes Redis hold exactly these for this node. Returns {removed, added,
+    # ids whose nick someone else took meanwhile}.
+    "resync": _PURGE
+    + r"""
+local node = ARGV[1]
+local keep, rooms = {}, {}
+for i = 2, #ARGV, 3 do keep[ARGV[i + 1]] = true; rooms[ARGV[i]] = true end
+local removed = purge(node, keep)
+local rooms_key = 'chatd:node:' .. node
+for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
+  if not rooms[room] then redis.call('SREM', rooms_key, room) end
+end
+local added, taken = 0, {}
+for i = 2, #ARGV, 3 do
+  local room, mid, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local base = 'chatd:c:{' .. room .. '}'
+  local key = string.sub(v, 1, string.find(v, '\n', 1, true) - 1)
+  local holder = key ~= '' and redis.call('HGET', base .. ':k', key)
+  if holder and holder ~= mid then
+    table.insert(taken, mid)
+  else
+    if key ~= '' then redis.call('HSET', base .. ':k', key, mid) end
+    redis.call('SADD', rooms_key, room)
+    if redis.call('HSET', base .. ':m', mid, v) == 1 then
+      redis.call('PUBLISH', base, 'j ' .. mid .. ' ' .. v)
+      added = added + 1
+    end
+  end
+end
+redis.call('ZADD', KEYS[1], 'XX', 'GT', 0, node)
+return {removed, added, taken}
+""",
+    # KEYS: nodes. ARGV: node. A node leaving for good.
+    "goodbye": _PURGE
+    + r"""
+local n = purge(ARGV[1], nil)
+redis.call('ZREM', KEYS[1], ARGV[1])
+return n
+""",
+}
+
+
+@dataclass(eq=False, slots=True)
+class _Joining:
+    """A member between its join request and going live."""
+
+    link: Link
+    mid: str
+    member: Member
+    since: int | None
+    d: defer.Deferred = field(default_factory=defer.Deferred)
+    reply: list | None = None  # the join script's answer
+    marked: bool = False  # its marker came through the room's channel
+    held: list = field(default_factory=list)  # events after the marker
+    cancelled: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Room:
+    """This node's view of one chat room (its live members are in ``Local``)."""
+
+    name: str
+    base: str
+    mids: dict[Link, str] = field(default_factory=dict)  # live members here
+    live: dict[str, Link] = field(default_factory=dict)  # the same, by member id
+    joining: dict[Link, _Joining] = field(default_factory=dict)
+    before_sub: list[_Joining] = field(default_factory=list)  # wait for SUBSCRIBE
+    subscribed: bool = False
+    last_id: int = 0  # every message up to here went to the live members
+    filling: list | None = None  # events held while a gap is read from the stream
+    gap: bool = False  # the channel was lost: read the stream when it is back
+
+    def empty(self) -> bool:
+        return not self.mids and not self.joining
+
+
+def _message(room: str, entry: list) -> Message:
+    """A Message from a stream entry ``[b"<id>-0", [field, value, ...]]``."""
+    ident, flat = entry
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    return Message(
+        room,
+        int(ident.split(b"-", 1)[0]),
+        int(fields[b"ts"]),
+        fields[b"f"].decode(),
+        fields[b"t"].decode(),
+    )
+
+
+def _nick(value: bytes) -> str:
+    return value.split(b"\n", 1)[1].decode()
+
+
+class RedisHub:
+    """A cluster node's rooms: local links in ``Local``, the rest in Redis."""
+
+    def __init__(
+        self,
+        url: str,
+        retention: int = limits.HISTORY_SIZE,
+        join_history: int = limits.JOIN_HISTORY,
+        ttl: float = limits.CLUSTER_TTL,
+        stats: Stats | None = None,
+        outbox: Outbox = OUTBOX,
+        on_state=None,
+        reactor=None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.stats = stats if stats is not None else Stats()
+        self.local = Local(self.stats, outbox)
+        self.retention, self.join_history, self.ttl = retention, join_history, ttl
+        self.node = secrets.token_hex(6)
+        self._node_b = self.node.encode()
+        self._serial = 0
+        self._rooms: dict[str, _Room] = {}
+        self._by_channel: dict[bytes, _Room] = {}
+        self._inflight: set[defer.Deferred] = set()
+        self._on_state = on_state
+        self.broker = Broker(
+            url, self._received, self._subscribed, self._channels_lost, self._state, reactor
+        )
+        for name, source in SCRIPTS.items():
+            self.broker.add_script(name, source)
+        self._beat = task.LoopingCall(self._heartbeat)
+        self._beat.clock = reactor
+        self.stats.redis_up = 0
+
+    def start(self) -> None:
+        self.broker.start()
+        self._beat.start(max(0.25, self.ttl / 4), now=False)
+
+    # -- relay rooms --------------------------------------------------------
+    def join(self, room: str, link: Link) -> None:
+        if self.local.relay_add(room, link):
+            self.broker.subscribe(relay_channel(room))
+
+    def leave(self, room: str, link: Link) -> None:
+        if self.local.relay_remove(room, link):
+            self.broker.unsubscribe(relay_channel(room))
+
+    def publish(self, room: str, payload: bytes, binary: bool) -> int:
+        n = self.local.relay_send(room, payload, binary)
+        if self.broker.up:
+            flag = b"b" if binary else b"t"
+            self.broker.publish(relay_channel(room), self._node_b + flag + payload)
+        return n
+
+    # -- chat rooms ---------------------------------------------------------
+    def add_format(self, name: str, renderer: Renderer) -> None:
+        self.local.renderers[name] = renderer
+
+    def chat_join(
+        self,
+        room: str,
+        link: Link,
+        nick: str,
+        fmt: str,
+        since: int | None = None,
+        unique: bool = True,
+    ) -> defer.Deferred:
+        if not self.broker.up:
+            return defer.fail(Unavailable("redis is unreachable"))
+        r = self._room(room)
+        mid = r.mids.get(link)
+        if mid is not None:  # joined already: history again, nothing else changes
+            j = _Joining(link, mid, Member(nick, fmt, unique), since)
+            d = self._run_join(r, j)
+            d.addCallback(lambda reply: self._joined(r, reply))
+            return d
+        if link in r.joining:
+            return defer.fail(Unavailable("a join of this room is in progress"))
+        self._serial += 1
+        j = _Joining(link, f"{self.node}.{self._serial}", Member(nick, fmt, unique), since)
+        r.joining[link] = j
+        if r.subscribed:
+            self._start_join(r, j)
+        else:
+            r.before_sub.append(j)
+        return j.d
+
+    def _room(self, name: str) -> _Room:
+        r = self._rooms.get(name)
+        if r is None:
+            base = chat_base(name)
+            r = self._rooms[name] = _Room(name, base)
+            self._by_channel[base.encode()] = r
+            self.broker.subscribe(base.encode())
+        return r
+
+    def _forget_if_empty(self, r: _Room) -> None:
+        if r.empty() and self._rooms.get(r.name) is r:
+            del self._rooms[r.name]
+            del self._by_channel[r.base.encode()]
+            self.broker.unsubscribe(r.base.encode())
+
+    def _run_join(self, r: _Room, j: _Joining) -> defer.Deferred:
+        m = j.member
+        key = m.nick.casefold() if m.unique else ""
+        if j.since is None:
+            mode, arg = "recent", min(self.join_history, self.retention)
+        else:
+            mode, arg = "since", j.since
+        return self._script(
+            "join",
+            [
+                f"{r.base}:m",
+                f"{r.base}:k",
+                f"chatd:node:{self.node}",
+                f"{r.base}:seq",
+                f"{r.base}:log",
+            ],
+            [j.mid, key, f"{key}\n{m.nick}", r.name, r.base, mode, arg],
+        )
+
+    def _start_join(self, r: _Room, j: _Joining) -> None:
+        def answered(reply: list) -> None:
+            if j.cancelled:
+                if reply[0] == b"ok":
+                    self._leave_script(r, j.mid)
+                return
+            if reply[0] != b"ok":
+                self._drop_join(r, j, NickTaken(j.member.nick))
+                return
+            j.reply = reply
+            self._maybe_live(r, j)
+
+        def failed(f: Failure) -> None:
+            if not j.cancelled:
+                self._drop_join(r, j, Unavailable(f.getErrorMessage()))
+
+        self._run_join(r, j).addCallbacks(answered, failed)
+
+    def _drop_join(self, r: _Room, j: _Joining, error: Exception) -> None:
+        if r.joining.get(j.link) is j:
+            del r.joining[j.link]
+        self._forget_if_empty(r)
+        j.d.errback(error)
+
+    def _joined(self, r: _Room, reply: list) -> Joined:
+        _, _, last, truncated, values, entries = reply
+        history = [_message(r.name, e) for e in entries]
+        if history and history[0].id > history[-1].id:  # XREVRANGE
+            history.reverse()
+        return Joined(r.name, [_nick(v) for v in values], history, int(last), bool(truncated))
+
+    def _maybe_live(self, r: _Room, j: _Joining) -> None:
+        """Both the reply and the marker are here: send ``joined``, then what came after."""
+        if j.reply is None or not j.marked or r.joining.get(j.link) is not j:
+            return
+        del r.joining[j.link]
+        joined = self._joined(r, j.reply)
+        self.local.chat_add(r.name, j.link, j.member)
+        r.mids[j.link] = j.mid
+        r.live[j.mid] = j.link
+        r.last_id = max(r.last_id, joined.last_id)
+        j.d.callback(joined)
+        events = []
+        for e in j.held:
+            if isinstance(e, Message):
+                r.last_id = max(r.last_id, e.id)
+            events.append(e)
+        self.local.send_to(j.link, j.member.fmt, events)
+
+    def chat_leave(self, room: str, link: Link) -> bool:
+        r = self._rooms.get(room)
+        if r is None:
+            return False
+        j = r.joining.pop(link, None)
+        if j is not None:
+            j.cancelled = True
+            if j in r.before_sub:
+                r.before_sub.remove(j)
+            elif j.reply is not None:
+                self._leave_script(r, j.mid)
+            self._forget_if_empty(r)
+            j.d.errback(Unavailable("left before the join completed"))
+            return False
+        mid = r.mids.pop(link, None)
+        if mid is None:
+            return False
+        del r.live[mid]
+        member = self.local.chat_remove(room, link)
+        if member is not None:
+            self.local.presence(room, member.nick, "leave")
+        self._leave_script(r, mid)
+        self._forget_if_empty(r)
+        return True
+
+    def _leave_script(self, r: _Room, mid: str) -> None:
+        last = "1" if r.empty() else "0"
+        if self.broker.up:  # else the resync after the reconnect removes it
+            self._script(
+                "leave",
+                [f"{r.base}:m", f"{r.base}:k", f"chatd:node:{self.node}"],
+                [mid, r.name, r.base, last],
+            ).addErrback(lambda f: None)
+
+    def post(self, room: str, sender: str, text: str, ref: object = None) -> defer.Deferred:
+        """Id, store and publish in Redis; every node (this one too) delivers from there."""
+        if not self.broker.up:
+            return defer.fail(Unavailable("redis is unreachable"))
+        tail: dict[str, object] = {"f": sender, "t": text}
+        if ref is not None:
+            tail["r"] = ref
+        base = chat_base(room)
+        d = self._script(
+            "post",
+            [f"{base}:seq", f"{base}:log"],
+            [base, self.retention, sender, text, _tail(tail)],
+        )
+
+        def stored(reply: list) -> Message:
+            return Message(room, int(reply[0]), int(reply[1]), sender, text, ref)  # type: ignore[arg-type]
+
+        return d.addCallbacks(stored, self._unavailable)
+
+    @staticmethod
+    def _unavailable(f: Failure) -> None:
+        raise Unavailable(f.getErrorMessage())
+
+    def flush(self) -> None:
+        """Nothing is batched here: every post goes to Redis at once."""
+
+    def rooms(self) -> dict[str, int]:
+        return self.local.counts()
+
+    # -- from Redis ---------------------------------------------------------
+    def _received(self, channel: bytes, payload: bytes) -> None:
+        if channel.startswith(b"chatd:r:"):
+            if payload[:12] != self._node_b:
+                room = channel[9:-1].decode()
+                self.local.relay_send(room, payload[13:], payload[12:13] == b"b")
+            return
+        r = self._by_channel.get(channel)
+        if r is None:
+            return
+        self.stats.cluster_events[payload[:1].decode()] += 1
+        if r.filling is not None:
+            r.filling.append(payload)
+        else:
+            self._event(r, payload)
+
+    def _event(self, r: _Room, payload: bytes) -> None:
+        kind, mid_b, rest = ([*payload.split(b" ", 2), b""])[:3]
+        if kind == b"m":
+            ts, tail = rest.split(b" ", 1)
+            ident = int(mid_b)
+            if ident <= r.last_id:
+                return  # read from the stream while filling a gap
+            obj = json.loads(tail)
+            msg = Message(r.name, ident, int(ts), obj["f"], obj["t"], obj.get("r"))
+            r.last_id = ident
+            for j in r.joining.values():
+                if j.marked:
+                    j.held.append(msg)
+            self.local.deliver(msg)
+            return
+        mid = mid_b.decode()
+        ours = mid.startswith(self.node)
+        for j in tuple(r.joining.values()):
+            if j.mid == mid:
+                j.marked = True
+                self._maybe_live(r, j)
+            elif j.marked and kind in (b"j", b"l") and not (ours and kind == b"l"):
+                j.held.append((r.name, _nick(rest), "join" if kind == b"j" else "leave"))
+        if kind == b"j" and mid not in r.live:
+            self.local.presence(r.name, _nick(rest), "join")
+        elif kind == b"l" and not ours:  # this node told its own members at once
+            self.local.presence(r.name, _nick(rest), "leave")
+
+    def _subscribed(self, channel: bytes) -> None:
+        r = self._by_channel.get(channel)
+        if r is None:
+            return
+        r.subscribed = True
+        waiting, r.before_sub = r.before_sub, []
+        for j in waiting:
+            self._start_join(r, j)
+        if r.gap and r.mids:
+            self._fill(r)
+        r.gap = False
+
+    def _fill(self, r: _Room) -> None:
+        """Deliver what was published while the channel was down, then the rest, in order."""
+        r.filling = []
+        d = self.broker.call("XRANGE", f"{r.base}:log", f"({r.last_id}-0", "+")
+
+        def read(entries: list) -> None:
+            for e in entries:
+                msg = _message(r.name, e)
+                if msg.id > r.last_id:
+                    r.last_id = msg.id
+                    self.local.deliver(msg)
+                    self.stats.cluster_events["gap"] += 1
+
+        def done(result: object) -> None:
+            held, r.filling = r.filling or [], None
+            for payload in held:
+                self._event(r, payload)
+            if isinstance(result, Failure):
+                r.gap = True  # try again when the channel is back
+
+        d.addCallback(read).addBoth(done)
+
+    def _state(self, up: bool) -> None:
+        self.stats.redis_up = int(up)
+        if up:
+            self._resync()
+            self._heartbeat()
+        else:
+            for r in tuple(self._rooms.values()):
+                for j in tuple(r.joining.values()):  # their markers or replies may be lost
+                    j.cancelled = True
+                    self._drop_join(r, j, Unavailable("redis connection lost"))
+                r.before_sub = []
+        if self._on_state is not None:
+            self._on_state(up)
+
+    def _channels_lost(self) -> None:
+        """The pub/sub connection is gone: what is published now must be read back later."""
+        for r in self._rooms.values():
+            r.subscribed = False
+            r.gap = r.gap or bool(r.mids)
+
+    # -- membership upkeep --------------------------------------------------
+    def _heartbeat(self) -> None:
+        if self.broker.commands is None:
+            return
+
+        def beat(reply: list) -> None:
+            known, reaped = int(reply[0]), int(reply[1])
+            self.stats.cluster_reaped += reaped
+            if not known and any(r.mids for r in self._rooms.values()):
+                _log.warn("cluster: this node had been given up for dead; re-registering")
+                self._resync()
+
+        self._script("heartbeat", [NODES], [self.node, int(self.ttl * 1000)]).addCallbacks(
+            beat, lambda f: None
+        )
+
+    def _resync(self) -> None:
+        args: list[object] = [self.node]
+        for r in self._rooms.values():
+            for link, mid in r.mids.items():
+                member = self.local.chat[r.name].members[link]
+                key = member.nick.casefold() if member.unique else ""
+                args += [r.name, mid, f"{key}\n{member.nick}"]
+
+        def done(reply: list) -> None:
+            for mid in reply[2]:
+                _log.warn("cluster: nick of member {mid} was taken during an outage", mid=mid)
+
+        self._script("resync", [NODES], args).addCallbacks(done, lambda f: None)
+
+    def _script(self, name: str, keys: list, args: list) -> defer.Deferred:
+        d = self.broker.script(name, keys, args)
+        self._inflight.add(d)
+
+        def settled(result: object) -> object:
+            self._inflight.discard(d)
+            if isinstance(result, Failure) and not result.check(Unavailable):
+                if not result.check(BrokerDown):
+                    _log.failure("cluster: script {name} failed", result, name=name)
+                return Failure(Unavailable(result.getErrorMessage()))
+            return result
+
+        return d.addBoth(settled)
+
+    @defer.inlineCallbacks
+    def close(self):
+        """Wait for what is in flight, take this node's members out, disconnect."""
+        if self._beat.running:
+            self._beat.stop()
+        if self._inflight:
+            yield defer.DeferredList(list(self._inflight), consumeErrors=True)
+        if self.broker.up:
+            with contextlib.suppress(Exception):
+                yield self._script("goodbye", [NODES], [self.node])
+        yield self.broker.stop()

@@ -1,0 +1,109 @@
+"""Start a real ``redis-server`` on a free loopback port, and stop it by pid.
+
+For the cluster tests and benchmarks. Data lives in a directory of its own
+with the append-only file on, so a restart (``stop`` then ``start``) keeps
+it, as a production Redis configured for chatd would (docs/SCALING.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, port: int | None = None, directory: str | None = None) -> None:
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if directory is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="chatd-redis-")
+            directory = self._tmp.name
+        self.dir = Path(directory)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=open(self.dir / "redis.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()}")
+            try:
+                if self.command("PING") == b"+PONG":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not answer PING")
+
+    def command(self, *args: str) -> bytes:
+        """One command, the first line of its reply (enough for PING, DBSIZE, ...)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            parts = [f"*{len(args)}\r\n".encode()]
+            for a in args:
+                b = a.encode()
+                parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+            s.sendall(b"".join(parts))
+            return s.recv(65536).split(b"\r\n", 1)[0]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: Redis writes what it has and exits; SIGKILL: it dies."""
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(sig)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+    def close(self) -> None:
+        self.stop()
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            tmp.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
