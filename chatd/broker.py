@@ -12,6 +12,7 @@ confirmed, since messages published before that are not seen here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ class Broker:
         on_state: Callable[[bool], None],
         reactor=None,
         reply_timeout: float = REPLY_TIMEOUT,
+        name: str = "chatd",
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -127,6 +129,7 @@ class Broker:
         self.on_message, self.on_subscribed, self.on_state = on_message, on_subscribed, on_state
         self.on_channels_lost = on_channels_lost
         self.reactor = reactor
+        self.name = name  # CLIENT SETNAME: <name>:cmd and <name>:sub, for CLIENT LIST
         self.commands: txredisapi.RedisProtocol | None = None
         self.subscriber: _Subscriber | None = None
         self.channels: dict[bytes, int] = {}  # wanted -> which subscribe call counts
@@ -162,23 +165,30 @@ class Broker:
         self.channels.clear()
         return defer.gatherResults([s.stopService() for s in self._services], consumeErrors=True)
 
+    def _named(self, p, suffix: str) -> defer.Deferred:
+        d = p.whenConnected()
+        return d.addCallback(
+            lambda _: p.execute_command("CLIENT", "SETNAME", f"{self.name}:{suffix}")
+        )
+
     def _commands_ready(self, p) -> defer.Deferred:
         def ready(_):
             self.commands = p
-            p.whenDisconnected().addCallback(self._commands_lost)
+            # (whenDisconnected fires with the protocol, not ClientService's proxy of it)
+            p.whenDisconnected().addCallback(lambda _: self._commands_lost(p))
             self._update()
 
-        return p.whenConnected().addCallback(ready)
+        return self._named(p, "cmd").addCallback(ready)
 
     def _subscriber_ready(self, p: _Subscriber) -> defer.Deferred:
         def ready(_):
             self.subscriber = p
-            p.whenDisconnected().addCallback(self._subscriber_lost)
+            p.whenDisconnected().addCallback(lambda _: self._subscriber_lost(p))
             for channel in sorted(self.channels):
                 self._subscribe(channel)
             self._update()
 
-        return p.whenConnected().addCallback(ready)
+        return self._named(p, "sub").addCallback(ready)
 
     def _commands_lost(self, p) -> None:
         if self.commands is p:
@@ -259,7 +269,8 @@ class Broker:
         del self.channels[channel]
         p = self.subscriber
         if p is not None:
-            p.unsubscribe([channel]).addErrback(lambda f: None)
+            with contextlib.suppress(txredisapi.ConnectionError):
+                p.unsubscribe([channel]).addErrback(lambda f: None)
 
     def _subscribe(self, channel: bytes) -> None:
         p = self.subscriber
@@ -272,4 +283,5 @@ class Broker:
             if self.channels.get(channel) == call and self.subscriber is p:
                 self.on_subscribed(channel)
 
-        p.subscribe([channel]).addCallbacks(confirmed, lambda f: None)
+        with contextlib.suppress(txredisapi.ConnectionError):  # lost: resubscribed later
+            p.subscribe([channel]).addCallbacks(confirmed, lambda f: None)

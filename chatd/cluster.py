@@ -285,7 +285,13 @@ class RedisHub:
         self._inflight: set[defer.Deferred] = set()
         self._on_state = on_state
         self.broker = Broker(
-            url, self._received, self._subscribed, self._channels_lost, self._state, reactor
+            url,
+            self._received,
+            self._subscribed,
+            self._channels_lost,
+            self._state,
+            reactor,
+            name=f"chatd:{self.node}",
         )
         for name, source in SCRIPTS.items():
             self.broker.add_script(name, source)
@@ -294,6 +300,7 @@ class RedisHub:
         self.stats.redis_up = 0
 
     def start(self) -> None:
+        _log.info("cluster node {node} using {url}", node=self.node, url=str(self.broker.url))
         self.broker.start()
         self._beat.start(max(0.25, self.ttl / 4), now=False)
 

@@ -75,14 +75,31 @@ class RedisServer:
         raise RuntimeError("redis-server did not answer PING")
 
     def command(self, *args: str) -> bytes:
-        """One command, the first line of its reply (enough for PING, DBSIZE, ...)."""
+        """One command: a simple reply's line ("+PONG", ":3") or a bulk string's bytes."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
             parts = [f"*{len(args)}\r\n".encode()]
             for a in args:
                 b = a.encode()
                 parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
             s.sendall(b"".join(parts))
-            return s.recv(65536).split(b"\r\n", 1)[0]
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            line, _, rest = data.partition(b"\r\n")
+            if not line.startswith(b"$") or line == b"$-1":
+                return line
+            n = int(line[1:])
+            while len(rest) < n:
+                rest += s.recv(65536)
+            return rest[:n]
+
+    def clients(self) -> list[dict[str, str]]:
+        """CLIENT LIST, parsed."""
+        text = self.command("CLIENT", "LIST").decode()
+        return [dict(f.split("=", 1) for f in line.split()) for line in text.splitlines()]
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM: Redis writes what it has and exits; SIGKILL: it dies."""

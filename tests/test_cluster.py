@@ -1,0 +1,371 @@
+"""Several real chatd nodes sharing one real redis-server (``--redis``).
+
+Every node is ``twistd -n chatd`` on an ephemeral loopback port; Redis is
+Debian's redis-server on another, with its append-only file on. Faults are
+real too: Redis stopped and started again, a pub/sub connection killed with
+CLIENT KILL, a node killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from test_ops import TOKEN, request
+from v1client import V1
+from wsclient import BINARY, TEXT, Client
+
+from tools.daemon import Daemon, child_env, twistd
+from tools.redis import RedisServer
+
+TTL = "2"  # seconds before a silent node's members are removed
+
+pytestmark = pytest.mark.skipif(
+    not shutil.which("redis-server"), reason="redis-server missing: `make test` installs it"
+)
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as r:
+        yield r
+
+
+@pytest.fixture
+def node(redis: RedisServer) -> Iterator[Callable[..., Daemon]]:
+    """Start cluster nodes on ``redis``; each is stopped (by pid) after the test."""
+    started: list[Daemon] = []
+
+    def start(*args: str, url: str | None = None, wait: bool = True) -> Daemon:
+        d = Daemon("--redis", url or redis.url, "--ping-interval", "0", "--cluster-ttl", TTL, *args)
+        started.append(d)
+        if wait:
+            d.wait_for_log(r"redis redis://\S+ connected", 10)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+    for d in started:
+        assert "Unhandled" not in d.log(), d.log()
+        assert "Traceback" not in d.log(), d.log()
+
+
+def messages(c: V1, n: int) -> list[dict]:
+    """The next ``n`` chat messages (presence frames skipped)."""
+    out = []
+    while len(out) < n:
+        obj = c.next()
+        if obj["type"] == "message":
+            out.append(obj)
+    return out
+
+
+def next_presence(c: V1, timeout: float = 10.0) -> dict:
+    c.sock.settimeout(timeout)
+    while True:
+        obj = c.next()
+        if obj["type"] == "presence":
+            return obj
+
+
+def healthz(d: Daemon) -> tuple[int, dict]:
+    status, _, body = request(d.port, "GET", "/healthz")
+    return status, json.loads(body)
+
+
+def metric(d: Daemon, name: str) -> float:
+    _, _, body = request(d.port, "GET", "/metrics")
+    m = re.search(rf"^{name} (\S+)$", body.decode(), re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``check`` (bounded); returns the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+# -- chat across nodes -------------------------------------------------------
+
+
+def test_three_nodes_one_order_ids_cluster_wide(node) -> None:
+    nodes = [node(), node(), node()]
+    clients = [V1(d.port, f"n{i}") for i, d in enumerate(nodes)]
+    for c in clients:
+        c.join("room")
+    per_sender = 40
+
+    def talk(c: V1, i: int) -> None:
+        for k in range(per_sender):
+            c.say("room", f"{i}:{k}")
+
+    threads = [threading.Thread(target=talk, args=(c, i)) for i, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    total = per_sender * len(clients)
+    seen = [[(m["id"], m["text"]) for m in messages(c, total)] for c in clients]
+    # Every node delivered every message once, in the same order, ids 1..N.
+    assert seen[0] == seen[1] == seen[2]
+    assert [i for i, _ in seen[0]] == list(range(1, total + 1))
+    for i in range(len(clients)):  # each sender's messages in the order it sent them
+        mine = [t for _, t in seen[0] if t.startswith(f"{i}:")]
+        assert mine == [f"{i}:{k}" for k in range(per_sender)]
+
+
+def test_presence_members_and_nicks_span_nodes(node) -> None:
+    a, b = node(), node()
+    ann = V1(a.port, "ann")
+    assert ann.join("hall")["members"] == ["ann"]
+    bob = V1(b.port, "bob")
+    joined = bob.join("hall")
+    assert sorted(joined["members"]) == ["ann", "bob"]
+    assert next_presence(ann) == {
+        "type": "presence",
+        "room": "hall",
+        "nick": "bob",
+        "event": "join",
+    }
+    # A nick is unique in a room across the cluster, case-insensitively.
+    other = V1(a.port, "BOB")
+    other.req("join", room="hall")
+    assert other.next("error")["code"] == "nick_taken"
+    bob.req("leave", room="hall")
+    assert bob.next("left")["room"] == "hall"
+    assert next_presence(ann)["event"] == "leave"
+    # Once bob left, the nick is free again, on any node.
+    assert sorted(other.join("hall")["members"]) == ["BOB", "ann"]
+    # A node stopping cleanly takes its members out at once.
+    b.stop()
+    carl = V1(a.port, "carl")
+    assert sorted(carl.join("hall")["members"]) == ["BOB", "ann", "carl"]
+
+
+def test_since_recovery_on_another_node(node) -> None:
+    a, b, c = node(), node(), node()
+    reader = V1(a.port, "reader")
+    reader.join("news")
+    writer = V1(b.port, "writer")
+    writer.join("news")
+    for k in range(5):
+        writer.say("news", f"before {k}")
+    got = messages(reader, 5)
+    last = got[-1]["id"]
+    reader.close()
+    for k in range(7):
+        writer.say("news", f"missed {k}")
+    messages(writer, 12)  # all stored and published
+    back = V1(c.port, "reader")  # reconnects to another node
+    joined = back.join("news", since=last)
+    assert [m["text"] for m in joined["history"]] == [f"missed {k}" for k in range(7)]
+    assert joined["last_id"] == last + 7 and "truncated" not in joined
+    writer.say("news", "live")
+    assert messages(back, 1)[0]["id"] == last + 8
+
+
+def test_history_retention_in_redis_and_truncated(node, redis) -> None:
+    a = node("--history-size", "5", "--join-history", "3")
+    c = V1(a.port, "ann")
+    c.join("r")
+    for k in range(8):
+        c.say("r", f"m{k}")
+    messages(c, 8)
+    d = V1(a.port, "bob")
+    j = d.join("r")
+    assert [m["text"] for m in j["history"]] == ["m5", "m6", "m7"]
+    j = d.join("r", since=1)
+    assert [m["id"] for m in j["history"]] == [4, 5, 6, 7, 8] and j["truncated"] is True
+    assert redis.command("XLEN", "chatd:c:{r}:log") == b":5"
+
+
+def test_relay_across_nodes_byte_exact(node) -> None:
+    a, b = node(), node()
+    x = Client(a.port, "/relay/game")
+    y = Client(b.port, "/relay/game")
+    time.sleep(0.3)  # the relay subscription is confirmed asynchronously
+    blob = bytes(range(256)) * 40
+    x.send_frame(BINARY, blob)
+    assert y.recv_message() == (BINARY, blob)
+    assert x.recv_message() == (BINARY, blob)  # the sender's node: once, not twice
+    y.send_frame(TEXT, "ünï ✓".encode())
+    assert x.recv_message() == (TEXT, "ünï ✓".encode())
+    assert y.recv_message() == (TEXT, "ünï ✓".encode())
+    x.send_frame(TEXT, b"again")
+    assert y.recv_message() == (TEXT, b"again")
+
+
+def test_push_api_on_one_node_reaches_another(node) -> None:
+    a = node("--api-token", TOKEN)
+    b = node()
+    v = V1(b.port, "vera")
+    v.join("lobby")
+    p = Client(b.port, "/")  # the seed's plain chat, in lobby
+    relay = Client(b.port, "/relay/quotes")
+    time.sleep(0.3)
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    status, _, body = request(
+        a.port,
+        "POST",
+        "/api/rooms/lobby/messages",
+        json.dumps({"text": "hi", "from": "ci"}).encode(),
+        auth,
+    )
+    assert status == 201, body
+    msg = messages(v, 1)[0]
+    assert (msg["from"], msg["text"], msg["id"]) == ("ci", "hi", json.loads(body)["id"])
+    assert p.recv() == "ci: hi"
+    bin_headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/octet-stream"}
+    status, _, _ = request(a.port, "POST", "/api/relay/quotes/messages", b"\x00\xffq", bin_headers)
+    assert status == 200
+    assert relay.recv_message() == (BINARY, b"\x00\xffq")
+
+
+def test_plain_lobby_bridges_across_nodes(node) -> None:
+    a, b = node(), node()
+    v = V1(a.port, "vera")
+    v.join("lobby")
+    p = Client(b.port, "/")
+    pid = f"ID{p.local_port}"
+    assert next_presence(v)["nick"] == pid
+    p.send("from plain")
+    assert p.recv() == f"{pid}: from plain"
+    m = messages(v, 1)[0]
+    assert (m["from"], m["text"]) == (pid, "from plain")
+    v.say("lobby", "from v1")
+    assert p.recv() == "vera: from v1"
+
+
+# -- faults --------------------------------------------------------------------
+
+
+def test_redis_down_then_back(node, redis) -> None:
+    a, b = node(), node()
+    ann, bob = V1(a.port, "ann"), V1(b.port, "bob")
+    ann.join("r")
+    bob.join("r")
+    next_presence(ann)
+    x, y = Client(a.port, "/relay/local"), Client(a.port, "/relay/local")
+    ann.say("r", "before", ref=1)
+    assert messages(ann, 1)[0]["id"] == 1 and messages(bob, 1)[0]["id"] == 1
+
+    redis.stop()
+    wait_until(lambda: healthz(a)[0] == 503, 10, "node a degraded")
+    _, body = healthz(a)
+    assert body["status"] == "degraded" and "redis" in body["problems"]
+    assert metric(a, "chatd_redis_up") == 0
+    # Chat sends are refused, not accepted and lost; the connection stays.
+    ann.say("r", "during", ref=2)
+    err = ann.next("error")
+    assert (err["code"], err["ref"]) == ("unavailable", 2)
+    late = V1(a.port, "late")
+    late.req("join", room="r")
+    assert late.next("error")["code"] == "unavailable"
+    # Relay rooms keep working on the node.
+    x.send_frame(TEXT, b"still here")
+    assert y.recv_message() == (TEXT, b"still here")
+
+    started = time.monotonic()
+    redis.start()
+    took = wait_until(lambda: healthz(a)[0] == 200 and healthz(b)[0] == 200, 15, "back")
+    assert took < 10, took  # backoff is at most 5 s
+    assert metric(a, "chatd_redis_up") == 1
+    assert metric(a, "chatd_redis_reconnects_total") >= 1
+    # Resumed by itself: same members, ids go on (Redis kept its data).
+    bob.say("r", "after")
+    assert [m["id"] for m in messages(ann, 1)] == [2]
+    assert [m["id"] for m in messages(bob, 1)] == [2]
+    late.join("r")
+    assert time.monotonic() - started < 30
+
+
+def test_pubsub_connection_lost_messages_are_read_back(node, redis) -> None:
+    a = node()
+    b = node("--api-token", TOKEN)
+    ann = V1(a.port, "ann")
+    ann.join("r")
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+    def post(text: str) -> int:
+        status, _, body = request(
+            b.port, "POST", "/api/rooms/r/messages", json.dumps({"text": text}).encode(), auth
+        )
+        assert status == 201, body
+        return json.loads(body)["id"]
+
+    post("first")
+    assert messages(ann, 1)[0]["text"] == "first"
+    node_id = re.search(r"cluster node (\w+)", a.log())
+    assert node_id
+    (victim,) = [c for c in redis.clients() if c.get("name") == f"chatd:{node_id[1]}:sub"]
+    assert redis.command("CLIENT", "KILL", "ID", victim["id"]) == b":1"
+    ids = [post(f"gap {k}") for k in range(20)]  # some while a's channel is down
+    got = messages(ann, 20)
+    assert [m["id"] for m in got] == ids  # none lost, none twice, in order
+    _, _, body = request(a.port, "GET", "/metrics")
+    gap = re.search(r'^chatd_cluster_events_total\{kind="gap"\} (\S+)$', body.decode(), re.M)
+    assert gap and float(gap[1]) >= 1  # some were read back from the stream
+    post("last")
+    assert messages(ann, 1)[0]["text"] == "last"
+
+
+def test_node_killed_members_expire_and_acknowledged_messages_survive(node) -> None:
+    a, b = node(), node()
+    ann = V1(a.port, "ann")
+    ann.join("r")
+    bob = V1(b.port, "bob")
+    bob.join("r")
+    assert next_presence(ann)["nick"] == "bob"
+    for k in range(10):
+        bob.say("r", f"acked {k}")
+    acked = [m["id"] for m in messages(bob, 10)]  # bob saw them come back: acknowledged
+    b.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    left = next_presence(ann, timeout=float(TTL) * 3 + 5)
+    took = time.monotonic() - killed
+    assert (left["nick"], left["event"]) == ("bob", "leave")
+    assert took <= float(TTL) * 2 + 1, took
+    back = V1(a.port, "bob")  # the nick is free again
+    joined = back.join("r", since=0)
+    assert [m["id"] for m in joined["history"]] == acked
+    assert sorted(joined["members"]) == ["ann", "bob"]
+
+
+def test_node_starts_without_redis_and_joins_when_it_appears(node, redis) -> None:
+    port = redis.port
+    redis.stop()
+    a = node(url=f"redis://127.0.0.1:{port}/0", wait=False)
+    status, body = healthz(a)
+    assert status == 503 and body["status"] == "degraded"
+    c = V1(a.port, "ann")
+    c.req("join", room="r")
+    assert c.next("error")["code"] == "unavailable"
+    redis.start()
+    wait_until(lambda: healthz(a)[0] == 200, 15, "node up")
+    assert c.join("r")["members"] == ["ann"]
+
+
+def test_bad_redis_url_is_refused_before_binding(tmp_path) -> None:
+    out = subprocess.run(
+        [twistd(), "-n", "--pidfile=", "chatd", "--port", "0", "--redis", "http://x"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "redis must be a redis://host[:port][/db] URL" in out.stdout + out.stderr
