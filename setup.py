@@ -18,6 +18,7 @@ setup(
         "autobahn[twisted]>=24.4",
         "prometheus_client>=0.20",
         "txredisapi>=1.4.10",  # only used with --redis
+        "hiredis>=2",  # txredisapi's C reply parser (chatd/broker.py says why)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "playwright>=1.45", "ruff>=0.5"],

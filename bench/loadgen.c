@@ -77,6 +77,7 @@ typedef struct {
 
 /* options */
 static int o_port;
+static int o_pub_port; /* --pub-port: the publisher (connection 0) on another node */
 static const char *o_path = "/";
 static const char *o_proto;
 static const char *o_setup;  /* frames separated by '\n'; {i}: index, {g}: index / group */
@@ -418,7 +419,8 @@ static void start_connect(conn_t *c) {
         int small = 2048; /* the kernel doubles it; the handshake answer still fits */
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
     }
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(o_port)};
+    int port = o_pub_port && c == &conns[0] ? o_pub_port : o_port;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     c->fd = fd;
     c->state = ST_CONNECTING;
@@ -785,7 +787,8 @@ static void mode_slow(void) {
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: loadgen fanout|latency|idle|handshakes|slow --port P [--path /relay/x]\n"
+            "usage: loadgen fanout|latency|idle|handshakes|slow --port P [--pub-port P2]\n"
+            "  [--path /relay/x]\n"
             "  [--proto chatd.v1] [--setup 'frame\\nframe' ({i} index, {g} index/--group)]\n"
             "  [--wrap '...{p}...'] [-n members/conns] [-m messages] [--size B] [--window W]\n"
             "  [--runs R] [--rate msg/s] [--duration s] [--slow K] [--hold s] [--inflight k]\n"
@@ -807,6 +810,7 @@ int main(int argc, char **argv) {
         if (!v) usage();
         i++;
         if (!strcmp(k, "--port")) o_port = atoi(v);
+        else if (!strcmp(k, "--pub-port")) o_pub_port = atoi(v);
         else if (!strcmp(k, "--path")) o_path = v;
         else if (!strcmp(k, "--proto")) o_proto = *v ? v : NULL;
         else if (!strcmp(k, "--setup")) o_setup = v;

@@ -2,8 +2,16 @@
 
 Two connections, each a txredisapi protocol kept up by Twisted's
 ``ClientService`` (exponential backoff from 0.2 s to 5 s): one for commands
-and Lua scripts, pipelined, with a reply timeout so a hung Redis counts as
-down; one subscribed to the channels of the rooms this node holds members of.
+and Lua scripts, pipelined; one subscribed to the channels of the rooms this
+node holds members of. Both are PINGed every 2 s; one whose PING has gone
+unanswered for 10 s is aborted, so a hung Redis or a half-open connection
+counts as down. (Not a per-command timeout: behind a burst of pipelined
+commands a late reply is not a dead server.)
+
+With ``hiredis`` installed, txredisapi parses replies in C and hands every
+complete reply of a read over at once; its pure-Python parser delivers one
+bulk reply per reactor turn, which made each message its own write to every
+member (a sixth of the throughput; bench/RESULTS-cluster.md).
 The broker knows nothing of chat. It says when Redis is up or down, runs
 scripts (EVALSHA, falling back to EVAL), and keeps the wanted channels
 subscribed across reconnects, telling the caller each time one is
@@ -20,13 +28,14 @@ from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 _log = Logger()
 
-REPLY_TIMEOUT = 5.0
+KEEPALIVE = 2.0  # seconds between PINGs on each connection
+DEAD_AFTER = 10.0  # seconds a PING may go unanswered before the connection is aborted
 
 
 class BrokerDown(Exception):
@@ -120,12 +129,13 @@ class Broker:
         on_channels_lost: Callable[[], None],
         on_state: Callable[[bool], None],
         reactor=None,
-        reply_timeout: float = REPLY_TIMEOUT,
         name: str = "chatd",
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.url = parse_url(url)
+        if getattr(txredisapi, "hiredis", None) is None:
+            _log.warn("redis: hiredis is not installed; replies are parsed slowly")
         self.on_message, self.on_subscribed, self.on_state = on_message, on_subscribed, on_state
         self.on_channels_lost = on_channels_lost
         self.reactor = reactor
@@ -144,7 +154,7 @@ class Broker:
         self._services = [
             ClientService(
                 endpoint,
-                _Factory(txredisapi.RedisProtocol, self.url, reply_timeout, self),
+                _Factory(txredisapi.RedisProtocol, self.url, None, self),
                 retryPolicy=policy,
                 prepareConnection=self._commands_ready,
             ),
@@ -156,14 +166,43 @@ class Broker:
             ),
         ]
 
+        self.stopping = False
+        self._pings: dict[object, float] = {}  # protocol -> when its PING went out
+        self._keepalive = task.LoopingCall(self._ping)
+        self._keepalive.clock = reactor
+
     # -- life ---------------------------------------------------------------
     def start(self) -> None:
         for s in self._services:
             s.startService()
+        self._keepalive.start(KEEPALIVE, now=False)
 
     def stop(self) -> defer.Deferred:
+        self.stopping = True
         self.channels.clear()
+        if self._keepalive.running:
+            self._keepalive.stop()
         return defer.gatherResults([s.stopService() for s in self._services], consumeErrors=True)
+
+    def _ping(self) -> None:
+        now = self.reactor.seconds()
+        for p in (self.commands, self.subscriber):
+            if p is None:
+                continue
+            sent = self._pings.get(p)
+            if sent is not None:
+                if now - sent > DEAD_AFTER:
+                    _log.warn("redis: no answer to PING in {s:.0f} s; reconnecting", s=now - sent)
+                    self._pings.pop(p, None)
+                    p.transport.abortConnection()
+                continue
+            self._pings[p] = now
+            try:
+                d = p.execute_command("PING")
+            except txredisapi.ConnectionError:
+                self._pings.pop(p, None)
+                continue
+            d.addBoth(lambda _, p=p: self._pings.pop(p, None))
 
     def _named(self, p, suffix: str) -> defer.Deferred:
         d = p.whenConnected()
@@ -191,11 +230,17 @@ class Broker:
         return self._named(p, "sub").addCallback(ready)
 
     def _commands_lost(self, p) -> None:
+        if self.stopping:
+            return
+        _log.warn("redis: the command connection was lost")
         if self.commands is p:
             self.commands = None
             self._update()
 
     def _subscriber_lost(self, p: _Subscriber) -> None:
+        if self.stopping:
+            return
+        _log.warn("redis: the pub/sub connection was lost")
         if self.subscriber is p:
             self.subscriber = None
             self.on_channels_lost()
