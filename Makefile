@@ -63,6 +63,7 @@ clean:
 bench: deps
 	$(PY) -m bench.run
 	$(PY) -m bench.chat
+	$(PY) -m bench.cluster
 
 ## the fan-out comparison as a smoke run (under 3 minutes)
 bench-quick: deps

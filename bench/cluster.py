@@ -187,6 +187,117 @@ def measure(name: str, ns: tuple[int, ...], deliveries: int, lat_n: int, lat_s: 
     return res
 
 
+def outage(down_s: float = 5.0, rate: float = 20.0) -> dict:
+    """Redis stopped for ``down_s`` under a steady chat: what clients see, measured.
+
+    A sender on node A posts ``rate`` msg/s; a reader on node B; /healthz of
+    A polled every 50 ms. Counts acknowledged sends (the sender got its
+    message back), refused ones (``unavailable``), and acknowledged ones the
+    reader never got (must be 0).
+    """
+    import http.client
+    import threading
+    import time
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from v1client import V1
+
+    res: dict = {}
+    with RedisServer() as redis:
+        nodes = [
+            ChatdServer(SPEC, ("--redis", redis.url, "--rate", "1000", "--rate-burst", "1000"))
+            for _ in range(2)
+        ]
+        try:
+            for n in nodes:
+                n.daemon.wait_for_log(r"redis redis://\S+ connected", 15)
+            sender, reader = V1(nodes[0].port, "sender"), V1(nodes[1].port, "reader")
+            sender.join("r")
+            reader.join("r")
+            t0 = time.monotonic()
+            acked: dict[int, float] = {}
+            refused: dict[int, float] = {}
+            got: set[str] = set()
+            health: list[tuple[float, int]] = []
+            stop = threading.Event()
+
+            def read_sender() -> None:
+                while not stop.is_set():
+                    try:
+                        obj = sender.next()
+                    except Exception:
+                        return
+                    if obj["type"] == "message":
+                        acked[obj["ref"]] = time.monotonic() - t0
+                    elif obj["type"] == "error":
+                        refused[obj["ref"]] = time.monotonic() - t0
+
+            def read_reader() -> None:
+                while not stop.is_set():
+                    try:
+                        obj = reader.next()
+                    except Exception:
+                        return
+                    if obj["type"] == "message":
+                        got.add(obj["text"])
+
+            def poll() -> None:
+                while not stop.is_set():
+                    c = http.client.HTTPConnection("127.0.0.1", nodes[0].port, timeout=2)
+                    try:
+                        c.request("GET", "/healthz")
+                        health.append((time.monotonic() - t0, c.getresponse().status))
+                    except OSError:
+                        pass
+                    finally:
+                        c.close()
+                    time.sleep(0.05)
+
+            threads = [
+                threading.Thread(target=f, daemon=True) for f in (read_sender, read_reader, poll)
+            ]
+            for t in threads:
+                t.start()
+            total = int(rate * (down_s + 8))
+            stop_at, start_at = 3.0, 3.0 + down_s
+            stopped = started_again = None
+            for k in range(total):
+                now = time.monotonic() - t0
+                if stopped is None and now >= stop_at:
+                    redis.stop()
+                    stopped = time.monotonic() - t0
+                if stopped is not None and started_again is None and now >= start_at:
+                    redis.start()
+                    started_again = time.monotonic() - t0
+                sender.say("r", f"m{k}", ref=k)
+                time.sleep(max(0.0, (k + 1) / rate - (time.monotonic() - t0)))
+            time.sleep(2)
+            stop.set()
+            assert stopped is not None and started_again is not None
+            degraded = next((t for t, st in health if t >= stopped and st == 503), None)
+            ok_again = next((t for t, st in health if t >= started_again and st == 200), None)
+            first_ack = min((t for t in acked.values() if t >= started_again), default=None)
+            res = {
+                "sent": total,
+                "acknowledged": len(acked),
+                "refused_unavailable": len(refused),
+                "unanswered": total - len(acked) - len(refused),
+                "acked_not_received_on_other_node": len({f"m{k}" for k in acked} - got),
+                "redis_down_s": started_again - stopped,
+                "healthz_degraded_after_s": None if degraded is None else degraded - stopped,
+                "healthz_ok_after_restart_s": None
+                if ok_again is None
+                else ok_again - started_again,
+                "first_ack_after_restart_s": None
+                if first_ack is None
+                else first_ack - started_again,
+            }
+        finally:
+            for n in nodes:
+                n.stop()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller loads (a smoke run)")
@@ -224,6 +335,14 @@ def main() -> None:
         lines.append(
             label.ljust(label_w) + "".join(cell(r, key, fmt).rjust(width) for r in results)
         )
+    log("outage:")
+    out = outage()
+    lines += [
+        "",
+        f"Redis stopped for {out['redis_down_s']:.1f} s under 20 msg/s (sender on node A,",
+    ]
+    lines += ["reader on node B; bench/cluster.py outage()):"]
+    lines += [f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in out.items()]
     text = "\n".join(lines)
     print(text)
     v = versions()

@@ -1,7 +1,7 @@
 """Redis connections of a cluster node: commands, pub/sub, reconnects, scripts.
 
 Two connections, each a txredisapi protocol kept up by Twisted's
-``ClientService`` (exponential backoff from 0.2 s to 5 s): one for commands
+``ClientService`` (exponential backoff from 0.2 s to 2 s, plus jitter): one for commands
 and Lua scripts, pipelined; one subscribed to the channels of the rooms this
 node holds members of. Both are PINGed every 2 s; one whose PING has gone
 unanswered for 10 s is aborted, so a hung Redis or a half-open connection
@@ -150,7 +150,7 @@ class Broker:
         self._ever_up = False
         self._scripts: dict[str, tuple[str, bytes]] = {}  # name -> sha1, source
         endpoint = endpoints.HostnameEndpoint(reactor, self.url.host, self.url.port, timeout=5)
-        policy = backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0)
+        policy = backoffPolicy(initialDelay=0.2, maxDelay=2.0, factor=2.0)
         self._services = [
             ClientService(
                 endpoint,
