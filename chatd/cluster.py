@@ -428,13 +428,12 @@ class RedisHub:
         r.mids[j.link] = j.mid
         r.live[j.mid] = j.link
         r.last_id = max(r.last_id, joined.last_id)
-        j.d.callback(joined)
-        events = []
         for e in j.held:
             if isinstance(e, Message):
                 r.last_id = max(r.last_id, e.id)
-            events.append(e)
-        self.local.send_to(j.link, j.member.fmt, events)
+        j.d.callback(joined)  # the protocol answers, and may handle frames that waited
+        if r.mids.get(j.link) == j.mid:  # (one of which may have left the room again)
+            self.local.send_to(j.link, j.member.fmt, j.held)
 
     def chat_leave(self, room: str, link: Link) -> bool:
         r = self._rooms.get(room)

@@ -9,6 +9,7 @@ CLIENT KILL, a node killed with SIGKILL.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -369,3 +370,25 @@ def test_bad_redis_url_is_refused_before_binding(tmp_path) -> None:
     )
     assert out.returncode != 0
     assert "redis must be a redis://host[:port][/db] URL" in out.stdout + out.stderr
+
+
+def test_node_given_up_for_dead_comes_back_and_writes_its_members_back(node) -> None:
+    a, b = node(), node()
+    ann = V1(a.port, "ann")
+    ann.join("r")
+    bob = V1(b.port, "bob")
+    bob.join("r")
+    assert next_presence(ann)["nick"] == "bob"
+    os.kill(b.pid, signal.SIGSTOP)  # our own child: frozen, its sockets stay open
+    try:
+        left = next_presence(ann, timeout=float(TTL) * 3 + 5)
+        assert (left["nick"], left["event"]) == ("bob", "leave")
+    finally:
+        os.kill(b.pid, signal.SIGCONT)
+    back = next_presence(ann, timeout=15)
+    assert (back["nick"], back["event"]) == ("bob", "join")
+    b.wait_for_log("given up for dead; re-registering", 5)
+    bob.say("r", "still here")
+    assert messages(ann, 1)[0]["text"] == "still here"
+    carl = V1(a.port, "carl")
+    assert sorted(carl.join("r")["members"]) == ["ann", "bob", "carl"]
