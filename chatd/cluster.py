@@ -217,7 +217,7 @@ class _Joining:
     d: defer.Deferred = field(default_factory=defer.Deferred)
     reply: list | None = None  # the join script's answer
     marked: bool = False  # its marker came through the room's channel
-    held: list = field(default_factory=list)  # events after the marker
+    held: list = field(default_factory=list)  # (event, renders by format) after the marker
     cancelled: bool = False
 
 
@@ -230,6 +230,8 @@ class _Room:
     mids: dict[Link, str] = field(default_factory=dict)  # live members here
     live: dict[str, Link] = field(default_factory=dict)  # the same, by member id
     joining: dict[Link, _Joining] = field(default_factory=dict)
+    by_mid: dict[str, _Joining] = field(default_factory=dict)  # the same, by member id
+    marked: dict[_Joining, None] = field(default_factory=dict)  # marker seen, reply not yet
     before_sub: list[_Joining] = field(default_factory=list)  # wait for SUBSCRIBE
     subscribed: bool = False
     last_id: int = 0  # every message up to here went to the live members
@@ -347,6 +349,7 @@ class RedisHub:
         self._serial += 1
         j = _Joining(link, f"{self.node}.{self._serial}", Member(nick, fmt, unique), since)
         r.joining[link] = j
+        r.by_mid[j.mid] = j
         if r.subscribed:
             self._start_join(r, j)
         else:
@@ -405,9 +408,14 @@ class RedisHub:
 
         self._run_join(r, j).addCallbacks(answered, failed)
 
-    def _drop_join(self, r: _Room, j: _Joining, error: Exception) -> None:
+    def _unjoin(self, r: _Room, j: _Joining) -> None:
         if r.joining.get(j.link) is j:
             del r.joining[j.link]
+        r.by_mid.pop(j.mid, None)
+        r.marked.pop(j, None)
+
+    def _drop_join(self, r: _Room, j: _Joining, error: Exception) -> None:
+        self._unjoin(r, j)
         self._forget_if_empty(r)
         j.d.errback(error)
 
@@ -422,13 +430,13 @@ class RedisHub:
         """Both the reply and the marker are here: send ``joined``, then what came after."""
         if j.reply is None or not j.marked or r.joining.get(j.link) is not j:
             return
-        del r.joining[j.link]
+        self._unjoin(r, j)
         joined = self._joined(r, j.reply)
         self.local.chat_add(r.name, j.link, j.member)
         r.mids[j.link] = j.mid
         r.live[j.mid] = j.link
         r.last_id = max(r.last_id, joined.last_id)
-        for e in j.held:
+        for e, _ in j.held:
             if isinstance(e, Message):
                 r.last_id = max(r.last_id, e.id)
         j.d.callback(joined)  # the protocol answers, and may handle frames that waited
@@ -439,8 +447,9 @@ class RedisHub:
         r = self._rooms.get(room)
         if r is None:
             return False
-        j = r.joining.pop(link, None)
+        j = r.joining.get(link)
         if j is not None:
+            self._unjoin(r, j)
             j.cancelled = True
             if j in r.before_sub:
                 r.before_sub.remove(j)
@@ -524,19 +533,23 @@ class RedisHub:
             obj = json.loads(tail)
             msg = Message(r.name, ident, int(ts), obj["f"], obj["t"], obj.get("r"))
             r.last_id = ident
-            for j in r.joining.values():
-                if j.marked:
-                    j.held.append(msg)
+            if r.marked:
+                item = (msg, {})  # rendered at most once per format for all joiners
+                for j in r.marked:
+                    j.held.append(item)
             self.local.deliver(msg)
             return
         mid = mid_b.decode()
         ours = mid.startswith(self.node)
-        for j in tuple(r.joining.values()):
-            if j.mid == mid:
-                j.marked = True
-                self._maybe_live(r, j)
-            elif j.marked and kind in (b"j", b"l") and not (ours and kind == b"l"):
-                j.held.append((r.name, _nick(rest), "join" if kind == b"j" else "leave"))
+        if r.marked and kind in (b"j", b"l") and not (ours and kind == b"l"):
+            item = ((r.name, _nick(rest), "join" if kind == b"j" else "leave"), {})
+            for j in r.marked:
+                j.held.append(item)
+        j = r.by_mid.get(mid)
+        if j is not None and not j.marked:
+            j.marked = True
+            r.marked[j] = None
+            self._maybe_live(r, j)
         if kind == b"j" and mid not in r.live:
             self.local.presence(r.name, _nick(rest), "join")
         elif kind == b"l" and not ours:  # this node told its own members at once

@@ -192,15 +192,27 @@ class Local:
                 broadcast(tuple(links), payload, False, self.outbox)
 
     def send_to(
-        self, link: Link, fmt: str, events: Iterable[Message | tuple[str, str, str]]
+        self,
+        link: Link,
+        fmt: str,
+        events: Iterable[tuple[Message | tuple[str, str, str], dict[str, bytes | None]]],
     ) -> None:
-        """Events for one link only (a member catching up as it goes live)."""
+        """Events for one link only (a member catching up as it goes live).
+
+        Each event comes with a cache of its renders by format, shared by
+        every link that gets it: many joiners catching up at once cost one
+        render per event and format, as a broadcast does.
+        """
         renderer = self.renderers[fmt]
-        for event in events:
-            if isinstance(event, Message):
-                payload = renderer.message(event)
+        for event, renders in events:
+            if fmt in renders:
+                payload = renders[fmt]
             else:
-                payload = renderer.presence(*event)
+                if isinstance(event, Message):
+                    payload = renderer.message(event)
+                else:
+                    payload = renderer.presence(*event)
+                renders[fmt] = payload
             if payload is not None:
                 broadcast((link,), payload, False, self.outbox)
 
