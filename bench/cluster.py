@@ -298,6 +298,51 @@ def outage(down_s: float = 5.0, rate: float = 20.0) -> dict:
     return res
 
 
+def footprint(rooms: int = 1000, messages: int = 5000) -> dict:
+    """Redis memory: per room (with one message and no members) and per stored message.
+
+    Posts through the push API of one node; reads INFO's used_memory before
+    and after.
+    """
+    import http.client
+    import json
+
+    token = "bench-footprint-token-0123456789"
+
+    def used(r: RedisServer) -> int:
+        info = r.command("INFO", "memory").decode()
+        return int(
+            next(ln.split(":")[1] for ln in info.splitlines() if ln.startswith("used_memory:"))
+        )
+
+    def post(port: int, room: str, text: str) -> None:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        body = json.dumps({"text": text}).encode()
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        c.request("POST", f"/api/rooms/{room}/messages", body, headers)
+        assert c.getresponse().status == 201
+        c.close()
+
+    with RedisServer() as redis:
+        n = ChatdServer(
+            SPEC, ("--redis", redis.url, "--api-token", token, "--history-size", "10000")
+        )
+        try:
+            n.daemon.wait_for_log(r"redis redis://\S+ connected", 15)
+            text = "x" * 64
+            before = used(redis)
+            for k in range(rooms):
+                post(n.port, f"room{k}", text)
+            per_room = (used(redis) - before) / rooms
+            before = used(redis)
+            for _ in range(messages):
+                post(n.port, "big", text)
+            per_message = (used(redis) - before) / messages
+        finally:
+            n.stop()
+    return {"bytes_per_room_with_one_message": per_room, "bytes_per_message_64B": per_message}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller loads (a smoke run)")
@@ -335,6 +380,10 @@ def main() -> None:
         lines.append(
             label.ljust(label_w) + "".join(cell(r, key, fmt).rjust(width) for r in results)
         )
+    log("footprint:")
+    fp = footprint(200, 1000) if opts.quick else footprint()
+    lines += ["", "Redis memory (INFO used_memory, 64-byte texts, posted through the push API):"]
+    lines += [f"  {k}: {v:.0f}" for k, v in fp.items()]
     log("outage:")
     out = outage()
     lines += [
