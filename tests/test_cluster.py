@@ -392,3 +392,24 @@ def test_node_given_up_for_dead_comes_back_and_writes_its_members_back(node) -> 
     assert messages(ann, 1)[0]["text"] == "still here"
     carl = V1(a.port, "carl")
     assert sorted(carl.join("r")["members"]) == ["ann", "bob", "carl"]
+
+
+@pytest.mark.browser
+def test_the_page_on_two_nodes(node, browser) -> None:
+    from test_browser_chat import Person
+
+    a, b = node(), node()
+    alice, bob = Person(browser, a.port), Person(browser, b.port)
+    try:
+        alice.join("alice", "tea")
+        bob.join("bob", "tea")
+        alice.page.locator("#members li").get_by_text("bob", exact=True).wait_for()
+        assert sorted(bob.members()) == ["alice", "bob"]
+        alice.say("hello from node a")
+        bob.wait_text("hello from node a")
+        bob.say("hello from node b")
+        alice.wait_text("hello from node b")
+        assert alice.texts() == bob.texts() == ["hello from node a", "hello from node b"]
+    finally:
+        alice.close()
+        bob.close()
