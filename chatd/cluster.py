@@ -32,7 +32,6 @@ reconnects with backoff; everything resumes by itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from chatd.stats import Stats
 _log = Logger()
 _tail = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
+CLOSE_TIMEOUT = 5.0  # seconds a stopping node waits for Redis before it goes anyway
 NODES = "chatd:nodes"  # sorted set: node id -> last heartbeat, ms (Redis clock)
 
 
@@ -317,7 +317,7 @@ class RedisHub:
 
     def publish(self, room: str, payload: bytes, binary: bool) -> int:
         n = self.local.relay_send(room, payload, binary)
-        if self.broker.up:
+        if self.broker.commands is not None:
             flag = b"b" if binary else b"t"
             self.broker.publish(relay_channel(room), self._node_b + flag + payload)
         return n
@@ -470,7 +470,8 @@ class RedisHub:
         return True
 
     def _leave_script(self, r: _Room, mid: str) -> None:
-        last = "1" if r.empty() else "0"
+        now = self._rooms.get(r.name)  # the room may have been forgotten and made anew
+        last = "1" if now is None or now.empty() else "0"
         if self.broker.up:  # else the resync after the reconnect removes it
             self._script(
                 "leave",
@@ -658,9 +659,14 @@ class RedisHub:
         """Wait for what is in flight, take this node's members out, disconnect."""
         if self._beat.running:
             self._beat.stop()
-        if self._inflight:
-            yield defer.DeferredList(list(self._inflight), consumeErrors=True)
-        if self.broker.up:
-            with contextlib.suppress(Exception):
-                yield self._script("goodbye", [NODES], [self.node])
+        try:
+            if self._inflight:
+                pending = defer.DeferredList(list(self._inflight), consumeErrors=True)
+                yield pending.addTimeout(CLOSE_TIMEOUT, self.reactor)
+            if self.broker.up:
+                yield self._script("goodbye", [NODES], [self.node]).addTimeout(
+                    CLOSE_TIMEOUT, self.reactor
+                )
+        except Exception:  # Redis is slow or gone: the others' reaper cleans up after us
+            _log.warn("cluster: could not say goodbye; members expire after cluster_ttl")
         yield self.broker.stop()
