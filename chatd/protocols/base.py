@@ -19,15 +19,15 @@ import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from chatd import limits
 from chatd.config import Settings
 from chatd.fanout import Budget, Link
 from chatd.hub import Hub
+from chatd.logs import ConnectionLog
 from chatd.stats import Stats
 
-_log = Logger(namespace="chatd.connection")
+_log = ConnectionLog("chatd.connection")
 
 
 class _LazyPformat:
@@ -119,11 +119,12 @@ class Connection(WebSocketServerProtocol):
         self.transport.registerProducer(self.link, True)
         self.opened_at = time.monotonic()
         self.factory.clients.add(self)
+        deflate = " (permessage-deflate)" if compressing else ""
         _log.info(
-            "open {kind} {peer}{deflate}",
+            f"open {self.kind} {self.peer}{deflate}",
             kind=self.kind,
             peer=self.peer,
-            deflate=" (permessage-deflate)" if compressing else "",
+            deflate=deflate,
         )
         self.attach()
 
@@ -139,11 +140,12 @@ class Connection(WebSocketServerProtocol):
             # client never answered), the client's otherwise; 1006 for none.
             code = (self.localCloseCode if self.closedByMe else self.remoteCloseCode) or 1006
             self.factory.stats.close_codes[str(code)] += 1
+            duration = time.monotonic() - self.opened_at
             _log.info(
-                "close {kind} {peer} after {duration:.1f}s code={code}",
+                f"close {self.kind} {self.peer} after {duration:.1f}s code={code}",
                 kind=self.kind,
                 peer=self.peer,
-                duration=time.monotonic() - self.opened_at,
+                duration=duration,
                 code=code,
             )
             self.opened_at = 0.0
