@@ -61,6 +61,16 @@ def main() -> None:
         snap = tracemalloc.take_snapshot()
         counts = type_counts()
         result["snap"], result["counts"] = snap, counts
+        from chatd.protocols.base import Connection
+
+        conn = next(o for o in gc.get_objects() if isinstance(o, Connection))
+        result["attrs"] = sorted(
+            ((k, type(v).__name__, sys.getsizeof(v)) for k, v in vars(conn).items()),
+            key=lambda x: -x[2],
+        )
+        result["dict"] = (len(vars(conn)), sys.getsizeof(vars(conn)))
+        t = conn.transport
+        result["tdict"] = (type(t).__name__, len(vars(t)), sys.getsizeof(vars(t)))
 
     done = threading.Event()
 
@@ -99,14 +109,22 @@ def main() -> None:
     for k, v in sorted(diff.items(), key=lambda kv: -kv[1])[: a.top]:
         if v >= 0.5:
             print(f"  {v:6.2f}  {k}")
-    stats_ = result["snap"].compare_to(result["snap0"], "traceback")
-    total = sum(s.size_diff for s in stats_)
-    print(f"\npython allocations: {total / n:.0f} B per connection; biggest sites:")
-    for s in stats_[: a.top]:
-        frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in s.traceback]
-        print(
-            f"  {s.size_diff / n:7.0f} B  {s.count_diff / n:5.2f} blocks  " + " < ".join(frames[:4])
-        )
+    print(
+        "one connection's __dict__ (entries, bytes):", result["dict"], "transport:", result["tdict"]
+    )
+    print("  " + ", ".join(f"{k}:{t}:{b}" for k, t, b in result["attrs"]))
+    snap, snap0 = result["snap"], result["snap0"]
+    total = sum(s.size_diff for s in snap.compare_to(snap0, "filename"))
+    print(f"\npython allocations: {total / n:.0f} B per connection; by line allocated:")
+    for s in snap.compare_to(snap0, "lineno")[: a.top]:
+        f = s.traceback[0]
+        where = f"{f.filename.split('site-packages/')[-1]}:{f.lineno}"
+        print(f"  {s.size_diff / n:7.0f} B  {s.count_diff / n:5.2f} blocks  {where}")
+    print("\nby call path (most recent call first):")
+    for s in snap.compare_to(snap0, "traceback")[: a.top // 2]:
+        frames = s.traceback.format(most_recent_first=True)[::2]
+        short = [x.strip().split("site-packages/")[-1].replace('File "', "") for x in frames]
+        print(f"  {s.size_diff / n:7.0f} B  " + " < ".join(short[:5]))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import pprint
 import time
-from types import FunctionType
-from typing import ClassVar
+from collections import deque
+from types import FunctionType, MappingProxyType
+from typing import Any, ClassVar
 
+import autobahn.twisted.websocket as _autobahn_twisted
 import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import hltype, hlval
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
+from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
 
 from chatd import limits
@@ -50,6 +55,69 @@ class _LazyPformat:
 
 
 _autobahn_protocol.pformat = _LazyPformat  # type: ignore[assignment]
+
+
+class _LazyCall:
+    """``fn(*args)`` as text, computed only if a log line is actually written.
+
+    Autobahn colours names and values for its debug lines (hltype, hlval)
+    eagerly, several times per connection, whether or not debug is on.
+    """
+
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn, *args: Any) -> None:
+        self.fn = fn
+        self.args = args
+
+    def __format__(self, spec: str) -> str:
+        return format(self.fn(*self.args), spec)
+
+    __str__ = __repr__ = lambda self: str(self.fn(*self.args))
+
+
+def _lazy(fn):
+    return lambda *args: _LazyCall(fn, *args)
+
+
+for _module in (_autobahn_protocol, _autobahn_twisted):
+    _module.hltype = _lazy(hltype)  # type: ignore[attr-defined]
+    _module.hlval = _lazy(hlval)  # type: ignore[attr-defined]
+
+
+class _MadeOnFirstUse:
+    """A class attribute that gives each instance its own value the first time it is read."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.make()
+        return value
+
+
+# What only the opening handshake needs; an open connection drops them
+# (their class defaults below show through).
+_HANDSHAKE_ONLY = (
+    "http_request_data",
+    "http_response_data",
+    "http_status_line",
+    "http_headers",
+    "http_request_params",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_host",
+    "websocket_origin",
+    "websocket_protocols",
+    "websocket_extensions",
+    "_wskey",
+)
 
 
 class Clients:
@@ -102,8 +170,85 @@ class Connection(WebSocketServerProtocol):
     link: Link | None = None
     opened_at = 0.0
 
+    # -- idle memory -------------------------------------------------------
+    # Autobahn gives every connection ~35 attributes holding their starting
+    # values, a TrafficStats, a deque and a Utf8Validator, and keeps the whole
+    # opening handshake (request, headers, response) for the connection's
+    # life. Here the starting values are class attributes (an instance gets
+    # its own only when one changes), the deque and the validator are made
+    # on first use, the traffic counters are shared (nobody reads them), and
+    # the handshake is dropped once the connection is open: about 2.5 KiB
+    # less per idle connection.
+    _options_in_class: ClassVar[bool] = False  # set by ChatdFactory
+    _perMessageCompress = None
+    trackedTimings = None
+    trafficStats = TrafficStats()  # shared by all connections, never read
+    state = WebSocketProtocol.STATE_CONNECTING
+    send_state = WebSocketProtocol.SEND_STATE_GROUND
+    data = b""
+    send_queue: Any = ()  # a deque once a send is chopped or synchronous (see sendData)
+    triggered = False
+    utf8validator = _MadeOnFirstUse(Utf8Validator)
+    wasMaxFramePayloadSizeExceeded = False
+    wasMaxMessagePayloadSizeExceeded = False
+    closedByMe = False
+    failedByMe = False
+    droppedByMe = False
+    wasClean = False
+    wasNotCleanReason = None
+    wasServerConnectionDropTimeout = False
+    wasOpenHandshakeTimeout = False
+    wasCloseHandshakeTimeout = False
+    wasServingFlashSocketPolicyFile = False
+    localCloseCode = None
+    localCloseReason = None
+    remoteCloseCode = None
+    remoteCloseReason = None
+    openHandshakeTimeoutCall = None
+    closeHandshakeTimeoutCall = None
+    autoPingTimeoutCall = None
+    autoPingPending = None
+    autoPingPendingCall = None
+    autoPingPendingSeq = 0
+    autoPingPendingSent = None
+    http_request_data = None
+    http_response_data = None
+    http_status_line = None
+    http_headers = MappingProxyType({})
+    http_request_params = MappingProxyType({})
+    http_request_uri = None
+    http_request_path = None
+    http_request_host = None
+    websocket_origin = None
+    websocket_protocols = ()
+    websocket_extensions = ()
+    _wskey = None
+
+    def _connectionMade(self) -> None:
+        """Autobahn's WebSocketServerProtocol._connectionMade, less the per-connection state.
+
+        Autobahn's also copies each option the protocol class lacks from the
+        factory and pretty-prints all of them for a debug line; ChatdFactory
+        made every option a class attribute, so there is nothing to copy.
+        """
+        if not self._options_in_class:
+            super()._connectionMade()
+            return
+        if self.trackTimings:
+            self.setTrackTimings(True)
+        if self.openHandshakeTimeout > 0:
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
+            )
+        self.factory.countConnections += 1
+
+    def _forget_handshake(self) -> None:
+        # A new dict: the old one keeps the size it grew to during the handshake.
+        self.__dict__ = {k: v for k, v in self.__dict__.items() if k not in _HANDSHAKE_ONLY}
+
     # -- lifecycle -------------------------------------------------------
     def onOpen(self) -> None:
+        self._forget_handshake()
         compressing = self._perMessageCompress is not None
         self.link = Link(
             self.transport,
@@ -162,6 +307,8 @@ class Connection(WebSocketServerProtocol):
         """Every frame of this connection: behind the fan-out's queue when it has one."""
         link = self.link
         if link is None or sync or chopsize or not link.queue(data):
+            if (sync or chopsize) and type(self.send_queue) is tuple:
+                self.send_queue = deque()  # Autobahn queues these
             super().sendData(data, sync, chopsize)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -251,4 +398,5 @@ class ChatdFactory(WebSocketServerFactory):
             for a in protocol.CONFIG_ATTRS
             for v in (getattr(self, a),)
         }
+        options["_options_in_class"] = True
         self.protocol = type(protocol.__name__, (protocol,), options)
