@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--profiler", choices=("py-spy", "cprofile", "none"), default="py-spy")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--log-format", default="text")
+    ap.add_argument("--tree", default="", help="run the chatd of another checkout (PYTHONPATH)")
     a = ap.parse_args()
     build_loadgen()
     tmp = Path(tempfile.mkdtemp(prefix="chatd-prof-"))
@@ -98,19 +99,36 @@ def main() -> None:
     argv += ["--port", "0"]
     if SERVER_CPU is not None:
         argv = ["taskset", "-c", str(SERVER_CPU), *argv]
-    d = Daemon(argv=argv, timeout=60, cwd=str(tmp))
+    d = Daemon(argv=argv, timeout=60, cwd=str(tmp), env={"PYTHONPATH": a.tree} if a.tree else None)
+    cpu_start = proc_cpu_s(d.pid)
     spy = None
     raw = tmp / "spy.txt"
     if a.profiler == "py-spy":
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         spy = subprocess.Popen(
-            [exe, "record", "-p", str(d.pid), "-r", "250", "-f", "raw", "-o", str(raw)],
+            [
+                exe,
+                "record",
+                "--nonblocking",
+                "-p",
+                str(d.pid),
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         time.sleep(1.0)
     try:
         rounds = run_rounds(d.port, d.pid, a)
+        time.sleep(1.0)  # the last round's closes
+        cpu = proc_cpu_s(d.pid) - cpu_start
+        n = a.rounds * a.conns
+        rounds.append(f"server CPU per connection (open + close): {cpu / n * 1e6:.0f} us")
     finally:
         if spy is not None:
             os.kill(spy.pid, signal.SIGINT)

@@ -227,7 +227,17 @@ class Root(Resource):
 # -- the fast upgrade path ------------------------------------------------------
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-_SINGLE = frozenset((b"upgrade", b"origin", b"host"))
+# Headers Autobahn and twisted.web allow once; a request repeating one takes the long way.
+_SINGLE = frozenset(
+    (
+        b"upgrade",
+        b"origin",
+        b"host",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+    )
+)
 _NO_BODY = frozenset((b"content-length", b"transfer-encoding"))
 _V1 = SUBPROTOCOL.encode()
 
@@ -254,7 +264,8 @@ class Upgrades:
     ) -> None:
         self.plain, self.v1, self.relay, self.origins = plain, v1, relay, origins
 
-    def route(self, data: bytes) -> WebSocketServerFactory | None:
+    def route(self, data: bytes) -> tuple[WebSocketServerFactory, bytes, dict[bytes, bytes]] | None:
+        """(factory, request target, headers by lower-case name) of a handshake to take, or None."""
         if not data.startswith(b"GET /"):
             return None
         end = data.find(b"\r\n\r\n")
@@ -274,7 +285,7 @@ class Upgrades:
             if name in headers:
                 if name in _SINGLE:
                     return None
-                headers[name] += b"," + value
+                headers[name] += b", " + value  # as Autobahn joins repeats
             else:
                 headers[name] = value
         if headers.keys() & _NO_BODY:
@@ -304,7 +315,7 @@ class Upgrades:
             return None
         if not self.origins.permit_values(headers.get(b"origin"), headers.get(b"host")):
             return None
-        return factory
+        return factory, target, headers
 
 
 def _hand_over(transport, protocol) -> None:
@@ -346,8 +357,14 @@ class FrontDoor(Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        factory = self.site.upgrades.route(data) if self.site.upgrades else None
-        protocol = factory.buildProtocol(self.addr) if factory is not None else None
+        route = self.site.upgrades.route(data) if self.site.upgrades else None
+        protocol = None
+        if route is not None:
+            factory, target, headers = route
+            protocol = factory.buildProtocol(self.addr)
+            if protocol is not None:
+                # what this door parsed, so the handshake is not parsed again
+                protocol.parsed_request = (target, headers)
         if protocol is None:
             protocol = Site.buildProtocol(self.site, self.addr)
         transport, self.transport = self.transport, None

@@ -15,17 +15,25 @@ import time
 from collections import deque
 from types import FunctionType, MappingProxyType
 from typing import Any, ClassVar
+from urllib.parse import parse_qs
 
 import autobahn.twisted.websocket as _autobahn_twisted
 import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import hltype, hlval
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
-from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
+from autobahn.websocket.protocol import (
+    TrafficStats,
+    WebSocketProtocol,
+    _is_same_origin,
+    _url_to_origin,
+)
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
+from twisted.logger import Logger
 
-from chatd import limits
+from chatd import fanout, limits
 from chatd.config import Settings
 from chatd.fanout import Budget, Link
 from chatd.hub import Hub
@@ -33,6 +41,7 @@ from chatd.logs import ConnectionLog
 from chatd.stats import Stats
 
 _log = ConnectionLog("chatd.connection")
+_log_failure = Logger(namespace="chatd.connection")
 
 
 class _LazyPformat:
@@ -117,7 +126,9 @@ _HANDSHAKE_ONLY = (
     "websocket_protocols",
     "websocket_extensions",
     "_wskey",
+    "parsed_request",
 )
+_KEY_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
 
 
 class Clients:
@@ -223,6 +234,8 @@ class Connection(WebSocketServerProtocol):
     websocket_protocols = ()
     websocket_extensions = ()
     _wskey = None
+    # (request target, {lower-case name: value}) when chatd.web parsed the handshake
+    parsed_request: tuple[bytes, dict[bytes, bytes]] | None = None
 
     def _connectionMade(self) -> None:
         """Autobahn's WebSocketServerProtocol._connectionMade, less the per-connection state.
@@ -241,6 +254,122 @@ class Connection(WebSocketServerProtocol):
                 self.openHandshakeTimeout, self.onOpenHandshakeTimeout
             )
         self.factory.countConnections += 1
+
+    def processHandshake(self) -> None:
+        """Autobahn's processHandshake, on the headers chatd.web already parsed.
+
+        For an ordinary handshake this does what Autobahn's does (the same
+        checks, the same attributes, onConnect, then Autobahn's own
+        succeedHandshake) without parsing the request a second time or going
+        through a Deferred. Anything it does not take on (a Sec-WebSocket-
+        Extensions offer, an odd Host, version or key, or any check that
+        fails, so that the refusal is Autobahn's own) goes to Autobahn's.
+        """
+        parsed = self.parsed_request
+        end = self.data.find(b"\r\n\r\n")
+        if parsed is None or end < 0 or not self._take_handshake(parsed, end):
+            self.parsed_request = None
+            super().processHandshake()
+
+    def _take_handshake(self, parsed: tuple[bytes, dict[bytes, bytes]], end: int) -> bool:
+        target, raw = parsed
+        if (
+            b"sec-websocket-extensions" in raw
+            or self.trustXForwardedFor
+            or self.maxConnections > 0
+            or self.factory.externalPort
+            or raw.get(b"sec-websocket-version") != b"13"
+            or 13 not in self.versions
+        ):
+            return False
+        connection = raw.get(b"connection", b"")
+        if not any(c.strip().lower() == b"upgrade" for c in connection.split(b",")):
+            return False
+        key = raw.get(b"sec-websocket-key", b"")
+        if len(key) != 24 or key[-2:] != b"==" or not _KEY_CHARS.issuperset(key[:-2]):
+            return False
+        host = raw.get(b"host")
+        if host is None:
+            return False
+        host = host.decode("latin-1")
+        if ":" in host and not host.endswith("]"):
+            host, port = host.rsplit(":", 1)
+            try:
+                int(port.strip())
+            except ValueError:
+                return False
+        protocols = []
+        if b"sec-websocket-protocol" in raw:
+            protocols = [
+                p.strip() for p in raw[b"sec-websocket-protocol"].decode("latin-1").split(",")
+            ]
+            if len(set(protocols)) != len(protocols):
+                return False
+        origin = ""
+        if b"origin" in raw:
+            origin = raw[b"origin"].decode("latin-1")
+            try:
+                origin_tuple = _url_to_origin(origin)
+            except ValueError:
+                return False
+            if not (origin_tuple == "null" and self.factory.allowNullOrigin) and not (
+                _is_same_origin(
+                    origin_tuple,
+                    "https" if self.factory.isSecure else "http",
+                    self.factory.externalPort or self.factory.port,
+                    self.allowedOriginsPatterns,
+                )
+            ):
+                return False
+        uri = target.decode("latin-1")
+        path, _, query = uri.partition("?")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw.items()}
+        # What Autobahn's processHandshake leaves on the connection.
+        self.http_status_line = f"GET {uri} HTTP/1.1"
+        self.http_headers = headers
+        self.http_request_uri = uri
+        self.http_request_path = path
+        self.http_request_params = parse_qs(query) if query else {}
+        self.http_request_host = host
+        self.websocket_version = 13
+        self.websocket_protocols = protocols
+        self.websocket_origin = origin
+        self.websocket_extensions = []
+        self.data = self.data[end + 4 :]
+        self._wskey = key.decode("ascii")
+        request = ConnectionRequest(
+            self.peer,
+            headers,
+            host,
+            path,
+            self.http_request_params,
+            13,
+            origin,
+            protocols,
+            [],
+        )
+        try:
+            accepted = self.onConnect(request)
+        except ConnectionDeny as e:
+            self.failHandshake(e.reason, e.code)
+            return True
+        except Exception as e:
+            _log_failure.failure("Unexpected exception in onConnect")
+            self.failHandshake(f"Internal server error: {e}", ConnectionDeny.INTERNAL_SERVER_ERROR)
+            return True
+        if isinstance(accepted, defer.Deferred):
+            accepted.addCallbacks(self.succeedHandshake, self._deny)
+        else:
+            self.succeedHandshake(accepted)
+        return True
+
+    def _deny(self, failure) -> None:
+        if isinstance(failure.value, ConnectionDeny):
+            self.failHandshake(failure.value.reason, failure.value.code)
+        else:
+            self.failHandshake(
+                f"Internal server error: {failure.value}", ConnectionDeny.INTERNAL_SERVER_ERROR
+            )
 
     def _forget_handshake(self) -> None:
         # A new dict: the old one keeps the size it grew to during the handshake.
@@ -306,10 +435,16 @@ class Connection(WebSocketServerProtocol):
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """Every frame of this connection: behind the fan-out's queue when it has one."""
         link = self.link
-        if link is None or sync or chopsize or not link.queue(data):
-            if (sync or chopsize) and type(self.send_queue) is tuple:
+        if sync or chopsize or self.send_queue or self.logOctets:
+            if type(self.send_queue) is tuple:
                 self.send_queue = deque()  # Autobahn queues these
             super().sendData(data, sync, chopsize)
+        elif link is None or not link.queue(data):
+            # The handshake's answer, and frames while nothing is queued: as
+            # Autobahn would (transport.write), but to the socket at once when
+            # the transport holds nothing (no epoll_ctl, no extra reactor turn).
+            transport = self.transport
+            fanout.write(transport, fanout.direct_socket(transport), data)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         stats = self.factory.stats
