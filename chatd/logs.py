@@ -32,12 +32,14 @@ from twisted.logger import (
 from zope.interface import implementer
 
 _SIMPLE = (str, int, float, bool, type(None))
-TEXT_FORMAT = "{log_text}"  # an event whose text is already made
 
 
 def _event_text(event: dict[str, Any]) -> str:
-    if event.get("log_format") is TEXT_FORMAT and "log_text" in event:
-        return event["log_text"]
+    """The event's text: ``log_text`` when it carries it (ConnectionLog, and Twisted's
+    legacy log.msg events, whose format is "{log_text}"), else its formatted format."""
+    text = event.get("log_text")
+    if isinstance(text, str):
+        return text
     return formatEvent(event)
 
 
@@ -74,9 +76,10 @@ class ConnectionLog:
     """``Logger.info`` for the lines of every connection, without the per-line overheads.
 
     ``info("open relay tcp4:...", kind=..., peer=...)`` emits the event
-    ``Logger(namespace).info("{log_text}", log_text=..., kind=..., ...)``
-    would, skipping Logger.emit's level check and the string.Formatter pass
-    over a format with several fields.
+    ``Logger(namespace).info(...)`` would, with the text as its format
+    (braces escaped, so formatting it looks up no field) and as
+    ``log_text``, skipping Logger.emit's level check and a string.Formatter
+    pass over a format with several fields.
     """
 
     def __init__(self, namespace: str) -> None:
@@ -90,7 +93,7 @@ class ConnectionLog:
         fields["log_namespace"] = self.namespace
         fields["log_source"] = None
         fields["log_system"] = self.system
-        fields["log_format"] = TEXT_FORMAT
+        fields["log_format"] = text.replace("{", "{{").replace("}", "}}")
         fields["log_text"] = text
         fields["log_time"] = time.time()
         self.logger.observer(fields)

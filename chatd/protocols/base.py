@@ -113,20 +113,22 @@ class _MadeOnFirstUse:
 
 # What only the opening handshake needs; an open connection drops them
 # (their class defaults below show through).
-_HANDSHAKE_ONLY = (
-    "http_request_data",
-    "http_response_data",
-    "http_status_line",
-    "http_headers",
-    "http_request_params",
-    "http_request_uri",
-    "http_request_path",
-    "http_request_host",
-    "websocket_origin",
-    "websocket_protocols",
-    "websocket_extensions",
-    "_wskey",
-    "parsed_request",
+_HANDSHAKE_ONLY = frozenset(
+    (
+        "http_request_data",
+        "http_response_data",
+        "http_status_line",
+        "http_headers",
+        "http_request_params",
+        "http_request_uri",
+        "http_request_path",
+        "http_request_host",
+        "websocket_origin",
+        "websocket_protocols",
+        "websocket_extensions",
+        "_wskey",
+        "parsed_request",
+    )
 )
 _KEY_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
 
