@@ -29,6 +29,7 @@ from twisted.logger import (
     formatTime,
     timeFormatRFC3339,
 )
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 _SIMPLE = (str, int, float, bool, type(None))
@@ -101,10 +102,54 @@ class ConnectionLog:
 
 @implementer(ILogObserver)
 class JsonLines:
-    def __init__(self, out: IO[str]) -> None:
+    """One JSON object per line; the lines of one reactor turn go out in one write.
+
+    At thousands of connections a second, a write (and a wake-up of the
+    reader: journald, a pipe) per line costs more than making the line. So
+    while the reactor runs, lines logged on its thread are joined and written
+    at the end of the turn (and when it shuts down); before it runs, after
+    it stops, and from other threads each line is written at once.
+    """
+
+    def __init__(self, out: IO[str], reactor: Any = None) -> None:
         self.out = out
         self._second = -1
         self._stamp = ""
+        self._reactor = reactor
+        self._pending: list[str] | None = None
+        self._trigger = False
+
+    def _batching_reactor(self) -> Any:
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor as installed
+
+            reactor = self._reactor = installed
+        if not reactor.running or not isInIOThread():
+            return None
+        if not self._trigger:
+            self._trigger = True
+            reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+        return reactor
+
+    def _write(self, line: str) -> None:
+        pending = self._pending
+        if pending is not None and isInIOThread():
+            pending.append(line)
+            return
+        reactor = self._batching_reactor()
+        if reactor is None:
+            self.out.write(line)
+            self.out.flush()
+            return
+        self._pending = [line]
+        reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending:
+            self.out.write("".join(pending))
+            self.out.flush()
 
     def _time(self, t: float) -> str:
         second = int(t)
@@ -130,5 +175,4 @@ class JsonLines:
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
-        self.out.write(json.dumps(record, default=str) + "\n")
-        self.out.flush()
+        self._write(json.dumps(record, default=str) + "\n")
