@@ -53,6 +53,40 @@ def run_rounds(port: int, pid: int, a: argparse.Namespace) -> list[str]:
     return out
 
 
+# (category, frames that put a sample in it), first match wins: what a handshake's CPU is spent on
+CATEGORIES = [
+    ("logging (2 lines per connection)", ("chatd/logs.py", "twisted/logger/")),
+    ("accept (Twisted's Port)", ("Port.doRead",)),
+    (
+        "close (socket close, Autobahn and chatd teardown)",
+        ("readConnectionLost", "connectionLost", "_closeSocket"),
+    ),
+    ("chatd onOpen (link, producer, rooms)", ("Connection.onOpen",)),
+    ("sending the 101", ("Connection.sendData",)),
+    ("FrontDoor routing (parse once)", ("Upgrades.route",)),
+    (
+        "Autobahn handshake (checks, onConnect, 101 text)",
+        ("processHandshake", "succeedHandshake", "_take_handshake"),
+    ),
+    ("protocol setup (Autobahn connectionMade)", ("makeConnection", "_hand_over")),
+    ("epoll, reads, dispatch: the rest of the reactor", ("ReactorBase.mainLoop",)),
+    ("unattributed (stacks py-spy could not read whole)", ("",)),
+]
+
+
+def categorize_raw(path: Path) -> str:
+    counts: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        total += int(n)
+        for name, marks in CATEGORIES:
+            if any(m in stack for m in marks):
+                counts[name] += int(n)
+                break
+    return "\n".join(f"{counts[name] / total:6.1%}  {name}" for name, _ in CATEGORIES)
+
+
 def summarize_raw(path: Path, top: int) -> str:
     """py-spy's raw (collapsed) stacks: inclusive and self sample shares per function."""
     incl: collections.Counter[str] = collections.Counter()
@@ -136,6 +170,7 @@ def main() -> None:
         d.stop(signal.SIGTERM)
     print("\n".join(rounds))
     if a.profiler == "py-spy" and raw.exists():
+        print(categorize_raw(raw))
         print(summarize_raw(raw, a.top))
     elif a.profiler == "cprofile" and prof.exists():
         st = pstats.Stats(str(prof))
