@@ -143,7 +143,24 @@ class Link:
             return
         self.pending = None
         data = pending[0] if len(pending) == 1 else b"".join(pending)
-        write(self.transport, self.sock, data)
+        # write(self.transport, self.sock, data), inline: this is the hot path
+        t = self.transport
+        sock = self.sock
+        if (
+            sock is not None
+            and not t._tempDataBuffer  # type: ignore[attr-defined]
+            and t.offset >= len(t.dataBuffer)  # type: ignore[attr-defined]
+            and t.connected  # type: ignore[attr-defined]
+            and not t.disconnecting  # type: ignore[attr-defined]
+        ):
+            try:
+                sent = sock.send(data)
+            except OSError:  # would block, or broken: the transport finds out which
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        t.write(data)
 
 
 def write(transport: ITransport, sock: socket.socket | None, data: bytes) -> None:
