@@ -150,10 +150,10 @@ class ServerSpec:
     idle_setup: str = ""
     wrap: str = "{p}"
     needs: str = ""  # "node" or "websockets": skipped when missing
+    tree: str = ""  # a chatd from another checkout (BENCH_BASELINE), for before/after
 
 
-def servers() -> list[ServerSpec]:
-    py = sys.executable
+def servers_chatd() -> list[ServerSpec]:
     return [
         ServerSpec(
             "relay",
@@ -171,6 +171,14 @@ def servers() -> list[ServerSpec]:
             idle_setup=V1_IDLE_SETUP,
             wrap=V1_WRAP,
         ),
+    ]
+
+
+def servers() -> list[ServerSpec]:
+    py = sys.executable
+    return [
+        *servers_chatd(),
+        *baseline_servers(),
         ServerSpec("ab-send", "AB send", argv=(py, str(PEERS / "autobahn_server.py"), "send")),
         ServerSpec(
             "ab-prepared", "AB prepared", argv=(py, str(PEERS / "autobahn_server.py"), "prepared")
@@ -187,6 +195,20 @@ def servers() -> list[ServerSpec]:
             argv=("node", str(PEERS / "node_ws_server.js")),
             needs="node",
         ),
+    ]
+
+
+def baseline_servers() -> list[ServerSpec]:
+    """With BENCH_BASELINE=<another checkout of chatd>: its relay, plain and v1 as well
+    (keys relay-base, plain-base, v1-base), so a change is measured against its
+    base in the same run, on the same machine state."""
+    tree = os.environ.get("BENCH_BASELINE", "")
+    if not tree:
+        return []
+    from dataclasses import replace
+
+    return [
+        replace(s, key=f"{s.key}-base", title=f"{s.title} base", tree=tree) for s in servers_chatd()
     ]
 
 
@@ -239,7 +261,8 @@ class ChatdServer:
         argv += [*spec.chatd_args, *extra, "--port", "0"]
         if SERVER_CPU is not None:
             argv = ["taskset", "-c", str(SERVER_CPU), *argv]
-        self.daemon = Daemon(argv=argv, timeout=60)
+        env = {"PYTHONPATH": spec.tree} if spec.tree else None
+        self.daemon = Daemon(argv=argv, timeout=60, env=env)
         self.pid, self.port = self.daemon.pid, self.daemon.port
 
     def stop(self) -> None:

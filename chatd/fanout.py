@@ -109,7 +109,7 @@ class Link:
         self.paused = False
         self.backlog = 0  # bytes handed over since the transport paused us
         self.pending: list[bytes] | None = None  # queued this reactor turn
-        self.sock = _direct_socket(transport)
+        self.sock = direct_socket(transport)
 
     # IPushProducer: the transport tells us when its buffer is full or drained.
     def pauseProducing(self) -> None:
@@ -143,6 +143,7 @@ class Link:
             return
         self.pending = None
         data = pending[0] if len(pending) == 1 else b"".join(pending)
+        # write(self.transport, self.sock, data), inline: this is the hot path
         t = self.transport
         sock = self.sock
         if (
@@ -162,7 +163,28 @@ class Link:
         t.write(data)
 
 
-def _direct_socket(transport: object) -> socket.socket | None:
+def write(transport: ITransport, sock: socket.socket | None, data: bytes) -> None:
+    """``transport.write(data)``, but straight to ``sock`` (from ``direct_socket``) when
+    nothing is waiting in the transport's buffer: one ``send``, no ``epoll_ctl``."""
+    t = transport
+    if (
+        sock is not None
+        and not t._tempDataBuffer  # type: ignore[attr-defined]
+        and t.offset >= len(t.dataBuffer)  # type: ignore[attr-defined]
+        and t.connected  # type: ignore[attr-defined]
+        and not t.disconnecting  # type: ignore[attr-defined]
+    ):
+        try:
+            sent = sock.send(data)
+        except OSError:  # would block, or broken: the transport finds out which
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    t.write(data)
+
+
+def direct_socket(transport: object) -> socket.socket | None:
     """The socket of a plain Twisted TCP transport, whose buffer we can see; else None.
 
     TLS and other wrapped transports must encrypt or frame what they send,

@@ -9,10 +9,14 @@ plain chat; all on the same reactor and the same listening socket.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.pages import errorPage, forbidden, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -85,7 +89,10 @@ class Origins:
         self.allowed = {k for k in map(_origin_key, allowed) if k is not None}
 
     def permit(self, request: Request) -> bool:
-        raw = request.getHeader(b"origin")
+        return self.permit_values(request.getHeader(b"origin"), request.getHeader(b"host"))
+
+    def permit_values(self, raw: bytes | None, host_header: bytes | None) -> bool:
+        """``permit`` on the raw values of the Origin and Host headers."""
         if raw is None or self.any:
             return True
         key = _origin_key(raw.decode("latin-1"))
@@ -93,7 +100,7 @@ class Origins:
             return False
         if self.allowed:
             return key in self.allowed
-        host = (request.getHeader(b"host") or b"").decode("latin-1").strip().lower()
+        host = (host_header or b"").decode("latin-1").strip().lower()
         target = _origin_key(f"{key[0]}://{host}")
         return target is not None and target[1:] == key[1:]
 
@@ -217,6 +224,168 @@ class Root(Resource):
         return self.page.render(request)
 
 
+# -- the fast upgrade path ------------------------------------------------------
+
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+# Headers Autobahn and twisted.web allow once; a request repeating one takes the long way.
+_SINGLE = frozenset(
+    (
+        b"upgrade",
+        b"origin",
+        b"host",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+    )
+)
+_NO_BODY = frozenset((b"content-length", b"transfer-encoding"))
+_V1 = SUBPROTOCOL.encode()
+
+
+class Upgrades:
+    """Which WebSocket factory takes a handshake, decided from its raw bytes.
+
+    Only the common, well-formed case is decided here: a complete ``GET``
+    with one ``Upgrade: websocket`` header, for ``/`` or a valid
+    ``/relay/<room>``, from an allowed origin. For it, twisted.web's parse
+    and ``Request`` would only be thrown away (Autobahn parses the handshake
+    again anyway). Everything else (other paths, a refused origin or room
+    name, a body, repeated or odd headers, a request split over several
+    reads) gets None and goes through twisted.web and ``Root``, which
+    answer exactly as they always have (400, 403, 404, 426, the page...).
+    """
+
+    def __init__(
+        self,
+        plain: WebSocketServerFactory,
+        v1: WebSocketServerFactory,
+        relay: WebSocketServerFactory,
+        origins: Origins,
+    ) -> None:
+        self.plain, self.v1, self.relay, self.origins = plain, v1, relay, origins
+
+    def route(self, data: bytes) -> tuple[WebSocketServerFactory, bytes, dict[bytes, bytes]] | None:
+        """(factory, request target, headers by lower-case name) of a handshake to take, or None."""
+        if not data.startswith(b"GET /"):
+            return None
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        lines = data[:end].split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+            return None
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or b"\n" in line or not _TOKEN.fullmatch(name):
+                return None  # folded, malformed or bare-LF lines: twisted.web decides
+            name = name.lower()
+            value = value.strip()
+            if name in headers:
+                if name in _SINGLE:
+                    return None
+                headers[name] += b", " + value  # as Autobahn joins repeats
+            else:
+                headers[name] = value
+        if headers.keys() & _NO_BODY:
+            return None
+        upgrade = headers.get(b"upgrade")
+        if upgrade is None or upgrade.lower() != b"websocket":
+            return None
+        target = parts[1]
+        if b"#" in target:
+            return None
+        path = target.partition(b"?")[0]
+        if path == b"/":
+            factory = (
+                self.v1
+                if _V1
+                in (p.strip() for p in headers.get(b"sec-websocket-protocol", b"").split(b","))
+                else self.plain
+            )
+        elif path.startswith(b"/relay/"):
+            name = path[7:]
+            if not name or b"/" in name:
+                return None
+            if not valid_room_name(unquote_to_bytes(name).decode("utf-8", "replace")):
+                return None
+            factory = self.relay
+        else:
+            return None
+        if not self.origins.permit_values(headers.get(b"origin"), headers.get(b"host")):
+            return None
+        return factory, target, headers
+
+
+def _hand_over(transport, protocol) -> None:
+    """Make ``protocol`` the one ``transport`` delivers to (as WebSocketResource does)."""
+    if isinstance(transport, ProtocolWrapper):  # TLS wraps the protocol
+        transport.wrappedProtocol = protocol
+    elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+        transport.protocol.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol
+    protocol.makeConnection(transport)
+
+
+class FrontDoor(Protocol):
+    """A new connection until its first bytes arrive.
+
+    A WebSocket handshake that ``Upgrades`` recognises goes straight to its
+    Autobahn protocol; anything else to an ordinary twisted.web channel,
+    which then sees exactly the bytes it would have.
+    """
+
+    timer = None
+
+    def __init__(self, site: ChatdSite, addr) -> None:
+        self.site = site
+        self.addr = addr
+
+    def connectionMade(self) -> None:
+        # twisted.web drops a connection that sends no request within its
+        # timeout; so does the door, until the channel takes over.
+        if self.site.timeOut:
+            self.timer = self.site.reactor.callLater(self.site.timeOut, self._idle)
+
+    def _idle(self) -> None:
+        self.timer = None
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        route = self.site.upgrades.route(data) if self.site.upgrades else None
+        protocol = None
+        if route is not None:
+            factory, target, headers = route
+            protocol = factory.buildProtocol(self.addr)
+            if protocol is not None:
+                # what this door parsed, so the handshake is not parsed again
+                protocol.parsed_request = (target, headers)
+        if protocol is None:
+            protocol = Site.buildProtocol(self.site, self.addr)
+        transport, self.transport = self.transport, None
+        _hand_over(transport, protocol)
+        protocol.dataReceived(data)
+
+    def connectionLost(self, reason) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class ChatdSite(Site):
+    """The main port's factory: each connection starts at a ``FrontDoor``."""
+
+    upgrades: Upgrades | None = None
+
+    def buildProtocol(self, addr) -> FrontDoor:
+        return FrontDoor(self, addr)
+
+
 @dataclass
 class Web:
     """What the daemon serves: the main site, and the ops site if it has its own endpoint."""
@@ -233,8 +402,10 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
     budget = Budget(settings.max_total_backlog)
     clients = Clients(stats)
 
-    def factory(protocol, max_size: int) -> WebSocketResource:
-        return WebSocketResource(ChatdFactory(protocol, hub, settings, max_size, budget, clients))
+    plain = ChatdFactory(PlainChat, hub, settings, settings.max_message_size, budget, clients)
+    v1 = ChatdFactory(V1Chat, hub, settings, settings.max_message_size, budget, clients)
+    relay = ChatdFactory(Relay, hub, settings, settings.relay_max_size, budget, clients)
+    origins = Origins(settings.allowed_origins)
 
     page = Page(settings.static)
     page.root_dir = os.path.realpath(settings.static)
@@ -251,13 +422,14 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
         extra.update(ops)
     root = Root(
         page,
-        factory(PlainChat, settings.max_message_size),
-        factory(V1Chat, settings.max_message_size),
-        factory(Relay, settings.relay_max_size),
-        Origins(settings.allowed_origins),
+        WebSocketResource(plain),
+        WebSocketResource(v1),
+        WebSocketResource(relay),
+        origins,
         extra,
     )
-    site = Site(root)
+    site = ChatdSite(root)
+    site.upgrades = Upgrades(plain, v1, relay, origins)
     site.displayTracebacks = False
     return Web(site, ops_site, clients, health)
 

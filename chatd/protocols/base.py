@@ -12,22 +12,36 @@ from __future__ import annotations
 
 import pprint
 import time
-from types import FunctionType
-from typing import ClassVar
+from collections import deque
+from types import FunctionType, MappingProxyType
+from typing import Any, ClassVar
+from urllib.parse import parse_qs
 
+import autobahn.twisted.websocket as _autobahn_twisted
 import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import hltype, hlval
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.websocket.protocol import (
+    TrafficStats,
+    WebSocketProtocol,
+    _is_same_origin,
+    _url_to_origin,
+)
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from chatd import limits
+from chatd import fanout, limits
 from chatd.config import Settings
 from chatd.fanout import Budget, Link
 from chatd.hub import Hub
+from chatd.logs import ConnectionLog
 from chatd.stats import Stats
 
-_log = Logger(namespace="chatd.connection")
+_log = ConnectionLog("chatd.connection")
+_log_failure = Logger(namespace="chatd.connection")
 
 
 class _LazyPformat:
@@ -50,6 +64,73 @@ class _LazyPformat:
 
 
 _autobahn_protocol.pformat = _LazyPformat  # type: ignore[assignment]
+
+
+class _LazyCall:
+    """``fn(*args)`` as text, computed only if a log line is actually written.
+
+    Autobahn colours names and values for its debug lines (hltype, hlval)
+    eagerly, several times per connection, whether or not debug is on.
+    """
+
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn, *args: Any) -> None:
+        self.fn = fn
+        self.args = args
+
+    def __format__(self, spec: str) -> str:
+        return format(self.fn(*self.args), spec)
+
+    __str__ = __repr__ = lambda self: str(self.fn(*self.args))
+
+
+def _lazy(fn):
+    return lambda *args: _LazyCall(fn, *args)
+
+
+for _module in (_autobahn_protocol, _autobahn_twisted):
+    _module.hltype = _lazy(hltype)  # type: ignore[attr-defined]
+    _module.hlval = _lazy(hlval)  # type: ignore[attr-defined]
+
+
+class _MadeOnFirstUse:
+    """A class attribute that gives each instance its own value the first time it is read."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.make()
+        return value
+
+
+# What only the opening handshake needs; an open connection drops them
+# (their class defaults below show through).
+_HANDSHAKE_ONLY = frozenset(
+    (
+        "http_request_data",
+        "http_response_data",
+        "http_status_line",
+        "http_headers",
+        "http_request_params",
+        "http_request_uri",
+        "http_request_path",
+        "http_request_host",
+        "websocket_origin",
+        "websocket_protocols",
+        "websocket_extensions",
+        "_wskey",
+        "parsed_request",
+    )
+)
+_KEY_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
 
 
 class Clients:
@@ -102,8 +183,203 @@ class Connection(WebSocketServerProtocol):
     link: Link | None = None
     opened_at = 0.0
 
+    # -- idle memory -------------------------------------------------------
+    # Autobahn gives every connection ~35 attributes holding their starting
+    # values, a TrafficStats, a deque and a Utf8Validator, and keeps the whole
+    # opening handshake (request, headers, response) for the connection's
+    # life. Here the starting values are class attributes (an instance gets
+    # its own only when one changes), the deque and the validator are made
+    # on first use, the traffic counters are shared (nobody reads them), and
+    # the handshake is dropped once the connection is open: about 2.5 KiB
+    # less per idle connection.
+    _options_in_class: ClassVar[bool] = False  # set by ChatdFactory
+    _perMessageCompress = None
+    trackedTimings = None
+    trafficStats = TrafficStats()  # shared by all connections, never read
+    state = WebSocketProtocol.STATE_CONNECTING
+    send_state = WebSocketProtocol.SEND_STATE_GROUND
+    data = b""
+    send_queue: Any = ()  # a deque once a send is chopped or synchronous (see sendData)
+    triggered = False
+    utf8validator = _MadeOnFirstUse(Utf8Validator)
+    wasMaxFramePayloadSizeExceeded = False
+    wasMaxMessagePayloadSizeExceeded = False
+    closedByMe = False
+    failedByMe = False
+    droppedByMe = False
+    wasClean = False
+    wasNotCleanReason = None
+    wasServerConnectionDropTimeout = False
+    wasOpenHandshakeTimeout = False
+    wasCloseHandshakeTimeout = False
+    wasServingFlashSocketPolicyFile = False
+    localCloseCode = None
+    localCloseReason = None
+    remoteCloseCode = None
+    remoteCloseReason = None
+    openHandshakeTimeoutCall = None
+    closeHandshakeTimeoutCall = None
+    autoPingTimeoutCall = None
+    autoPingPending = None
+    autoPingPendingCall = None
+    autoPingPendingSeq = 0
+    autoPingPendingSent = None
+    http_request_data = None
+    http_response_data = None
+    http_status_line = None
+    http_headers = MappingProxyType({})
+    http_request_params = MappingProxyType({})
+    http_request_uri = None
+    http_request_path = None
+    http_request_host = None
+    websocket_origin = None
+    websocket_protocols = ()
+    websocket_extensions = ()
+    _wskey = None
+    # (request target, {lower-case name: value}) when chatd.web parsed the handshake
+    parsed_request: tuple[bytes, dict[bytes, bytes]] | None = None
+
+    def _connectionMade(self) -> None:
+        """Autobahn's WebSocketServerProtocol._connectionMade, less the per-connection state.
+
+        Autobahn's also copies each option the protocol class lacks from the
+        factory and pretty-prints all of them for a debug line; ChatdFactory
+        made every option a class attribute, so there is nothing to copy.
+        """
+        if not self._options_in_class:
+            super()._connectionMade()
+            return
+        if self.trackTimings:
+            self.setTrackTimings(True)
+        if self.openHandshakeTimeout > 0:
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
+            )
+        self.factory.countConnections += 1
+
+    def processHandshake(self) -> None:
+        """Autobahn's processHandshake, on the headers chatd.web already parsed.
+
+        For an ordinary handshake this does what Autobahn's does (the same
+        checks, the same attributes, onConnect, then Autobahn's own
+        succeedHandshake) without parsing the request a second time or going
+        through a Deferred. Anything it does not take on (a Sec-WebSocket-
+        Extensions offer, an odd Host, version or key, or any check that
+        fails, so that the refusal is Autobahn's own) goes to Autobahn's.
+        """
+        parsed = self.parsed_request
+        end = self.data.find(b"\r\n\r\n")
+        if parsed is None or end < 0 or not self._take_handshake(parsed, end):
+            self.parsed_request = None
+            super().processHandshake()
+
+    def _take_handshake(self, parsed: tuple[bytes, dict[bytes, bytes]], end: int) -> bool:
+        target, raw = parsed
+        if (
+            b"sec-websocket-extensions" in raw
+            or self.trustXForwardedFor
+            or self.maxConnections > 0
+            or self.factory.externalPort
+            or raw.get(b"sec-websocket-version") != b"13"
+            or 13 not in self.versions
+        ):
+            return False
+        connection = raw.get(b"connection", b"")
+        if not any(c.strip().lower() == b"upgrade" for c in connection.split(b",")):
+            return False
+        key = raw.get(b"sec-websocket-key", b"")
+        if len(key) != 24 or key[-2:] != b"==" or not _KEY_CHARS.issuperset(key[:-2]):
+            return False
+        host = raw.get(b"host")
+        if host is None:
+            return False
+        host = host.decode("latin-1")
+        if ":" in host and not host.endswith("]"):
+            host, port = host.rsplit(":", 1)
+            try:
+                int(port.strip())
+            except ValueError:
+                return False
+        protocols = []
+        if b"sec-websocket-protocol" in raw:
+            protocols = [
+                p.strip() for p in raw[b"sec-websocket-protocol"].decode("latin-1").split(",")
+            ]
+            if len(set(protocols)) != len(protocols):
+                return False
+        origin = ""
+        if b"origin" in raw:
+            origin = raw[b"origin"].decode("latin-1")
+            try:
+                origin_tuple = _url_to_origin(origin)
+            except ValueError:
+                return False
+            if not (origin_tuple == "null" and self.factory.allowNullOrigin) and not (
+                _is_same_origin(
+                    origin_tuple,
+                    "https" if self.factory.isSecure else "http",
+                    self.factory.externalPort or self.factory.port,
+                    self.allowedOriginsPatterns,
+                )
+            ):
+                return False
+        uri = target.decode("latin-1")
+        path, _, query = uri.partition("?")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw.items()}
+        # What Autobahn's processHandshake leaves on the connection.
+        self.http_status_line = f"GET {uri} HTTP/1.1"
+        self.http_headers = headers
+        self.http_request_uri = uri
+        self.http_request_path = path
+        self.http_request_params = parse_qs(query) if query else {}
+        self.http_request_host = host
+        self.websocket_version = 13
+        self.websocket_protocols = protocols
+        self.websocket_origin = origin
+        self.websocket_extensions = []
+        self.data = self.data[end + 4 :]
+        self._wskey = key.decode("ascii")
+        request = ConnectionRequest(
+            self.peer,
+            headers,
+            host,
+            path,
+            self.http_request_params,
+            13,
+            origin,
+            protocols,
+            [],
+        )
+        try:
+            accepted = self.onConnect(request)
+        except ConnectionDeny as e:
+            self.failHandshake(e.reason, e.code)
+            return True
+        except Exception as e:
+            _log_failure.failure("Unexpected exception in onConnect")
+            self.failHandshake(f"Internal server error: {e}", ConnectionDeny.INTERNAL_SERVER_ERROR)
+            return True
+        if isinstance(accepted, defer.Deferred):
+            accepted.addCallbacks(self.succeedHandshake, self._deny)
+        else:
+            self.succeedHandshake(accepted)
+        return True
+
+    def _deny(self, failure) -> None:
+        if isinstance(failure.value, ConnectionDeny):
+            self.failHandshake(failure.value.reason, failure.value.code)
+        else:
+            self.failHandshake(
+                f"Internal server error: {failure.value}", ConnectionDeny.INTERNAL_SERVER_ERROR
+            )
+
+    def _forget_handshake(self) -> None:
+        # A new dict: the old one keeps the size it grew to during the handshake.
+        self.__dict__ = {k: v for k, v in self.__dict__.items() if k not in _HANDSHAKE_ONLY}
+
     # -- lifecycle -------------------------------------------------------
     def onOpen(self) -> None:
+        self._forget_handshake()
         compressing = self._perMessageCompress is not None
         self.link = Link(
             self.transport,
@@ -119,11 +395,12 @@ class Connection(WebSocketServerProtocol):
         self.transport.registerProducer(self.link, True)
         self.opened_at = time.monotonic()
         self.factory.clients.add(self)
+        deflate = " (permessage-deflate)" if compressing else ""
         _log.info(
-            "open {kind} {peer}{deflate}",
+            f"open {self.kind} {self.peer}{deflate}",
             kind=self.kind,
             peer=self.peer,
-            deflate=" (permessage-deflate)" if compressing else "",
+            deflate=deflate,
         )
         self.attach()
 
@@ -139,11 +416,12 @@ class Connection(WebSocketServerProtocol):
             # client never answered), the client's otherwise; 1006 for none.
             code = (self.localCloseCode if self.closedByMe else self.remoteCloseCode) or 1006
             self.factory.stats.close_codes[str(code)] += 1
+            duration = time.monotonic() - self.opened_at
             _log.info(
-                "close {kind} {peer} after {duration:.1f}s code={code}",
+                f"close {self.kind} {self.peer} after {duration:.1f}s code={code}",
                 kind=self.kind,
                 peer=self.peer,
-                duration=time.monotonic() - self.opened_at,
+                duration=duration,
                 code=code,
             )
             self.opened_at = 0.0
@@ -159,8 +437,16 @@ class Connection(WebSocketServerProtocol):
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """Every frame of this connection: behind the fan-out's queue when it has one."""
         link = self.link
-        if link is None or sync or chopsize or not link.queue(data):
+        if sync or chopsize or self.send_queue or self.logOctets:
+            if type(self.send_queue) is tuple:
+                self.send_queue = deque()  # Autobahn queues these
             super().sendData(data, sync, chopsize)
+        elif link is None or not link.queue(data):
+            # The handshake's answer, and frames while nothing is queued: as
+            # Autobahn would (transport.write), but to the socket at once when
+            # the transport holds nothing (no epoll_ctl, no extra reactor turn).
+            transport = self.transport
+            fanout.write(transport, fanout.direct_socket(transport), data)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         stats = self.factory.stats
@@ -249,4 +535,5 @@ class ChatdFactory(WebSocketServerFactory):
             for a in protocol.CONFIG_ATTRS
             for v in (getattr(self, a),)
         }
+        options["_options_in_class"] = True
         self.protocol = type(protocol.__name__, (protocol,), options)
