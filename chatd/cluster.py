@@ -104,7 +104,7 @@ redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' ' .. ARGV[5])
 return {id, ts}
 """,
     # KEYS: members, nicks, node rooms, seq, log.
-    # ARGV: member id, nick key, value, room, channel, 'since'|'recent', since|count.
+    # ARGV: member id, nick key, value, room, channel, 'since'|'recent'|'none', since|count.
     "join": r"""
 local mid = ARGV[1]
 if ARGV[2] ~= '' then
@@ -129,6 +129,8 @@ if ARGV[6] == 'since' then
     if #entries > 0 then first = tonumber(string.match(entries[1][1], '^(%d+)')) end
     if first > since + 1 then truncated = 1 end
   end
+elseif ARGV[6] == 'none' then
+  return {'ok', new, last, 0, {}, {}}
 elseif tonumber(ARGV[7]) > 0 then
   entries = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', ARGV[7])
 end
@@ -214,6 +216,7 @@ class _Joining:
     mid: str
     member: Member
     since: int | None
+    snapshot: bool = True  # False: no member list and no history wanted
     d: defer.Deferred = field(default_factory=defer.Deferred)
     reply: list | None = None  # the join script's answer
     marked: bool = False  # its marker came through the room's channel
@@ -334,20 +337,23 @@ class RedisHub:
         fmt: str,
         since: int | None = None,
         unique: bool = True,
+        snapshot: bool = True,
     ) -> defer.Deferred:
         if not self.broker.up:
             return defer.fail(Unavailable("redis is unreachable"))
         r = self._room(room)
         mid = r.mids.get(link)
         if mid is not None:  # joined already: history again, nothing else changes
-            j = _Joining(link, mid, Member(nick, fmt, unique), since)
+            j = _Joining(link, mid, Member(nick, fmt, unique), since, snapshot)
             d = self._run_join(r, j)
             d.addCallback(lambda reply: self._joined(r, reply))
             return d
         if link in r.joining:
             return defer.fail(Unavailable("a join of this room is in progress"))
         self._serial += 1
-        j = _Joining(link, f"{self.node}.{self._serial}", Member(nick, fmt, unique), since)
+        j = _Joining(
+            link, f"{self.node}.{self._serial}", Member(nick, fmt, unique), since, snapshot
+        )
         r.joining[link] = j
         r.by_mid[j.mid] = j
         if r.subscribed:
@@ -374,7 +380,9 @@ class RedisHub:
     def _run_join(self, r: _Room, j: _Joining) -> defer.Deferred:
         m = j.member
         key = m.nick.casefold() if m.unique else ""
-        if j.since is None:
+        if not j.snapshot:
+            mode, arg = "none", 0
+        elif j.since is None:
             mode, arg = "recent", min(self.join_history, self.retention)
         else:
             mode, arg = "since", j.since

@@ -48,7 +48,7 @@ class PlainChat(Connection):
         # Until the hub has answered the join (at once in one process, after
         # Redis in a cluster), what the client sends waits, so it sees its own.
         self.waiting: list[str] | None = []
-        d = self.hub.chat_join(LOBBY, self.link, self.nick, "plain", unique=False)
+        d = self.hub.chat_join(LOBBY, self.link, self.nick, "plain", unique=False, snapshot=False)
         d.addCallbacks(self._joined, self._unavailable)
 
     def _joined(self, _: object) -> None:
