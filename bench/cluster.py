@@ -138,12 +138,12 @@ def redis_footprint(setup: Setup) -> dict[str, float]:
     if r is None:
         return {}
     out: dict[str, float] = {}
-    xlen = int(r.command("XLEN", "chatd:c:{bench}:log")[1:])
-    mem = int(r.command("MEMORY", "USAGE", "chatd:c:{bench}:log", "SAMPLES", "0")[1:])
+    xlen = int(r.command("XLEN", "chatd:c:{bench}:log"))
+    mem = int(r.command("MEMORY", "USAGE", "chatd:c:{bench}:log", "SAMPLES", "0"))
     if xlen:
         out["bytes_per_message"] = mem / xlen
-    hlen = int(r.command("HLEN", "chatd:c:{bench}:m")[1:])
-    mem = int(r.command("MEMORY", "USAGE", "chatd:c:{bench}:m", "SAMPLES", "0")[1:])
+    hlen = int(r.command("HLEN", "chatd:c:{bench}:m"))
+    mem = int(r.command("MEMORY", "USAGE", "chatd:c:{bench}:m", "SAMPLES", "0"))
     if hlen:
         out["bytes_per_member"] = mem / hlen
     return out

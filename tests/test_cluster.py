@@ -190,7 +190,7 @@ def test_history_retention_in_redis_and_truncated(node, redis) -> None:
     assert [m["text"] for m in j["history"]] == ["m5", "m6", "m7"]
     j = d.join("r", since=1)
     assert [m["id"] for m in j["history"]] == [4, 5, 6, 7, 8] and j["truncated"] is True
-    assert redis.command("XLEN", "chatd:c:{r}:log") == b":5"
+    assert redis.command("XLEN", "chatd:c:{r}:log") == b"5"
 
 
 def test_relay_across_nodes_byte_exact(node) -> None:
@@ -312,7 +312,7 @@ def test_pubsub_connection_lost_messages_are_read_back(node, redis) -> None:
     node_id = re.search(r"cluster node (\w+)", a.log())
     assert node_id
     (victim,) = [c for c in redis.clients() if c.get("name") == f"chatd:{node_id[1]}:sub"]
-    assert redis.command("CLIENT", "KILL", "ID", victim["id"]) == b":1"
+    assert redis.command("CLIENT", "KILL", "ID", victim["id"]) == b"1"
     ids = [post(f"gap {k}") for k in range(20)]  # some while a's channel is down
     got = messages(ann, 20)
     assert [m["id"] for m in got] == ids  # none lost, none twice, in order
