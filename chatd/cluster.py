@@ -443,10 +443,8 @@ class RedisHub:
         self.local.chat_add(r.name, j.link, j.member)
         r.mids[j.link] = j.mid
         r.live[j.mid] = j.link
+        # (held messages went through _event, which already counted them in last_id)
         r.last_id = max(r.last_id, joined.last_id)
-        for e, _ in j.held:
-            if isinstance(e, Message):
-                r.last_id = max(r.last_id, e.id)
         j.d.callback(joined)  # the protocol answers, and may handle frames that waited
         if r.mids.get(j.link) == j.mid:  # (one of which may have left the room again)
             self.local.send_to(j.link, j.member.fmt, j.held)
@@ -463,8 +461,7 @@ class RedisHub:
                 r.before_sub.remove(j)
             elif j.reply is not None:
                 self._leave_script(r, j.mid)
-            self._forget_if_empty(r)
-            j.d.errback(Unavailable("left before the join completed"))
+            self._drop_join(r, j, Unavailable("left before the join completed"))
             return False
         mid = r.mids.pop(link, None)
         if mid is None:
