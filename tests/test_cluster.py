@@ -253,12 +253,19 @@ def test_plain_lobby_bridges_across_nodes(node) -> None:
 # -- faults --------------------------------------------------------------------
 
 
+def ann_and_bob(a: Daemon, b: Daemon) -> tuple[V1, V1]:
+    """ann on node a and bob on node b, both in room r; ann has seen bob join."""
+    ann = V1(a.port, "ann")
+    ann.join("r")
+    bob = V1(b.port, "bob")
+    bob.join("r")
+    assert next_presence(ann)["nick"] == "bob"
+    return ann, bob
+
+
 def test_redis_down_then_back(node, redis) -> None:
     a, b = node(), node()
-    ann, bob = V1(a.port, "ann"), V1(b.port, "bob")
-    ann.join("r")
-    bob.join("r")
-    next_presence(ann)
+    ann, bob = ann_and_bob(a, b)
     x, y = Client(a.port, "/relay/local"), Client(a.port, "/relay/local")
     ann.say("r", "before", ref=1)
     assert messages(ann, 1)[0]["id"] == 1 and messages(bob, 1)[0]["id"] == 1
@@ -325,11 +332,7 @@ def test_pubsub_connection_lost_messages_are_read_back(node, redis) -> None:
 
 def test_node_killed_members_expire_and_acknowledged_messages_survive(node) -> None:
     a, b = node(), node()
-    ann = V1(a.port, "ann")
-    ann.join("r")
-    bob = V1(b.port, "bob")
-    bob.join("r")
-    assert next_presence(ann)["nick"] == "bob"
+    ann, bob = ann_and_bob(a, b)
     for k in range(10):
         bob.say("r", f"acked {k}")
     acked = [m["id"] for m in messages(bob, 10)]  # bob saw them come back: acknowledged
@@ -374,11 +377,7 @@ def test_bad_redis_url_is_refused_before_binding(tmp_path) -> None:
 
 def test_node_given_up_for_dead_comes_back_and_writes_its_members_back(node) -> None:
     a, b = node(), node()
-    ann = V1(a.port, "ann")
-    ann.join("r")
-    bob = V1(b.port, "bob")
-    bob.join("r")
-    assert next_presence(ann)["nick"] == "bob"
+    ann, bob = ann_and_bob(a, b)
     os.kill(b.pid, signal.SIGSTOP)  # our own child: frozen, its sockets stay open
     try:
         left = next_presence(ann, timeout=float(TTL) * 3 + 5)
