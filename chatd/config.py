@@ -9,6 +9,7 @@ values into a ``Settings``, naming the key of anything wrong.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -22,6 +23,18 @@ PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 class ConfigError(ValueError):
     """A setting is wrong; the message names it."""
+
+
+# The api_token placeholder of etc/chatd.toml: a copied example must not open the API.
+EXAMPLE_API_TOKEN = "change-me-to-a-long-random-string"
+
+
+def format_size(n: int) -> str:
+    """Bytes as the README writes them: 4M, 64K, 16M, or plain bytes when not a round size."""
+    for suffix, factor in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{suffix}"
+    return str(n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +85,10 @@ class Settings:
                 raise ConfigError(f"{name} must be 1 to 2**31 bytes, not {value}")
         if not 1 <= self.listen_backlog <= 65535:
             raise ConfigError(f"listen_backlog must be 1-65535, not {self.listen_backlog}")
-        if self.ping_interval < 0:
-            raise ConfigError(f"ping_interval must be >= 0, not {self.ping_interval}")
-        if self.ping_timeout <= 0:
-            raise ConfigError(f"ping_timeout must be > 0, not {self.ping_timeout}")
+        if not 0 <= self.ping_interval <= 86400:
+            raise ConfigError(f"ping_interval must be 0-86400 s, not {self.ping_interval}")
+        if not 0 < self.ping_timeout <= 3600:
+            raise ConfigError(f"ping_timeout must be > 0 and <= 3600 s, not {self.ping_timeout}")
         if not self.db:
             raise ConfigError("db must be a file path or :memory:")
         if self.db_sync not in ("normal", "full"):
@@ -84,16 +97,23 @@ class Settings:
             raise ConfigError(f"history_size must be 0 to 10000000, not {self.history_size}")
         if not 0 <= self.join_history <= 10_000:
             raise ConfigError(f"join_history must be 0 to 10000, not {self.join_history}")
-        if not self.rate > 0:
-            raise ConfigError(f"rate must be > 0, not {self.rate}")
-        if self.rate_burst < 1 or self.rate_flood < 0:
-            raise ConfigError("rate_burst must be >= 1 and rate_flood >= 0")
+        if not 0 < self.rate <= 1_000_000:
+            raise ConfigError(f"rate must be > 0 and <= 1000000 per second, not {self.rate}")
+        if not 1 <= self.rate_burst <= 1_000_000:
+            raise ConfigError(f"rate_burst must be 1-1000000, not {self.rate_burst}")
+        if not 0 <= self.rate_flood <= 1_000_000:
+            raise ConfigError(f"rate_flood must be 0-1000000, not {self.rate_flood}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if not 0 < self.shutdown_timeout <= 3600:
             raise ConfigError(f"shutdown_timeout must be 0-3600 s, not {self.shutdown_timeout}")
         if self.api_token is not None and len(self.api_token) < 16:
             raise ConfigError("api_token must be at least 16 characters")
+        if self.api_token == EXAMPLE_API_TOKEN:
+            raise ConfigError(
+                "api_token is still the example's placeholder: set a random one "
+                "(openssl rand -hex 24)"
+            )
         for origin in self.allowed_origins:
             if origin != "*" and "://" not in origin:
                 raise ConfigError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
@@ -122,7 +142,8 @@ def _int(v: Any) -> int:
         raise ValueError("must be an integer")
     if isinstance(v, int):
         return v
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+    digits = v.strip().removeprefix("-") if isinstance(v, str) else ""
+    if digits.isascii() and digits.isdigit():
         return int(v)
     raise ValueError("must be an integer")
 
@@ -131,9 +152,12 @@ def _float(v: Any) -> float:
     if isinstance(v, bool):
         raise ValueError("must be a number")
     try:
-        return float(v)
-    except (TypeError, ValueError):
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError("must be a number") from None
+    if not math.isfinite(f):  # nan would pass every range check (all comparisons are False)
+        raise ValueError(f"must be a finite number, not {v}")
+    return f
 
 
 def _size(v: Any) -> int:
@@ -146,7 +170,7 @@ def _size(v: Any) -> int:
     factor = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
     if factor != 1:
         text = text[:-1]
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError("must be a size such as 65536, 64K or 16M")
     return int(text) * factor
 

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
+import socket
 import sqlite3
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from chatd import __version__, limits
-from chatd.config import ConfigError, Settings, from_mapping, load_file
+from chatd.config import ConfigError, Settings, format_size, from_mapping, load_file
 from chatd.history import History
 from chatd.hub import Hub, InMemoryHub
 from chatd.logs import JsonLines
@@ -25,6 +29,14 @@ from chatd.web import Web, make_web
 
 _log = Logger()
 _d = Settings()
+
+
+def fail(message: str) -> NoReturn:
+    """A start-up error: one line on stderr, exit code 2, no traceback."""
+    line = f"chatd: error: {message}\n".encode("utf-8", "replace")
+    os.write(2, line)  # fd 2 itself: once twistd logs, sys.stderr is a log file object
+    raise SystemExit(2)
+
 
 # (option, short, help). The setting is the option with "-" as "_"; the
 # default shown is the Settings default (None means: not given, so a config
@@ -44,24 +56,24 @@ _PARAMETERS = [
         "max-message-size",
         None,
         "Largest message on '/', bytes (K/M suffixes); larger: close "
-        f"1009. [default: {_d.max_message_size}]",
+        f"1009. [default: {format_size(_d.max_message_size)}]",
     ),
     (
         "relay-max-size",
         None,
-        f"Largest relay message; larger: close 1009. [default: {_d.relay_max_size}]",
+        f"Largest relay message; larger: close 1009. [default: {format_size(_d.relay_max_size)}]",
     ),
     (
         "max-backlog",
         None,
         "Unsent bytes allowed for a client that stopped reading; past it: "
-        f"close 1008. [default: {_d.max_backlog}]",
+        f"close 1008. [default: {format_size(_d.max_backlog)}]",
     ),
     (
         "max-total-backlog",
         None,
         "Unsent bytes over all slow clients; past it a client that is "
-        f"behind gets close 1013. [default: {_d.max_total_backlog}]",
+        f"behind gets close 1013. [default: {format_size(_d.max_total_backlog)}]",
     ),
     (
         "listen-backlog",
@@ -92,7 +104,7 @@ _PARAMETERS = [
         None,
         f"Messages sent with 'joined' when no 'since' is given. [default: {_d.join_history}]",
     ),
-    ("max-text", None, f"Longest chat text, bytes of UTF-8. [default: {_d.max_text}]"),
+    ("max-text", None, f"Longest chat text, bytes of UTF-8. [default: {format_size(_d.max_text)}]"),
     ("rate", None, f"Chat frames per second per connection. [default: {_d.rate}]"),
     ("rate-burst", None, f"... and at once. [default: {_d.rate_burst}]"),
     ("rate-flood", None, f"Frames refused for rate before close 1008. [default: {_d.rate_flood}]"),
@@ -155,14 +167,41 @@ class Options(usage.Options):
         print(f"chatd {__version__}")
         raise SystemExit(0)
 
+    def parseOptions(self, options=None) -> None:
+        """Any wrong option or setting: one line naming it, exit 2 (not twistd's usage dump)."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            fail(f"{e} (twistd chatd --help lists the options)")
+
+    def label(self, key: str) -> str:
+        """A setting as the user gave it: ``--port``, ``port in chatd.toml``, or ``--port``."""
+        return self.sources.get(key, "--" + key.replace("_", "-"))
+
+    def relabel(self, message: str) -> str:
+        """A check's message starts with the setting's key: name it as the user gave it."""
+        key = message.split(" ", 1)[0]
+        source = self.sources.get(key, "")
+        if source.startswith("--"):
+            return source + message[len(key) :]
+        if source == "CHATD_API_TOKEN":
+            return f"{source}: {message}"
+        if source:
+            return f"{source.replace(f'{key} in ', 'config ', 1)}: {message}"
+        return message
+
     def postOptions(self) -> None:
+        self.sources: dict[str, str] = {}
         try:
             settings = Settings()
             if self["config"]:
-                settings = from_mapping(load_file(self["config"]), f"config {self['config']}: ")
+                values = load_file(self["config"])
+                settings = from_mapping(values, f"config {self['config']}: ")
+                self.sources.update({k: f"{k} in {self['config']}" for k in values})
             if os.environ.get("CHATD_API_TOKEN"):
                 env = {"api_token": os.environ["CHATD_API_TOKEN"]}
                 settings = from_mapping(env, "CHATD_API_TOKEN: ", settings)
+                self.sources["api_token"] = "CHATD_API_TOKEN"
             given: dict[str, Any] = {
                 name.replace("-", "_"): self[name]
                 for name, _, _ in _PARAMETERS
@@ -175,31 +214,82 @@ class Options(usage.Options):
             settings = from_mapping(
                 given, "", settings, label=lambda key: "--" + key.replace("_", "-")
             )
+            self.sources.update({k: "--" + k.replace("_", "-") for k in given})
             settings.check()
-            # Parse (without binding) so a bad description fails here.
-            from twisted.internet import reactor
-
-            for desc in (settings.endpoint_description(), settings.metrics_endpoint):
-                if desc:
-                    endpoints.serverFromString(reactor, desc)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
-        except (ValueError, TypeError, KeyError) as e:
-            raise usage.UsageError(f"endpoint: {e}") from None
+            raise usage.UsageError(self.relabel(str(e))) from None
+        if settings.endpoint and self.sources.keys() & {"port", "interface"}:
+            both = " and ".join(self.label(k) for k in ("port", "interface") if k in self.sources)
+            raise usage.UsageError(
+                f"{self.label('endpoint')} replaces {both}: give one or the other "
+                "(e.g. --endpoint tcp:9000:interface=0.0.0.0)"
+            )
+        # Parse (without binding) so a bad description, or a TLS key or
+        # certificate that cannot be read, fails here.
+        from twisted.internet import reactor
+
+        for key, desc in (
+            ("endpoint", settings.endpoint),
+            ("metrics_endpoint", settings.metrics_endpoint),
+        ):
+            if not desc:
+                continue
+            try:
+                endpoints.serverFromString(reactor, desc)
+            except OSError as e:
+                what = f"cannot read {e.filename}" if e.filename else "cannot be used"
+                raise usage.UsageError(
+                    f"{self.label(key)} {desc!r}: {what}: {e.strerror or e}"
+                ) from None
+            except Exception as e:  # strports raises ValueError, KeyError, SSL errors...
+                if isinstance(e, IndexError) and desc.startswith("systemd:"):
+                    raise usage.UsageError(
+                        f"{self.label(key)} {desc!r}: no such socket from systemd (LISTEN_FDS): "
+                        "start chatd through its socket unit (etc/chatd.socket), or use --port"
+                    ) from None
+                raise usage.UsageError(
+                    f"{self.label(key)} {desc!r} is not a valid endpoint: {e}"
+                ) from None
         self.settings = settings
+
+
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another program (another chatd?) has this port: choose another with {port}",
+    errno.EADDRNOTAVAIL: "no interface of this machine has this address: check {interface}",
+    errno.EACCES: "ports below 1024 need privileges: use a higher {port} or systemd's socket unit",
+}
 
 
 class ListeningService(StreamServerEndpointService):
     """Says where it listens, so operators (and tests using port 0) know."""
 
-    def __init__(self, endpoint, factory, what: str) -> None:
+    def __init__(self, endpoint, factory, what: str, labels: dict[str, str]) -> None:
         super().__init__(endpoint, factory)
         self.what = what
+        self.labels = labels  # how the user named port, interface and endpoint
         self._raiseSynchronously = True  # a bind error stops twistd at start-up
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise StartFailed(self.listen_error(e)) from None
+        except OSError as e:  # e.g. a systemd: endpoint without a socket from systemd
+            raise StartFailed(f"{self.labels['endpoint']}: {e.strerror or e}") from None
         self._waitingForPort.addCallback(self._listening)
+
+    def listen_error(self, e: CannotListenError) -> str:
+        err = e.socketError
+        code = getattr(err, "errno", None)
+        reason = getattr(err, "strerror", None) or str(err)
+        where = f"{e.interface or '*'}:{e.port}"
+        hint = _LISTEN_HINTS.get(code) if isinstance(code, int) else None
+        if isinstance(err, socket.gaierror):  # a name, not an address
+            hint = "the interface must be an IP address of this machine: check {interface}"
+        text = f"cannot listen on {where} ({self.what}): {reason}"
+        if hint:
+            text += "; " + hint.format(**self.labels)
+        return text
 
     def _listening(self, port):
         address = port.getHost()
@@ -223,11 +313,40 @@ class ChatdService(service.MultiService):
     exits 0.
     """
 
-    def __init__(self, settings: Settings, hub: Hub, web: Web) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        hub: Hub,
+        web: Web,
+        labels: dict[str, str] | None = None,
+        created: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         self.settings, self.hub, self.web = settings, hub, web
+        self.labels = labels or {k: "--" + k for k in ("port", "interface", "endpoint")}
+        self.created = created  # files this start made (the database): gone if it fails
         self.listeners: list[ListeningService] = []
         self.ops_listeners: list[ListeningService] = []
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except StartFailed as e:
+            self._undo()
+            fail(str(e))
+
+    def _undo(self) -> None:
+        """A start that failed leaves nothing behind: no database file it created."""
+        try:
+            close = self.hub.close()
+        except Exception:  # we are failing already; the line says why
+            close = None
+        if isinstance(close, defer.Deferred):
+            close.addErrback(lambda _: None)
+        for path in self.created:
+            for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
 
     def setServiceParent(self, parent) -> None:
         if self.settings.log_format == "json" and hasattr(parent, "setComponent"):
@@ -238,7 +357,13 @@ class ChatdService(service.MultiService):
     def listen(self, description: str, factory, what: str) -> None:
         from twisted.internet import reactor
 
-        s = ListeningService(endpoints.serverFromString(reactor, description), factory, what)
+        labels = self.labels
+        if what == "metrics":
+            m = labels.get("metrics_endpoint", "--metrics-endpoint")
+            labels = {"port": m, "interface": m, "endpoint": m}
+        s = ListeningService(
+            endpoints.serverFromString(reactor, description), factory, what, labels
+        )
         s.setServiceParent(self)
         (self.ops_listeners if what == "metrics" else self.listeners).append(s)
 
@@ -296,25 +421,34 @@ def _cluster_hub(settings: Settings, stats: Stats, health: Health) -> Hub:
     return hub
 
 
+class StartFailed(Exception):
+    """The daemon cannot start (a port it cannot bind, ...); the message is for the operator."""
+
+
 def makeService(options: Options) -> service.IService:
     settings: Settings = options.settings
     stats, health = Stats(), Health()
     hub: Hub
+    created: tuple[str, ...] = ()
     if settings.redis:
         hub = _cluster_hub(settings, stats, health)
     else:
+        if settings.db != ":memory:" and not os.path.exists(settings.db):
+            created = (settings.db,)
         try:
             history = History(settings.db, settings.history_size, settings.db_sync)
         except sqlite3.Error as e:
-            raise SystemExit(
-                f"chatd: cannot open the history database {settings.db!r}: {e}"
-            ) from None
+            fail(f"{options.label('db')}: cannot open the history database {settings.db!r}: {e}")
         hub = InMemoryHub(history, join_history=settings.join_history, stats=stats)
     web = make_web(settings, hub, stats, health)
-    top = ChatdService(settings, hub, web)
-    top.listen(settings.endpoint_description(), web.site, "web")
+    labels = {k: options.label(k) for k in ("port", "interface", "endpoint", "metrics_endpoint")}
+    if settings.endpoint:
+        labels["port"] = labels["interface"] = labels["endpoint"]
+    top = ChatdService(settings, hub, web, labels, created)
+    # The metrics listener first: if either cannot bind, the main port was never open.
     if web.ops is not None and settings.metrics_endpoint:
         top.listen(settings.metrics_endpoint, web.ops, "metrics")
+    top.listen(settings.endpoint_description(), web.site, "web")
     return top
 
 
