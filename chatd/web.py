@@ -466,6 +466,7 @@ class ChatdChannel(HTTPChannel):
     head_call = None  # the deadline of the request head being waited for
     cut_body = False
     _refusing = False
+    _lost = False
 
     def _disarm(self) -> None:
         call, self.head_call = self.head_call, None
@@ -522,12 +523,13 @@ class ChatdChannel(HTTPChannel):
             self.allContentReceived()
 
     def requestDone(self, request) -> None:
-        if self.persistent and self.transport is not None:
+        if self.persistent and not self._lost:
             # Waiting for the next request head: the same deadline.
             self.head_call = self.site.gate.arm(self.transport)
         super().requestDone(request)
 
     def connectionLost(self, reason) -> None:
+        self._lost = True
         self._disarm()
         self.site.gate.release(self.transport)
         super().connectionLost(reason)

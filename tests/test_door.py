@@ -87,6 +87,16 @@ def test_silent_connection_is_dropped_and_counts_stay_exact() -> None:
     assert site.gate.stats.pending == 0 and not site.gate.per_ip
 
 
+def test_autobahn_handshake_timeout_is_the_option() -> None:
+    from chatd.hub import InMemoryHub
+    from chatd.web import make_site
+
+    site = make_site(Settings(handshake_timeout=3.5), InMemoryHub())
+    for factory in (site.upgrades.plain, site.upgrades.v1, site.upgrades.relay):
+        assert factory.protocol.openHandshakeTimeout == 3.5
+    assert site.timeOut == 3.5  # twisted.web's idle timer (body reads, between requests)
+
+
 def test_caps_at_accept() -> None:
     clock = Clock()
     site = site_on(clock, max_pending=3, max_connections_per_ip=2)
