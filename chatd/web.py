@@ -457,8 +457,14 @@ class ChatdChannel(HTTPChannel):
       (no or wrong token, no such path, ...) or with a Content-Length over
       its limit, the request gets its usual answer without the body being
       read, then the connection closes; a chunked body is cut (413) once it
-      passes the limit.
+      passes the limit. Before closing, what the client still sends is read
+      and dropped for up to ``LINGER`` seconds and ``LINGER_BYTES`` (a
+      lingering close): closing with unread data would reset the connection,
+      and a client still sending its body could lose the answer.
     """
+
+    LINGER = 1.0
+    LINGER_BYTES = 1024 * 1024
 
     maxHeaders = limits.MAX_HEADERS
     totalHeadersSize = limits.MAX_HEAD_SIZE
@@ -467,6 +473,9 @@ class ChatdChannel(HTTPChannel):
     cut_body = False
     _refusing = False
     _lost = False
+    _lingering = False
+    _linger_left = 0
+    _linger_call = None
 
     def _disarm(self) -> None:
         call, self.head_call = self.head_call, None
@@ -514,7 +523,43 @@ class ChatdChannel(HTTPChannel):
         if not self._refusing:
             super()._send100Continue()
 
+    def loseConnection(self) -> None:
+        if self._refusing and not self._lost and not self._lingering:
+            self._linger()
+            return
+        super().loseConnection()
+
+    def _linger(self) -> None:
+        self._lingering = True
+        self._linger_left = self.LINGER_BYTES
+        transport = self.transport
+        self._networkProducer.unregisterProducer()
+        self._networkProducer.resumeProducing()  # reading on, even if paused for a pipeline
+        if not _is_secure(transport):
+            transport.loseWriteConnection()  # the client sees the end of the answer now
+        self._linger_call = self.callLater(self.LINGER, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._linger_call = None
+        self.transport.loseConnection()
+
+    def _drop(self, data: bytes) -> None:
+        self._linger_left -= len(data)
+        if self._linger_left < 0 and self._linger_call is not None:
+            self._linger_call.cancel()
+            self._linger_call = None
+            self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._lingering:
+            self._drop(data)
+        else:
+            super().dataReceived(data)
+
     def rawDataReceived(self, data: bytes) -> None:
+        if self._lingering:
+            self._drop(data)
+            return
         super().rawDataReceived(data)
         if self.cut_body and self._transferDecoder is not None:
             # A chunked body passed its limit: stop decoding, answer now.
@@ -531,6 +576,9 @@ class ChatdChannel(HTTPChannel):
     def connectionLost(self, reason) -> None:
         self._lost = True
         self._disarm()
+        if self._linger_call is not None:
+            self._linger_call.cancel()
+            self._linger_call = None
         self.site.gate.release(self.transport)
         super().connectionLost(reason)
 

@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 
+import pytest
 from test_ops import TOKEN, make_cert
 from test_upgrade_path import handshake
 from twisted.internet.address import IPv4Address
@@ -192,6 +193,26 @@ def test_bodies_refused_on_their_head(daemon) -> None:
         + b"hello"
     )
     assert status_of(exchange(d.port, ok + b"", wait=2)) == 200
+
+
+def test_a_refused_body_sent_anyway_does_not_lose_the_answer(daemon) -> None:
+    """The server reads and drops the rest (a lingering close) instead of resetting."""
+    d = daemon("--api-token", TOKEN)
+    body = b"x" * 300_000
+    for _ in range(3):
+        data = post_head("/api/relay/r/messages", f"Content-Length: {len(body)}") + body
+        answer = exchange(d.port, data)  # raises on a reset
+        assert status_of(answer) == 401
+    # one that keeps sending past the bound is cut off
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+    s.sendall(post_head("/api/relay/r/messages", f"Content-Length: {GiB}"))
+    sent, deadline = 0, time.monotonic() + 10
+    with pytest.raises(OSError):  # reset (or broken pipe) once past the bound
+        while time.monotonic() < deadline:
+            s.sendall(b"y" * 65536)
+            sent += 65536
+    assert sent < 64 * 1024 * 1024, sent
+    s.close()
 
 
 def test_chunked_body_is_cut_past_the_limit(daemon) -> None:
