@@ -119,8 +119,8 @@ class Collector:
         )
         yield counter(
             "chatd_connections_refused",
-            "Connections dropped at accept: pending (--max-pending), per_ip "
-            "(--max-connections-per-ip).",
+            "Connections dropped at accept: pending (--max-pending: the one waiting "
+            "longest for its request head), per_ip (--max-connections-per-ip: the new one).",
             "reason",
             {"pending": 0, "per_ip": 0, **s.refused},
         )

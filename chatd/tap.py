@@ -136,7 +136,8 @@ _PARAMETERS = [
     (
         "max-pending",
         None,
-        "Connections waiting for a request head, at most; more are dropped at once. "
+        "Connections waiting for a request head, at most; past it the one waiting "
+        "longest is dropped. "
         f"[default: {_d.max_pending}]",
     ),
     (

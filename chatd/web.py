@@ -358,12 +358,15 @@ def _hand_over(transport, protocol) -> None:
 class Gate:
     """Who gets in, and how long a connection may take to send a request head.
 
-    ``admit`` runs at accept: past ``--max-pending`` connections waiting for
-    a request head, or ``--max-connections-per-ip`` from the new one's
-    address, the connection is dropped at once (and counted). ``arm`` starts
-    a deadline for a whole request head: it is not reset by bytes that
-    trickle in, only ``disarm`` (the head is complete) stops it; when it
-    fires, the connection is dropped.
+    ``arm`` starts a deadline for a whole request head: it is not reset by
+    bytes that trickle in, only ``disarm`` (the head is complete, or the
+    connection gone) stops it; when it fires, the connection is dropped.
+    ``admit`` runs at accept. With ``--max-pending`` connections already
+    waiting for a head, the one that has waited longest is dropped to make
+    room: a flood of silent or trickling connections cannot shut new
+    clients out, it only shortens its own connections' lives. Past
+    ``--max-connections-per-ip`` from the new connection's address, the new
+    one is dropped. Both are counted in ``stats.refused``.
     """
 
     def __init__(self, settings: Settings, stats: Stats, reactor) -> None:
@@ -371,13 +374,11 @@ class Gate:
         self.max_pending = settings.max_pending
         self.per_ip_cap = settings.max_connections_per_ip
         self.per_ip: Counter[str] = Counter()  # open connections by address, with a cap only
+        self.waiting: dict = {}  # transport -> its head deadline, oldest first
         self.stats = stats
         self.reactor = reactor
 
     def admit(self, addr) -> bool:
-        if self.stats.pending >= self.max_pending:
-            self.stats.refused["pending"] += 1
-            return False
         if self.per_ip_cap:
             host = getattr(addr, "host", None)
             if host is not None:
@@ -385,6 +386,11 @@ class Gate:
                     self.stats.refused["per_ip"] += 1
                     return False
                 self.per_ip[host] += 1
+        if len(self.waiting) >= self.max_pending:
+            oldest = next(iter(self.waiting))
+            self.disarm(oldest)
+            self.stats.refused["pending"] += 1
+            oldest.abortConnection()
         return True
 
     def release(self, transport) -> None:
@@ -397,16 +403,20 @@ class Gate:
                     del self.per_ip[host]
 
     def arm(self, transport):
-        self.stats.pending += 1
-        return self.reactor.callLater(self.timeout, self._expired, transport)
+        """Start ``transport``'s head deadline; the transport is the handle for ``disarm``."""
+        self.waiting[transport] = self.reactor.callLater(self.timeout, self._expired, transport)
+        self.stats.pending = len(self.waiting)
+        return transport
 
-    def disarm(self, call) -> None:
-        if call is not None and call.active():
+    def disarm(self, handle) -> None:
+        call = self.waiting.pop(handle, None)
+        if call is not None:
             call.cancel()
-            self.stats.pending -= 1
+            self.stats.pending = len(self.waiting)
 
     def _expired(self, transport) -> None:
-        self.stats.pending -= 1
+        del self.waiting[transport]
+        self.stats.pending = len(self.waiting)
         self.stats.head_timeouts += 1
         transport.abortConnection()
 

@@ -9,6 +9,7 @@ the wire, where the socket is the point.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import selectors
 import socket
@@ -101,18 +102,21 @@ def test_autobahn_handshake_timeout_is_the_option() -> None:
 def test_caps_at_accept() -> None:
     clock = Clock()
     site = site_on(clock, max_pending=3, max_connections_per_ip=2)
+    stats = site.gate.stats
     a = [connect(site, "127.0.0.2") for _ in range(2)]
     refused = connect(site, "127.0.0.2")
-    assert refused.disconnected and site.gate.stats.refused["per_ip"] == 1
+    assert refused.disconnected and stats.refused["per_ip"] == 1
     b = connect(site, "127.0.0.3")
-    full = connect(site, "127.0.0.4")
-    assert full.disconnected and site.gate.stats.refused["pending"] == 1
-    a[0].protocol.connectionLost(None)  # one gone: its address and a pending slot are free
+    # a fourth waiting connection: the one that waited longest makes room
+    clock.advance(1)
+    c = connect(site, "127.0.0.4")
+    assert a[0].disconnected and not c.disconnecting and stats.refused["pending"] == 1
+    a[0].protocol.connectionLost(None)  # its address has a free slot again
     again = connect(site, "127.0.0.2")
-    assert not again.disconnecting
-    for t in (a[1], b, again):
+    assert a[1].disconnected and not again.disconnecting and stats.pending == 3
+    for t in (a[1], b, c, again):
         t.protocol.connectionLost(None)
-    assert site.gate.stats.pending == 0 and not site.gate.per_ip
+    assert stats.pending == 0 and not site.gate.per_ip and not site.gate.waiting
 
 
 # -- on the wire ----------------------------------------------------------------------
@@ -381,39 +385,30 @@ def test_per_ip_cap(daemon) -> None:
         c.close()
 
 
-def test_pending_cap(daemon) -> None:
-    d = daemon(
-        "--max-pending",
-        "20",
-        "--handshake-timeout",
-        "2",
-        "--metrics-endpoint",
-        "tcp:0:interface=127.0.0.1",
-    )
+def test_pending_cap_drops_the_oldest_not_the_newcomer(daemon) -> None:
+    d = daemon("--max-pending", "50", "--metrics-endpoint", "tcp:0:interface=127.0.0.1")
     ops = d.port_of("metrics")
-    idle = [
+    flood = [
         socket.create_connection(("127.0.0.1", d.port), timeout=5, source_address=("127.0.0.2", 0))
-        for _ in range(20)
+        for _ in range(200)
     ]
-    deadline = time.monotonic() + 1.5
-    while metric(ops, "chatd_connections_pending") < 20:
+    deadline = time.monotonic() + 5
+    while metric(ops, 'chatd_connections_refused_total{reason="pending"}') < 150:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert dropped(d.port, "127.0.0.3")
-    assert metric(ops, 'chatd_connections_refused_total{reason="pending"}') >= 1
-    # the idle ones are dropped at the deadline; then new clients get in again
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            c = client_from(d.port, "127.0.0.3", "/relay/after")
-            break
-        except (OSError, IndexError, ValueError):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-    c.send("in")
-    assert c.recv() == "in"
-    c.close()
-    for s in idle:
+    assert metric(ops, "chatd_connections_pending") == 50
+    # a newcomer gets in and chats, well within the (default 10 s) head deadline
+    v = V1(d.port, "newcomer")
+    v.join("p")
+    v.say("p", "in")
+    assert v.next("message")["text"] == "in"
+    v.close()
+    # the first of the flood were the ones dropped
+    first = flood[0]
+    first.settimeout(2)
+    with contextlib.suppress(ConnectionResetError):
+        assert first.recv(1) == b""
+    for s in flood:
         s.close()
 
 
