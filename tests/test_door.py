@@ -340,6 +340,25 @@ def test_origin_scheme_must_match_the_connection(daemon, tmp_path) -> None:
         assert answer(hs(f"http://{host}", host), split, tls.port, ctx) == 403
 
 
+def test_tls_connection_that_never_handshakes_is_dropped_at_the_deadline(daemon, tmp_path):
+    from test_ops import free_port
+
+    key, cert = make_cert(tmp_path)
+    port = free_port()
+    daemon(
+        "--handshake-timeout",
+        "1",
+        "--endpoint",
+        f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+    )
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    started = time.monotonic()
+    with contextlib.suppress(ConnectionResetError):
+        assert s.recv(1) == b""  # no TLS handshake, no bytes: dropped
+    assert 0.9 <= time.monotonic() - started < 4
+    s.close()
+
+
 def client_from(port: int, host: str, path: str = "/relay/cap") -> Client:
     """A WebSocket client from the source address ``host`` (all of 127/8 is loopback)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(host, 0))
