@@ -404,6 +404,7 @@ class Gate:
 
     def arm(self, transport):
         """Start ``transport``'s head deadline; the transport is the handle for ``disarm``."""
+        self.disarm(transport)
         self.waiting[transport] = self.reactor.callLater(self.timeout, self._expired, transport)
         self.stats.pending = len(self.waiting)
         return transport
@@ -449,6 +450,7 @@ class ChatdRequest(Request):
                 # and have the channel stop reading and close after the answer.
                 self.channel.persistent = False
                 self.channel.cut_body = True
+                self.channel.linger_on_close = True
                 data = data[: max(room, 0)]
         if data:
             super().handleContentChunk(data)
@@ -467,10 +469,11 @@ class ChatdChannel(HTTPChannel):
       (no or wrong token, no such path, ...) or with a Content-Length over
       its limit, the request gets its usual answer without the body being
       read, then the connection closes; a chunked body is cut (413) once it
-      passes the limit. Before closing, what the client still sends is read
-      and dropped for up to ``LINGER`` seconds and ``LINGER_BYTES`` (a
-      lingering close): closing with unread data would reset the connection,
-      and a client still sending its body could lose the answer.
+      passes the limit. After these answers and a 431, what the client still
+      sends is read and dropped for up to ``LINGER`` seconds and
+      ``LINGER_BYTES`` before closing (a lingering close): closing with
+      unread data would reset the connection, and a client still sending
+      could lose the answer.
     """
 
     LINGER = 1.0
@@ -480,8 +483,9 @@ class ChatdChannel(HTTPChannel):
     totalHeadersSize = limits.MAX_HEAD_SIZE
     MAX_LENGTH = limits.MAX_HEAD_SIZE
     head_call = None  # the deadline of the request head being waited for
-    cut_body = False
-    _refusing = False
+    cut_body = False  # a chunked body passed its limit
+    linger_on_close = False  # the client may still be sending: drain before closing
+    _refusing = False  # this request's body is not read
     _lost = False
     _lingering = False
     _linger_left = 0
@@ -494,12 +498,15 @@ class ChatdChannel(HTTPChannel):
     def _head_too_large(self) -> None:
         self._disarm()
         self.transport.write(_HEAD_TOO_LARGE)
+        self.linger_on_close = True
         self.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._head_too_large()
 
     def lineReceived(self, line: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a head already answered
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
             self._head_too_large()
             return
@@ -524,6 +531,7 @@ class ChatdChannel(HTTPChannel):
                 self.length = 0
                 self._transferDecoder = None
                 self._refusing = True
+                self.linger_on_close = True
         super().allHeadersReceived()
         if self._refusing:
             self.persistent = False
@@ -534,7 +542,7 @@ class ChatdChannel(HTTPChannel):
             super()._send100Continue()
 
     def loseConnection(self) -> None:
-        if self._refusing and not self._lost and not self._lingering:
+        if self.linger_on_close and not self._lost and not self._lingering:
             self._linger()
             return
         super().loseConnection()
@@ -545,8 +553,9 @@ class ChatdChannel(HTTPChannel):
         transport = self.transport
         self._networkProducer.unregisterProducer()
         self._networkProducer.resumeProducing()  # reading on, even if paused for a pipeline
-        if not _is_secure(transport):
-            transport.loseWriteConnection()  # the client sees the end of the answer now
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is not None and not _is_secure(transport):
+            half_close()  # the client sees the end of the answer now
         self._linger_call = self.callLater(self.LINGER, self._end_linger)
 
     def _end_linger(self) -> None:

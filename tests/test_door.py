@@ -89,6 +89,20 @@ def test_silent_connection_is_dropped_and_counts_stay_exact() -> None:
     assert site.gate.stats.pending == 0 and not site.gate.per_ip
 
 
+def test_one_431_then_a_lingering_close() -> None:
+    clock = Clock()
+    site = site_on(clock)
+    t = connect(site)
+    t.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 200 + b"\r\n")
+    t.protocol.dataReceived(b"X-More: still sending\r\n" * 10)
+    assert t.value().count(b" 431 ") == 1 and not t.disconnecting
+    assert site.gate.stats.pending == 0  # answered: no head deadline any more
+    clock.advance(1)  # the linger ends
+    assert t.disconnecting
+    t.protocol.connectionLost(None)
+    assert not site.gate.waiting
+
+
 def test_autobahn_handshake_timeout_is_the_option() -> None:
     from chatd.hub import InMemoryHub
     from chatd.web import make_site
