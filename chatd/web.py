@@ -677,8 +677,8 @@ class ChatdSite(Site):
 class Web:
     """What the daemon serves: the main site, and the ops site if it has its own endpoint."""
 
-    site: Site
-    ops: Site | None
+    site: ChatdSite
+    ops: ChatdSite | None
     clients: Clients
     health: Health
 
@@ -697,6 +697,8 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
     page = Page(settings.static)
     page.root_dir = os.path.realpath(settings.static)
     ops = ops_children(health, stats, hub)
+    from twisted.internet import reactor
+
     api = PushAPI(hub, settings, stats)
     extra: dict[bytes, Resource] = {b"api": api}
     ops_site = None
@@ -704,7 +706,12 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
         ops_root = Resource()
         for name, child in ops.items():
             ops_root.putChild(name, child)
-        ops_site = Site(ops_root)
+        # The same door as the main port (its own counts: operators' scrapes
+        # are not clients), so a metrics port is no easier to hold open.
+        ops_site = ChatdSite(
+            ops_root, timeout=settings.handshake_timeout, parsePOSTFormSubmission=False
+        )
+        ops_site.gate = Gate(settings, Stats(), reactor)
         ops_site.displayTracebacks = False
     else:
         extra.update(ops)
@@ -716,8 +723,6 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
         origins,
         extra,
     )
-    from twisted.internet import reactor
-
     site = ChatdSite(root, timeout=settings.handshake_timeout, parsePOSTFormSubmission=False)
     site.upgrades = Upgrades(plain, v1, relay, origins)
     site.api = api
