@@ -89,6 +89,20 @@ def test_silent_connection_is_dropped_and_counts_stay_exact() -> None:
     assert site.gate.stats.pending == 0 and not site.gate.per_ip
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("handshake_timeout", 0), ("max_pending", 0), ("max_connections_per_ip", -1)],
+)
+def test_door_settings_are_checked(key: str, value: float) -> None:
+    from chatd.config import ConfigError, from_mapping
+
+    with pytest.raises(ConfigError, match=key):
+        from_mapping({key: value}, "").check()
+    ok = from_mapping({"handshake_timeout": "2.5", "max_pending": 10}, "")
+    ok.check()
+    assert (ok.handshake_timeout, ok.max_pending, ok.max_connections_per_ip) == (2.5, 10, 0)
+
+
 def test_one_431_then_a_lingering_close() -> None:
     clock = Clock()
     site = site_on(clock)
