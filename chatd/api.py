@@ -100,7 +100,7 @@ class PushAPI(Resource):
 
         0 for anything ``render`` refuses without reading the body (the API
         off, no or a wrong token, no such path, a wrong method, a bad room
-        name); else the limit ``_body`` applies.
+        name, a chat body that is not JSON); else the limit ``_body`` applies.
         """
         if not self.token or method != b"POST":
             return 0
@@ -114,7 +114,8 @@ class PushAPI(Resource):
         if not limits.valid_room_name(path[1]):
             return 0
         if path[0] == "rooms":
-            return self.settings.max_message_size
+            ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+            return self.settings.max_message_size if ctype == b"application/json" else 0
         return self.settings.relay_max_size
 
     @staticmethod
