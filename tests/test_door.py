@@ -198,6 +198,7 @@ def test_bodies_refused_on_their_head(daemon) -> None:
             413,
         ),
         (post_head("/api/nowhere", big, f"Authorization: Bearer {TOKEN}"), 404),
+        (post_head("/api/relay/r/messages", "Transfer-Encoding: chunked"), 401),
         (post_head("/api/rooms/lobby/messages", big, f"Authorization: Bearer {TOKEN}"), 415),
         # no 100 Continue for a body that will not be read
         (post_head("/api/relay/r/messages", big, "Expect: 100-continue"), 401),
