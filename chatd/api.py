@@ -8,6 +8,12 @@ Off (404) while no token is configured. Answers: 400 bad JSON or fields,
 401 no bearer token, 403 a wrong one, 404 no such path, 405 wrong method,
 413 too large, 415 a chat body that is not application/json, 503 history
 unavailable. Every answer is JSON.
+
+A body is only read once the request's head has passed every check that
+does not need it: ``body_limit`` tells chatd.web's channel, as soon as the
+headers are in, how much body a request may send (0 for one that will be
+refused anyway), so a body without a valid token, or over the limit by its
+Content-Length, is answered without being read.
 """
 
 from __future__ import annotations
@@ -88,6 +94,29 @@ class PushAPI(Resource):
             )
         if not hmac.compare_digest(header[7:].strip(), self.token):
             raise ApiError(403, "wrong token")
+
+    def body_limit(self, method: bytes, postpath: list[bytes], request: Request) -> int:
+        """Bytes of body the request may send, judged on its head alone.
+
+        0 for anything ``render`` refuses without reading the body (the API
+        off, no or a wrong token, no such path, a wrong method, a bad room
+        name, a chat body that is not JSON); else the limit ``_body`` applies.
+        """
+        if not self.token or method != b"POST":
+            return 0
+        try:
+            self._authorize(request)
+        except ApiError:
+            return 0
+        path = [p.decode("utf-8", "replace") for p in postpath]
+        if len(path) != 3 or path[0] not in ("rooms", "relay") or path[2] != "messages":
+            return 0
+        if not limits.valid_room_name(path[1]):
+            return 0
+        if path[0] == "rooms":
+            ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+            return self.settings.max_message_size if ctype == b"application/json" else 0
+        return self.settings.relay_max_size
 
     @staticmethod
     def _method(method: bytes, allowed: bytes) -> None:

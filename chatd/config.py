@@ -66,6 +66,9 @@ class Settings:
     shutdown_timeout: float = 10.0
     redis: str | None = None  # redis://host:port/db: a cluster node; None: one process
     cluster_ttl: float = limits.CLUSTER_TTL
+    handshake_timeout: float = limits.OPEN_HANDSHAKE_TIMEOUT
+    max_pending: int = limits.MAX_PENDING
+    max_connections_per_ip: int = limits.MAX_CONNECTIONS_PER_IP
 
     def check(self) -> None:
         """Raise ConfigError naming the first setting that is out of range (TOML key names)."""
@@ -126,6 +129,14 @@ class Settings:
                 raise ConfigError(f"redis {e}") from None
         if not 1 <= self.cluster_ttl <= 3600:
             raise ConfigError(f"cluster_ttl must be 1-3600 s, not {self.cluster_ttl}")
+        if not 0 < self.handshake_timeout <= 3600:
+            raise ConfigError(f"handshake_timeout must be 0-3600 s, not {self.handshake_timeout}")
+        if not 1 <= self.max_pending <= 1_000_000:
+            raise ConfigError(f"max_pending must be 1 to 1000000, not {self.max_pending}")
+        if not 0 <= self.max_connections_per_ip <= 1_000_000:
+            raise ConfigError(
+                f"max_connections_per_ip must be 0 to 1000000, not {self.max_connections_per_ip}"
+            )
         if not os.path.isfile(os.path.join(self.static, "index.html")):
             raise ConfigError(f"static: {self.static!r} has no index.html")
 
@@ -223,6 +234,9 @@ COERCE: dict[str, Callable[[Any], Any]] = {
     "shutdown_timeout": _float,
     "redis": _str,
     "cluster_ttl": _float,
+    "handshake_timeout": _float,
+    "max_pending": _int,
+    "max_connections_per_ip": _int,
 }
 assert set(COERCE) == {f.name for f in fields(Settings)}, "every setting needs a coercion"
 

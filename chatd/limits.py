@@ -18,7 +18,11 @@ MAX_BACKLOG = 4 * MiB  # unsent bytes queued for a client that has stopped readi
 LISTEN_BACKLOG = 1024  # the kernel's accept queue (Twisted's default is 50)
 PING_INTERVAL = 30.0  # seconds between server pings; 0 turns them off
 PING_TIMEOUT = 20.0  # seconds to wait for the pong before dropping
-OPEN_HANDSHAKE_TIMEOUT = 10.0  # seconds for a client to finish the upgrade
+OPEN_HANDSHAKE_TIMEOUT = 10.0  # seconds for a request head (and the upgrade) to arrive whole
+MAX_PENDING = 1024  # connections waiting for a request head, over all clients
+MAX_CONNECTIONS_PER_IP = 0  # connections from one address (0: no cap)
+MAX_HEAD_SIZE = 16 * KiB  # a request line and its headers
+MAX_HEADERS = 100  # header lines in one request
 CLOSE_HANDSHAKE_TIMEOUT = 5.0  # seconds to wait for the close reply
 MAX_TOTAL_BACKLOG = 256 * MiB  # unsent bytes over all slow clients: past it, overloaded
 

@@ -117,6 +117,23 @@ class Collector:
         yield counter(
             "chatd_api_requests", "Push API requests by HTTP status.", "status", s.api_requests
         )
+        yield counter(
+            "chatd_connections_refused",
+            "Connections dropped at accept: pending (--max-pending: the one waiting "
+            "longest for its request head), per_ip (--max-connections-per-ip: the new one).",
+            "reason",
+            {"pending": 0, "per_ip": 0, **s.refused},
+        )
+        yield CounterMetricFamily(
+            "chatd_request_head_timeouts",
+            "Connections dropped for not sending a whole request head within --handshake-timeout.",
+            s.head_timeouts,
+        )
+        pending = GaugeMetricFamily(
+            "chatd_connections_pending", "Connections waiting for a request head."
+        )
+        pending.add_metric([], s.pending)
+        yield pending
         rooms: dict[str, int] = {}
         for name in self.hub.rooms():
             kind = name.split("/", 1)[0]

@@ -47,6 +47,9 @@ class Stats:
         self.dropped: Counter[str] = Counter()  # by reason: backlog, overload, error
         self.close_codes: Counter[str] = Counter()  # by code, as a string
         self.api_requests: Counter[str] = Counter()  # by status code
+        self.refused: Counter[str] = Counter()  # connections dropped at accept, by reason
+        self.head_timeouts = 0  # connections dropped for a request head not sent in time
+        self.pending = 0  # connections waiting for a request head now
         self.history_commit = Histogram(
             (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
         )

@@ -138,6 +138,26 @@ _PARAMETERS = [
         "Seconds after which a silent cluster node's members are removed. "
         f"[default: {_d.cluster_ttl}]",
     ),
+    (
+        "handshake-timeout",
+        None,
+        "Seconds a connection gets to send a whole request head (and finish the "
+        "WebSocket upgrade); an idle HTTP connection is closed as late. "
+        f"[default: {_d.handshake_timeout}]",
+    ),
+    (
+        "max-pending",
+        None,
+        "Connections waiting for a request head, at most; past it the one waiting "
+        "longest is dropped. "
+        f"[default: {_d.max_pending}]",
+    ),
+    (
+        "max-connections-per-ip",
+        None,
+        "Connections from one IP address, at most (0: no cap; behind a proxy every "
+        f"client has its address). [default: {_d.max_connections_per_ip}]",
+    ),
 ]
 
 

@@ -4,24 +4,36 @@ Routing is by path, by the ``Upgrade`` header and by the offered subprotocol:
 ``GET /`` in a browser gets the page, a WebSocket handshake on ``/`` offering
 ``chatd.v1`` gets the JSON chat, any other handshake on ``/`` the seed's
 plain chat; all on the same reactor and the same listening socket.
+
+Before any of that, the door (``Gate``, ``FrontDoor``, ``ChatdChannel``)
+bounds what a client can hold without sending a request: connections still
+waiting for a request head (``--max-pending``) and per address
+(``--max-connections-per-ip``) are capped at accept, a request head must
+arrive whole within ``--handshake-timeout`` (however slowly it trickles),
+its size and header count are capped (431), and a body is refused on its
+head (Content-Length, token, path) before any of it is read.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.web.http import HTTPChannel
 from twisted.web.pages import errorPage, forbidden, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
+from chatd import limits
 from chatd.api import PushAPI
 from chatd.config import Settings
 from chatd.fanout import Budget
@@ -80,8 +92,9 @@ class Origins:
 
     A browser always sends Origin; other clients usually send none and are
     let in (they are not a browser acting for a user). With no list, only
-    pages served from the host the client asked for (Host header) may
-    connect; ``*`` allows any.
+    pages served from the host the client asked for (Host header), with the
+    scheme of this connection (https over TLS, else http), may connect;
+    ``*`` allows any.
     """
 
     def __init__(self, allowed: tuple[str, ...]) -> None:
@@ -89,10 +102,14 @@ class Origins:
         self.allowed = {k for k in map(_origin_key, allowed) if k is not None}
 
     def permit(self, request: Request) -> bool:
-        return self.permit_values(request.getHeader(b"origin"), request.getHeader(b"host"))
+        return self.permit_values(
+            request.getHeader(b"origin"), request.getHeader(b"host"), request.isSecure()
+        )
 
-    def permit_values(self, raw: bytes | None, host_header: bytes | None) -> bool:
-        """``permit`` on the raw values of the Origin and Host headers."""
+    def permit_values(
+        self, raw: bytes | None, host_header: bytes | None, secure: bool = False
+    ) -> bool:
+        """``permit`` on the raw values of the Origin and Host headers (``secure``: over TLS)."""
         if raw is None or self.any:
             return True
         key = _origin_key(raw.decode("latin-1"))
@@ -101,8 +118,8 @@ class Origins:
         if self.allowed:
             return key in self.allowed
         host = (host_header or b"").decode("latin-1").strip().lower()
-        target = _origin_key(f"{key[0]}://{host}")
-        return target is not None and target[1:] == key[1:]
+        target = _origin_key(f"{'https' if secure else 'http'}://{host}")
+        return target == key
 
 
 class Forbidden(Resource):
@@ -140,6 +157,8 @@ class Page(File):
         return child
 
     def getChild(self, path: bytes, request: Request) -> IResource:
+        if b"\x00" in path:
+            return notFound()  # no file name has one (and os calls raise on it)
         child = super().getChild(path, request)
         root = self.root_dir or os.path.realpath(self.path)
         if isinstance(child, File):
@@ -264,14 +283,21 @@ class Upgrades:
     ) -> None:
         self.plain, self.v1, self.relay, self.origins = plain, v1, relay, origins
 
-    def route(self, data: bytes) -> tuple[WebSocketServerFactory, bytes, dict[bytes, bytes]] | None:
-        """(factory, request target, headers by lower-case name) of a handshake to take, or None."""
+    def route(
+        self, data: bytes, secure: bool = False
+    ) -> tuple[WebSocketServerFactory, bytes, dict[bytes, bytes]] | None:
+        """(factory, request target, headers by lower-case name) of a handshake to take, or None.
+
+        ``secure``: the connection is TLS (for the origin check).
+        """
         if not data.startswith(b"GET /"):
             return None
         end = data.find(b"\r\n\r\n")
-        if end < 0:
-            return None
+        if end < 0 or end > limits.MAX_HEAD_SIZE:
+            return None  # twisted.web answers an oversized head (431)
         lines = data[:end].split(b"\r\n")
+        if len(lines) > limits.MAX_HEADERS + 1:
+            return None
         parts = lines[0].split(b" ")
         if len(parts) != 3 or parts[2] != b"HTTP/1.1":
             return None
@@ -313,7 +339,7 @@ class Upgrades:
             factory = self.relay
         else:
             return None
-        if not self.origins.permit_values(headers.get(b"origin"), headers.get(b"host")):
+        if not self.origins.permit_values(headers.get(b"origin"), headers.get(b"host"), secure):
             return None
         return factory, target, headers
 
@@ -329,12 +355,264 @@ def _hand_over(transport, protocol) -> None:
     protocol.makeConnection(transport)
 
 
+class Gate:
+    """Who gets in, and how long a connection may take to send a request head.
+
+    ``arm`` starts a deadline for a whole request head: it is not reset by
+    bytes that trickle in, only ``disarm`` (the head is complete, or the
+    connection gone) stops it; when it fires, the connection is dropped.
+    ``admit`` runs at accept. With ``--max-pending`` connections already
+    waiting for a head, the one that has waited longest is dropped to make
+    room: a flood of silent or trickling connections cannot shut new
+    clients out, it only shortens its own connections' lives. Past
+    ``--max-connections-per-ip`` from the new connection's address, the new
+    one is dropped. Both are counted in ``stats.refused``.
+    """
+
+    def __init__(self, settings: Settings, stats: Stats, reactor) -> None:
+        self.timeout = settings.handshake_timeout
+        self.max_pending = settings.max_pending
+        self.per_ip_cap = settings.max_connections_per_ip
+        self.per_ip: Counter[str] = Counter()  # open connections by address, with a cap only
+        self.waiting: dict = {}  # transport -> its head deadline, oldest first
+        self.stats = stats
+        self.reactor = reactor
+
+    def admit(self, addr) -> bool:
+        if self.per_ip_cap:
+            host = getattr(addr, "host", None)
+            if host is not None:
+                if self.per_ip[host] >= self.per_ip_cap:
+                    self.stats.refused["per_ip"] += 1
+                    return False
+                self.per_ip[host] += 1
+        if len(self.waiting) >= self.max_pending:
+            oldest = next(iter(self.waiting))
+            self.disarm(oldest)
+            self.stats.refused["pending"] += 1
+            oldest.abortConnection()
+        return True
+
+    def release(self, transport) -> None:
+        """The connection ``transport`` carried is gone (called once per admitted one)."""
+        if self.per_ip_cap and transport is not None:
+            host = getattr(transport.getPeer(), "host", None)
+            if host is not None and self.per_ip[host] > 0:
+                self.per_ip[host] -= 1
+                if not self.per_ip[host]:
+                    del self.per_ip[host]
+
+    def arm(self, transport):
+        """Start ``transport``'s head deadline; the transport is the handle for ``disarm``."""
+        self.disarm(transport)
+        self.waiting[transport] = self.reactor.callLater(self.timeout, self._expired, transport)
+        self.stats.pending = len(self.waiting)
+        return transport
+
+    def disarm(self, handle) -> None:
+        call = self.waiting.pop(handle, None)
+        if call is not None:
+            call.cancel()
+            self.stats.pending = len(self.waiting)
+
+    def _expired(self, transport) -> None:
+        del self.waiting[transport]
+        self.stats.pending = len(self.waiting)
+        self.stats.head_timeouts += 1
+        transport.abortConnection()
+
+
+class _Refused(Protocol):
+    """A connection over a cap: dropped as soon as it is made."""
+
+    def makeConnection(self, transport) -> None:
+        transport.abortConnection()
+
+
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+)
+
+
+class ChatdRequest(Request):
+    """A request whose body may be refused on its head, or cut at its limit."""
+
+    body_limit = 0  # a chunked body is cut once it passes this many bytes
+    body_seen = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_limit:
+            room = self.body_limit + 1 - self.body_seen
+            self.body_seen += len(data)
+            if self.body_seen > self.body_limit:
+                # Over the limit: keep one byte too many (the API answers 413)
+                # and have the channel stop reading and close after the answer.
+                self.channel.persistent = False
+                self.channel.cut_body = True
+                self.channel.linger_on_close = True
+                data = data[: max(room, 0)]
+        if data:
+            super().handleContentChunk(data)
+
+
+class ChatdChannel(HTTPChannel):
+    """twisted.web's HTTP/1.1 channel, with chatd's bounds on what comes before a response.
+
+    - a request head must be whole within ``--handshake-timeout`` of the
+      connection's start (the door's deadline carries over) or of the end
+      of the previous response: a deadline, not an idle timer;
+    - at most ``MAX_HEAD_SIZE`` bytes and ``MAX_HEADERS`` headers: else 431
+      and close;
+    - a body is judged on the head: on a path that takes none (anything
+      but the push API's POSTs), on a push API request that will be refused
+      (no or wrong token, no such path, ...) or with a Content-Length over
+      its limit, the request gets its usual answer without the body being
+      read, then the connection closes; a chunked body is cut (413) once it
+      passes the limit. After these answers and a 431, what the client still
+      sends is read and dropped for up to ``LINGER`` seconds and
+      ``LINGER_BYTES`` before closing (a lingering close): closing with
+      unread data would reset the connection, and a client still sending
+      could lose the answer.
+    """
+
+    LINGER = 1.0
+    LINGER_BYTES = 1024 * 1024
+
+    maxHeaders = limits.MAX_HEADERS
+    totalHeadersSize = limits.MAX_HEAD_SIZE
+    MAX_LENGTH = limits.MAX_HEAD_SIZE
+    head_call = None  # the deadline of the request head being waited for
+    cut_body = False  # a chunked body passed its limit
+    linger_on_close = False  # the client may still be sending: drain before closing
+    _refusing = False  # this request's body is not read
+    _lost = False
+    _lingering = False
+    _linger_left = 0
+    _linger_call = None
+
+    def _disarm(self) -> None:
+        call, self.head_call = self.head_call, None
+        self.site.gate.disarm(call)
+
+    def _head_too_large(self) -> None:
+        self._disarm()
+        self.transport.write(_HEAD_TOO_LARGE)
+        self.linger_on_close = True
+        self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._head_too_large()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a head already answered
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._head_too_large()
+            return
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._head_too_large()
+            return False
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        request = self.requests[-1]
+        self._refusing = False
+        if self.length != 0:  # a Content-Length over 0, or chunked (None)
+            limit = self.site.body_limit(self._command, self._path, request)
+            if self.length is None and limit:
+                request.body_limit = limit
+            elif self.length is None or self.length > limit:
+                # Answer on the head alone; the body is never read.
+                self.length = 0
+                self._transferDecoder = None
+                self._refusing = True
+                self.linger_on_close = True
+        super().allHeadersReceived()
+        if self._refusing:
+            self.persistent = False
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+
+    def _send100Continue(self) -> None:
+        if not self._refusing:
+            super()._send100Continue()
+
+    def loseConnection(self) -> None:
+        if self.linger_on_close and not self._lost and not self._lingering:
+            self._linger()
+            return
+        super().loseConnection()
+
+    def _linger(self) -> None:
+        self._lingering = True
+        self._linger_left = self.LINGER_BYTES
+        transport = self.transport
+        self._networkProducer.unregisterProducer()
+        self._networkProducer.resumeProducing()  # reading on, even if paused for a pipeline
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is not None and not _is_secure(transport):
+            half_close()  # the client sees the end of the answer now
+        self._linger_call = self.callLater(self.LINGER, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._linger_call = None
+        self.transport.loseConnection()
+
+    def _drop(self, data: bytes) -> None:
+        self._linger_left -= len(data)
+        if self._linger_left < 0 and self._linger_call is not None:
+            self._linger_call.cancel()
+            self._linger_call = None
+            self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._lingering:
+            self._drop(data)
+        else:
+            super().dataReceived(data)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._lingering:
+            self._drop(data)
+            return
+        super().rawDataReceived(data)
+        if self.cut_body and self._transferDecoder is not None:
+            # A chunked body passed its limit: stop decoding, answer now.
+            self.cut_body = False
+            self._transferDecoder = None
+            self.allContentReceived()
+
+    def requestDone(self, request) -> None:
+        if self.persistent and not self._lost:
+            # Waiting for the next request head: the same deadline.
+            self.head_call = self.site.gate.arm(self.transport)
+        super().requestDone(request)
+
+    def connectionLost(self, reason) -> None:
+        self._lost = True
+        self._disarm()
+        if self._linger_call is not None:
+            self._linger_call.cancel()
+            self._linger_call = None
+        self.site.gate.release(self.transport)
+        super().connectionLost(reason)
+
+
+def _is_secure(transport) -> bool:
+    return ISSLTransport(transport, None) is not None
+
+
 class FrontDoor(Protocol):
     """A new connection until its first bytes arrive.
 
     A WebSocket handshake that ``Upgrades`` recognises goes straight to its
-    Autobahn protocol; anything else to an ordinary twisted.web channel,
-    which then sees exactly the bytes it would have.
+    Autobahn protocol; anything else to a ``ChatdChannel``, which then sees
+    exactly the bytes it would have, and inherits the deadline for the
+    request head (armed here, at accept).
     """
 
     timer = None
@@ -344,20 +622,12 @@ class FrontDoor(Protocol):
         self.addr = addr
 
     def connectionMade(self) -> None:
-        # twisted.web drops a connection that sends no request within its
-        # timeout; so does the door, until the channel takes over.
-        if self.site.timeOut:
-            self.timer = self.site.reactor.callLater(self.site.timeOut, self._idle)
-
-    def _idle(self) -> None:
-        self.timer = None
-        self.transport.loseConnection()
+        self.timer = self.site.gate.arm(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        route = self.site.upgrades.route(data) if self.site.upgrades else None
+        timer, self.timer = self.timer, None
+        upgrades = self.site.upgrades
+        route = upgrades.route(data, _is_secure(self.transport)) if upgrades else None
         protocol = None
         if route is not None:
             factory, target, headers = route
@@ -365,33 +635,50 @@ class FrontDoor(Protocol):
             if protocol is not None:
                 # what this door parsed, so the handshake is not parsed again
                 protocol.parsed_request = (target, headers)
+                # The head is whole; Autobahn's own timeout covers the upgrade.
+                self.site.gate.disarm(timer)
         if protocol is None:
             protocol = Site.buildProtocol(self.site, self.addr)
+            protocol.head_call = timer
         transport, self.transport = self.transport, None
         _hand_over(transport, protocol)
         protocol.dataReceived(data)
 
     def connectionLost(self, reason) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        timer, self.timer = self.timer, None
+        self.site.gate.disarm(timer)
+        self.site.gate.release(self.transport)
 
 
 class ChatdSite(Site):
     """The main port's factory: each connection starts at a ``FrontDoor``."""
 
     upgrades: Upgrades | None = None
+    api: PushAPI | None = None
+    gate: Gate
+    protocol = ChatdChannel
+    requestFactory = ChatdRequest
 
-    def buildProtocol(self, addr) -> FrontDoor:
+    def buildProtocol(self, addr) -> Protocol:
+        if not self.gate.admit(addr):
+            return _Refused()
         return FrontDoor(self, addr)
+
+    def body_limit(self, method: bytes, target: bytes, request: Request) -> int:
+        """Bytes of body a request may send, judged on its head alone (0: none)."""
+        path = target.partition(b"?")[0]
+        if not path.startswith(b"/api/") or self.api is None:
+            return 0  # the page, /healthz, /metrics, upgrades: no body
+        postpath = [unquote_to_bytes(p) for p in path[5:].split(b"/")]
+        return self.api.body_limit(method, postpath, request)
 
 
 @dataclass
 class Web:
     """What the daemon serves: the main site, and the ops site if it has its own endpoint."""
 
-    site: Site
-    ops: Site | None
+    site: ChatdSite
+    ops: ChatdSite | None
     clients: Clients
     health: Health
 
@@ -410,13 +697,21 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
     page = Page(settings.static)
     page.root_dir = os.path.realpath(settings.static)
     ops = ops_children(health, stats, hub)
-    extra: dict[bytes, Resource] = {b"api": PushAPI(hub, settings, stats)}
+    from twisted.internet import reactor
+
+    api = PushAPI(hub, settings, stats)
+    extra: dict[bytes, Resource] = {b"api": api}
     ops_site = None
     if settings.metrics_endpoint:
         ops_root = Resource()
         for name, child in ops.items():
             ops_root.putChild(name, child)
-        ops_site = Site(ops_root)
+        # The same door as the main port (its own counts: operators' scrapes
+        # are not clients), so a metrics port is no easier to hold open.
+        ops_site = ChatdSite(
+            ops_root, timeout=settings.handshake_timeout, parsePOSTFormSubmission=False
+        )
+        ops_site.gate = Gate(settings, Stats(), reactor)
         ops_site.displayTracebacks = False
     else:
         extra.update(ops)
@@ -428,8 +723,12 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
         origins,
         extra,
     )
-    site = ChatdSite(root)
+    site = ChatdSite(root, timeout=settings.handshake_timeout, parsePOSTFormSubmission=False)
     site.upgrades = Upgrades(plain, v1, relay, origins)
+    site.api = api
+    site.gate = Gate(settings, stats, reactor)
+    for factory in (plain, v1, relay):
+        factory.gate = site.gate
     site.displayTracebacks = False
     return Web(site, ops_site, clients, health)
 

@@ -365,6 +365,12 @@ class Connection(WebSocketServerProtocol):
             self.succeedHandshake(accepted)
         return True
 
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        gate = self.factory.gate
+        if gate is not None:
+            gate.release(self.transport)
+
     def _deny(self, failure) -> None:
         if isinstance(failure.value, ConnectionDeny):
             self.failHandshake(failure.value.reason, failure.value.code)
@@ -489,6 +495,8 @@ class Connection(WebSocketServerProtocol):
 class ChatdFactory(WebSocketServerFactory):
     """One per kind of endpoint; holds the hub that holds the clients."""
 
+    gate = None  # chatd.web.Gate: told when a connection it admitted is gone
+
     def __init__(
         self,
         protocol: type[Connection],
@@ -522,7 +530,7 @@ class ChatdFactory(WebSocketServerFactory):
             webStatus=False,
             autoPingInterval=settings.ping_interval,
             autoPingTimeout=settings.ping_timeout if settings.ping_interval else 0,
-            openHandshakeTimeout=limits.OPEN_HANDSHAKE_TIMEOUT,
+            openHandshakeTimeout=settings.handshake_timeout,
             closeHandshakeTimeout=limits.CLOSE_HANDSHAKE_TIMEOUT,
             perMessageCompressionAccept=accept,
         )
