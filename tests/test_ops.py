@@ -490,3 +490,25 @@ def test_api_token_from_environment(tmp_path) -> None:
         assert api(d, "GET", "/api/rooms")[0] == 200
     finally:
         d.stop()
+
+
+def test_client_close_codes_do_not_grow_the_metric_labels(daemon) -> None:
+    """Clients choose among 2000 application codes; the metric counts them as 3xxx / 4xxx."""
+    d = daemon()
+    codes = (3000, 3999, 4000, 4321, 4999, 1000)
+    for code in codes:
+        Client(d.port, "/relay/codes").close(code)
+    deadline = time.monotonic() + 10
+    while True:
+        text = request(d.port, "GET", "/metrics")[2].decode()
+        if 'chatd_closes_total{code="4xxx"} 3.0' in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for line in (
+        'chatd_closes_total{code="3xxx"} 2.0',
+        'chatd_closes_total{code="4xxx"} 3.0',
+        'chatd_closes_total{code="1000"} 1.0',
+    ):
+        assert line in text, (line, text)
+    for code in codes[:-1]:
+        assert f'code="{code}"' not in text

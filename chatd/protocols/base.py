@@ -421,7 +421,12 @@ class Connection(WebSocketServerProtocol):
             # Why it closed: the code we sent if we closed first (even if the
             # client never answered), the client's otherwise; 1006 for none.
             code = (self.localCloseCode if self.closedByMe else self.remoteCloseCode) or 1006
-            self.factory.stats.close_codes[str(code)] += 1
+            # A client picks any of 2000 application codes (3000-4999): counted
+            # as 3xxx / 4xxx, so clients cannot grow the metric's label set.
+            label = str(code)
+            if not self.closedByMe and code >= 3000:
+                label = f"{code // 1000}xxx"
+            self.factory.stats.close_codes[label] += 1
             duration = time.monotonic() - self.opened_at
             _log.info(
                 f"close {self.kind} {self.peer} after {duration:.1f}s code={code}",
