@@ -663,9 +663,20 @@ class RedisHub:
 
         def read(reply: list) -> None:
             epoch, entries = reply[0].decode() or None, reply[1]
+            # What the channel brought meanwhile comes next, and with its refs
+            # (the stream has none): read only what precedes it.
+            live = next((p for p in r.filling or () if p[:2] == b"m "), None)
+            first = None
+            if live is not None:
+                _, ident, _, tail = live.split(b" ", 3)
+                if json.loads(tail).get("e") in (epoch, None):
+                    first = int(ident)
+                    entries = [e for e in entries if int(e[0].split(b"-", 1)[0]) < first]
+            if entries:
+                first = _message(r.name, entries[0]).id
             if epoch is not None and epoch != r.epoch:
                 if r.epoch is not None:
-                    r.last_id = _message(r.name, entries[0]).id - 1 if entries else 0
+                    r.last_id = (first or 1) - 1
                     self._reset(r, Reset(r.name, epoch, r.last_id))
                 r.epoch = epoch
             for e in entries:
