@@ -643,8 +643,8 @@ class RedisHub:
             self._start_join(r, j)
         if r.gap and r.mids:
             self._fill(r)
-        else:
-            r.gap = False
+        elif r.gap:  # no one here needs what was missed; the next join tells anew
+            r.gap, r.epoch, r.last_id = False, None, 0
 
     def _fill(self, r: _Room, held: list | None = None) -> None:
         """Deliver what was published while the channel was down, then the rest, in order.
