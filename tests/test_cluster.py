@@ -396,6 +396,33 @@ def test_redis_loses_its_data_new_epoch_no_reused_ids_no_silence(node) -> None:
         ]
 
 
+def test_epoch_for_rooms_from_before_epochs_and_for_a_lost_counter(node, redis) -> None:
+    a = node()
+    ann = V1(a.port, "ann")
+    ann.join("old")
+    for k in range(3):
+        ann.say("old", f"m{k}")
+    messages(ann, 3)
+    ann.close()  # the room is empty again: node a forgets it
+    wait_until(lambda: redis.command("HLEN", "chatd:c:{old}:m") == b"0", 10, "ann left")
+    assert redis.command("DEL", "chatd:c:{old}:epoch") == b"1"  # as a Redis from before epochs
+    bob = V1(a.port, "bob")
+    joined = bob.join("old", since=1, epoch="from-another-time")
+    epoch = joined["epoch"]  # given on first use; ids and history go on
+    assert epoch and joined["reset"] is True and joined["last_id"] == 3
+    assert [m["text"] for m in joined["history"]] == ["m0", "m1", "m2"]
+    bob.say("old", "m3")
+    assert messages(bob, 1)[0]["id"] == 4
+    assert redis.command("GET", "chatd:c:{old}:epoch").decode() == epoch
+    # The counter gone with the epoch still there: id 1 again, so a new epoch.
+    assert redis.command("DEL", "chatd:c:{old}:seq", "chatd:c:{old}:log") == b"2"
+    bob.say("old", "again")
+    reset = bob.next("reset")
+    assert reset["epoch"] != epoch and reset["last_id"] == 0
+    assert [(m["id"], m["text"]) for m in messages(bob, 1)] == [(1, "again")]
+    assert redis.command("GET", "chatd:c:{old}:epoch").decode() == reset["epoch"]
+
+
 def test_pubsub_connection_lost_messages_are_read_back(node, redis) -> None:
     a = node()
     b = node("--api-token", TOKEN)
