@@ -101,8 +101,8 @@ end
 
 SCRIPTS = {
     # KEYS: seq, log, epoch. ARGV: channel, retention, sender, text, JSON tail
-    # (an object), a new epoch in case the room needs one. The epoch goes into
-    # the published JSON as "e".
+    # (an object without its "{"), a new epoch in case the room needs one. The
+    # epoch goes into the published JSON as "e".
     "post": r"""
 local epoch = redis.call('GET', KEYS[3])
 local id = redis.call('INCR', KEYS[1])
@@ -115,8 +115,7 @@ local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 if tonumber(ARGV[2]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id .. '-0', 'ts', ts, 'f', ARGV[3], 't', ARGV[4])
 end
-local tail = '{"e":"' .. epoch .. '",' .. string.sub(ARGV[5], 2)
-redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' ' .. tail)
+redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' {"e":"' .. epoch .. '",' .. ARGV[5])
 return {id, ts}
 """,
     # KEYS: members, nicks, node rooms, seq, log, epoch.
@@ -559,7 +558,7 @@ class RedisHub:
         d = self._script(
             "post",
             [f"{base}:seq", f"{base}:log", f"{base}:epoch"],
-            [base, self.retention, sender, text, _tail(tail), new_epoch()],
+            [base, self.retention, sender, text, _tail(tail)[1:], new_epoch()],
         )
 
         def stored(reply: list) -> Message:
