@@ -296,6 +296,12 @@ def _message(room: str, entry: list) -> Message:
     )
 
 
+def _ident_epoch(payload: bytes) -> tuple[int, str | None]:
+    """The id and epoch of a published message ``m <id> <ts> <json>``."""
+    _, ident, _, tail = payload.split(b" ", 3)
+    return int(ident), json.loads(tail).get("e")
+
+
 def _nick(value: bytes) -> str:
     return value.split(b"\n", 1)[1].decode()
 
@@ -662,15 +668,21 @@ class RedisHub:
 
         def read(reply: list) -> None:
             epoch, entries = reply[0].decode() or None, reply[1]
-            # What the channel brought meanwhile comes next, and with its refs
-            # (the stream has none): read only what precedes it.
-            live = next((p for p in r.filling or () if p[:2] == b"m "), None)
-            first = None
-            if live is not None:
-                _, ident, _, tail = live.split(b" ", 3)
-                if json.loads(tail).get("e") in (epoch, None):
-                    first = int(ident)
-                    entries = [e for e in entries if int(e[0].split(b"-", 1)[0]) < first]
+            held = r.filling or []
+            live = [(p, *_ident_epoch(p)) for p in held if p[:2] == b"m "]
+            if epoch is None:  # none in Redis (lost again since?): the channel's says
+                epoch = next((e for _, _, e in live if e is not None), None)
+            if any(e not in (epoch, None) for _, _, e in live):
+                # Of an epoch Redis no longer has (or, if newer, met again when its
+                # next message comes): never shown as this epoch's.
+                stale = {p for p, _, e in live if e not in (epoch, None)}
+                held[:] = [p for p in held if p not in stale]
+                live = [x for x in live if x[0] not in stale]
+            # The channel's copies come next, and with their refs (the stream
+            # has none): read only what precedes the first of them.
+            first = live[0][1] if live else None
+            if first is not None:
+                entries = [e for e in entries if int(e[0].split(b"-", 1)[0]) < first]
             if entries:
                 first = _message(r.name, entries[0]).id
             if epoch is not None and epoch != r.epoch:
