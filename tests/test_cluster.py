@@ -423,6 +423,28 @@ def test_epoch_for_rooms_from_before_epochs_and_for_a_lost_counter(node, redis) 
     assert redis.command("GET", "chatd:c:{old}:epoch").decode() == reset["epoch"]
 
 
+def test_a_new_epoch_met_while_reading_back_a_gap(node, redis) -> None:
+    a, b = node(), node()
+    ann, bob = ann_and_bob(a, b)
+    for k in range(3):
+        ann.say("r", f"old {k}")
+    messages(bob, 3)
+    assert redis.command("FLUSHALL") == b"OK"  # the room's data is gone...
+    node_b = re.search(r"cluster node (\w+)", b.log())
+    assert node_b
+    (victim,) = [c for c in redis.clients() if c.get("name") == f"chatd:{node_b[1]}:sub"]
+    assert redis.command("CLIENT", "KILL", "ID", victim["id"]) == b"1"  # ...and b's channel
+    texts = [f"new {k}" for k in range(20)]
+    for t in texts:  # some while b's channel is down: b reads them from the new stream
+        send_answered(ann, t, t)
+    seen = frames_until(bob, lambda f: f.get("text") == texts[-1], timeout=15)
+    events = [f for f in seen if f["type"] in ("reset", "message")]
+    assert events[0]["type"] == "reset" and events[0]["last_id"] == 0, events
+    assert [(m["id"], m["text"]) for m in events[1:]] == list(enumerate(texts, 1))
+    assert metric(b, 'chatd_cluster_events_total{kind="reset"}') == 1
+    assert metric(b, 'chatd_cluster_events_total{kind="gap"}') >= 1  # read back: the gap's way
+
+
 def test_pubsub_connection_lost_messages_are_read_back(node, redis) -> None:
     a = node()
     b = node("--api-token", TOKEN)
