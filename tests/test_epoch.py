@@ -56,3 +56,13 @@ def test_epoch_survives_restarts_and_changes_with_the_database(tmp_path: Path) -
         shutil.copy(f, run / f.name)  # the first database put back: its epoch, its ids
     with Daemon("--ping-interval", "0", cwd=str(run)) as d:
         assert post(d, [])["epoch"] == epoch != new_epoch
+
+
+def test_epoch_field_is_checked(chatd: Daemon) -> None:
+    c = V1(chatd.port, "zed")
+    for bad in (7, "", "x" * 65, ["e"]):
+        c.req("join", room="r", since=1, epoch=bad, ref="j")
+        err = c.next("error")
+        assert (err["code"], err["ref"]) == ("bad_field", "j"), err
+    joined = c.join("r", since=1, epoch="x" * 64)  # any other string: not the room's
+    assert joined["reset"] is True
