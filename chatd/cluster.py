@@ -17,6 +17,14 @@ says what Redis holds. How it stays exact:
 - **Gaps are filled.** When the pub/sub connection comes back, each room's
   messages after the last id delivered here are read from the stream
   before the live ones (held meanwhile), so nothing is lost or doubled.
+- **Epochs: data loss is detected, not papered over.** Each room's history
+  has an epoch, a random id the post script creates with the room's first id
+  (or when its counter is gone) and publishes with every message. If Redis
+  loses a room's data, the next post starts a new epoch at id 1; a node that
+  sees a message of another epoch than the one it knows reads the new
+  epoch's stream from its start, tells its live members (a ``Reset`` event),
+  then delivers: nothing is dropped as "already seen", so every send is
+  answered, and no id means two texts within one epoch.
 - **Dead nodes expire.** Each node scores itself in a sorted set every
   ``ttl/4`` seconds; any node's heartbeat script removes the members of
   nodes silent for ``ttl`` and publishes their ``leave``. A node that finds
@@ -43,8 +51,8 @@ from twisted.python.failure import Failure
 from chatd import limits
 from chatd.broker import Broker, BrokerDown
 from chatd.fanout import OUTBOX, Link, Outbox
-from chatd.history import Message
-from chatd.hub import Joined, Local, Member, NickTaken, Renderer, Unavailable
+from chatd.history import Message, new_epoch
+from chatd.hub import Joined, Local, Member, NickTaken, Renderer, Reset, Unavailable
 from chatd.stats import Stats
 
 _log = Logger()
@@ -92,19 +100,28 @@ end
 """
 
 SCRIPTS = {
-    # KEYS: seq, log. ARGV: channel, retention, sender, text, JSON tail.
+    # KEYS: seq, log, epoch. ARGV: channel, retention, sender, text, JSON tail
+    # (an object without its "{"), a new epoch in case the room needs one. The
+    # epoch goes into the published JSON as "e".
     "post": r"""
+local epoch = redis.call('GET', KEYS[3])
 local id = redis.call('INCR', KEYS[1])
+if not epoch or id == 1 then  -- the room's first id (or its counter was lost): a new epoch
+  epoch = ARGV[6]
+  redis.call('SET', KEYS[3], epoch)
+end
 local t = redis.call('TIME')
 local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 if tonumber(ARGV[2]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id .. '-0', 'ts', ts, 'f', ARGV[3], 't', ARGV[4])
 end
-redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' ' .. ARGV[5])
+redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' {"e":"' .. epoch .. '",' .. ARGV[5])
 return {id, ts}
 """,
-    # KEYS: members, nicks, node rooms, seq, log.
-    # ARGV: member id, nick key, value, room, channel, 'since'|'recent'|'none', since|count.
+    # KEYS: members, nicks, node rooms, seq, log, epoch.
+    # ARGV: member id, nick key, value, room, channel, 'since'|'recent'|'none', since,
+    # count, the client's epoch or '', a new epoch for a room from before epochs.
+    # Returns {'ok', new, last, truncated, member values, entries, epoch or '', reset}.
     "join": r"""
 local mid = ARGV[1]
 if ARGV[2] ~= '' then
@@ -120,8 +137,19 @@ else
   redis.call('PUBLISH', ARGV[5], 'k ' .. mid)
 end
 local last = tonumber(redis.call('GET', KEYS[4]) or '0')
+local epoch = redis.call('GET', KEYS[6])
+if not epoch and last > 0 then  -- messages from before epochs: the room gets one now
+  epoch = ARGV[10]
+  redis.call('SET', KEYS[6], epoch)
+end
+epoch = epoch or ''
+local mode, reset = ARGV[6], 0
+if ARGV[9] ~= '' and ARGV[9] ~= epoch then  -- 'since' counts in another epoch
+  reset = 1
+  if mode == 'since' then mode = 'recent' end
+end
 local entries, truncated = {}, 0
-if ARGV[6] == 'since' then
+if mode == 'since' then
   local since = tonumber(ARGV[7])
   if since < last then
     entries = redis.call('XRANGE', KEYS[5], '(' .. since .. '-0', '+')
@@ -129,12 +157,20 @@ if ARGV[6] == 'since' then
     if #entries > 0 then first = tonumber(string.match(entries[1][1], '^(%d+)')) end
     if first > since + 1 then truncated = 1 end
   end
-elseif ARGV[6] == 'none' then
-  return {'ok', new, last, 0, {}, {}}
-elseif tonumber(ARGV[7]) > 0 then
-  entries = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', ARGV[7])
+elseif mode == 'none' then
+  return {'ok', new, last, 0, {}, {}, epoch, reset}
+elseif tonumber(ARGV[8]) > 0 then
+  entries = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', ARGV[8])
 end
-return {'ok', new, last, truncated, redis.call('HVALS', KEYS[1]), entries}
+return {'ok', new, last, truncated, redis.call('HVALS', KEYS[1]), entries, epoch, reset}
+""",
+    # KEYS: epoch, log. ARGV: the epoch known here or '', the last id delivered here.
+    # Returns {epoch or '', entries}: those after that id, or all if the epoch changed.
+    "fill": r"""
+local epoch = redis.call('GET', KEYS[1]) or ''
+local from = '(' .. ARGV[2] .. '-0'
+if ARGV[1] ~= '' and epoch ~= '' and epoch ~= ARGV[1] then from = '-' end
+return {epoch, redis.call('XRANGE', KEYS[2], from, '+')}
 """,
     # KEYS: members, nicks, node rooms. ARGV: member id, room, channel, '1' if the
     # node's last member of the room.
@@ -217,6 +253,7 @@ class _Joining:
     member: Member
     since: int | None
     snapshot: bool = True  # False: no member list and no history wanted
+    epoch: str | None = None  # the epoch ``since`` counts in, if the client said
     d: defer.Deferred = field(default_factory=defer.Deferred)
     reply: list | None = None  # the join script's answer
     marked: bool = False  # its marker came through the room's channel
@@ -238,6 +275,7 @@ class _Room:
     before_sub: list[_Joining] = field(default_factory=list)  # wait for SUBSCRIBE
     subscribed: bool = False
     last_id: int = 0  # every message up to here went to the live members
+    epoch: str | None = None  # the history epoch last_id counts in (None: not known yet)
     filling: list | None = None  # events held while a gap is read from the stream
     gap: bool = False  # the channel was lost: read the stream when it is back
 
@@ -256,6 +294,12 @@ def _message(room: str, entry: list) -> Message:
         fields[b"f"].decode(),
         fields[b"t"].decode(),
     )
+
+
+def _ident_epoch(payload: bytes) -> tuple[int, str | None]:
+    """The id and epoch of a published message ``m <id> <ts> <json>``."""
+    _, ident, _, tail = payload.split(b" ", 3)
+    return int(ident), json.loads(tail).get("e")
 
 
 def _nick(value: bytes) -> str:
@@ -338,13 +382,14 @@ class RedisHub:
         since: int | None = None,
         unique: bool = True,
         snapshot: bool = True,
+        epoch: str | None = None,
     ) -> defer.Deferred:
         if not self.broker.up:
             return defer.fail(Unavailable("redis is unreachable"))
         r = self._room(room)
         mid = r.mids.get(link)
         if mid is not None:  # joined already: history again, nothing else changes
-            j = _Joining(link, mid, Member(nick, fmt, unique), since, snapshot)
+            j = _Joining(link, mid, Member(nick, fmt, unique), since, snapshot, epoch)
             d = self._run_join(r, j)
             d.addCallback(lambda reply: self._joined(r, reply))
             return d
@@ -352,7 +397,7 @@ class RedisHub:
             return defer.fail(Unavailable("a join of this room is in progress"))
         self._serial += 1
         j = _Joining(
-            link, f"{self.node}.{self._serial}", Member(nick, fmt, unique), since, snapshot
+            link, f"{self.node}.{self._serial}", Member(nick, fmt, unique), since, snapshot, epoch
         )
         r.joining[link] = j
         r.by_mid[j.mid] = j
@@ -381,11 +426,11 @@ class RedisHub:
         m = j.member
         key = m.nick.casefold() if m.unique else ""
         if not j.snapshot:
-            mode, arg = "none", 0
+            mode = "none"
         elif j.since is None:
-            mode, arg = "recent", min(self.join_history, self.retention)
+            mode = "recent"
         else:
-            mode, arg = "since", j.since
+            mode = "since"
         return self._script(
             "join",
             [
@@ -394,8 +439,20 @@ class RedisHub:
                 f"chatd:node:{self.node}",
                 f"{r.base}:seq",
                 f"{r.base}:log",
+                f"{r.base}:epoch",
             ],
-            [j.mid, key, f"{key}\n{m.nick}", r.name, r.base, mode, arg],
+            [
+                j.mid,
+                key,
+                f"{key}\n{m.nick}",
+                r.name,
+                r.base,
+                mode,
+                j.since or 0,
+                min(self.join_history, self.retention),
+                j.epoch or "",
+                new_epoch(),
+            ],
         )
 
     def _start_join(self, r: _Room, j: _Joining) -> None:
@@ -428,11 +485,19 @@ class RedisHub:
         j.d.errback(error)
 
     def _joined(self, r: _Room, reply: list) -> Joined:
-        _, _, last, truncated, values, entries = reply
+        _, _, last, truncated, values, entries, epoch, reset = reply
         history = [_message(r.name, e) for e in entries]
         if history and history[0].id > history[-1].id:  # XREVRANGE
             history.reverse()
-        return Joined(r.name, [_nick(v) for v in values], history, int(last), bool(truncated))
+        return Joined(
+            r.name,
+            [_nick(v) for v in values],
+            history,
+            int(last),
+            bool(truncated),
+            epoch.decode() or None,
+            bool(reset),
+        )
 
     def _maybe_live(self, r: _Room, j: _Joining) -> None:
         """Both the reply and the marker are here: send ``joined``, then what came after."""
@@ -443,8 +508,12 @@ class RedisHub:
         self.local.chat_add(r.name, j.link, j.member)
         r.mids[j.link] = j.mid
         r.live[j.mid] = j.link
-        # (held messages went through _event, which already counted them in last_id)
-        r.last_id = max(r.last_id, joined.last_id)
+        # (held messages went through _event, which already counted them in last_id;
+        # a reply of another epoch is older than what the channel said since)
+        if r.epoch is None:
+            r.epoch = joined.epoch
+        if joined.epoch == r.epoch:
+            r.last_id = max(r.last_id, joined.last_id)
         j.d.callback(joined)  # the protocol answers, and may handle frames that waited
         if r.mids.get(j.link) == j.mid:  # (one of which may have left the room again)
             self.local.send_to(j.link, j.member.fmt, j.held)
@@ -494,8 +563,8 @@ class RedisHub:
         base = chat_base(room)
         d = self._script(
             "post",
-            [f"{base}:seq", f"{base}:log"],
-            [base, self.retention, sender, text, _tail(tail)],
+            [f"{base}:seq", f"{base}:log", f"{base}:epoch"],
+            [base, self.retention, sender, text, _tail(tail)[1:], new_epoch()],
         )
 
         def stored(reply: list) -> Message:
@@ -533,17 +602,17 @@ class RedisHub:
         kind, mid_b, rest = ([*payload.split(b" ", 2), b""])[:3]
         if kind == b"m":
             ts, tail = rest.split(b" ", 1)
+            obj = json.loads(tail)
+            epoch = obj.get("e")  # (None from a node older than epochs)
+            if epoch != r.epoch and epoch is not None:
+                if r.epoch is not None:  # Redis lost the room: read the new epoch first
+                    self._fill(r, [payload])
+                    return
+                r.epoch = epoch
             ident = int(mid_b)
             if ident <= r.last_id:
                 return  # read from the stream while filling a gap
-            obj = json.loads(tail)
-            msg = Message(r.name, ident, int(ts), obj["f"], obj["t"], obj.get("r"))
-            r.last_id = ident
-            if r.marked:
-                item = (msg, {})  # rendered at most once per format for all joiners
-                for j in r.marked:
-                    j.held.append(item)
-            self.local.deliver(msg)
+            self._deliver(r, Message(r.name, ident, int(ts), obj["f"], obj["t"], obj.get("r")))
             return
         mid = mid_b.decode()
         ours = mid.startswith(self.node)
@@ -561,6 +630,14 @@ class RedisHub:
         elif kind == b"l" and not ours:  # this node told its own members at once
             self.local.presence(r.name, _nick(rest), "leave")
 
+    def _deliver(self, r: _Room, msg: Message) -> None:
+        r.last_id = msg.id
+        if r.marked:
+            item = (msg, {})  # rendered at most once per format for all joiners
+            for j in r.marked:
+                j.held.append(item)
+        self.local.deliver(msg)
+
     def _subscribed(self, channel: bytes) -> None:
         r = self._by_channel.get(channel)
         if r is None:
@@ -571,35 +648,88 @@ class RedisHub:
             self._start_join(r, j)
         if r.gap and r.mids:
             self._fill(r)
+        elif r.gap:  # no one here needs what was missed; the next join tells anew
+            r.gap, r.epoch, r.last_id = False, None, 0
+
+    def _fill(self, r: _Room, held: list | None = None) -> None:
+        """Deliver what was published while the channel was down, then the rest, in order.
+
+        Also how a new epoch is met (``held`` is its first message seen live):
+        ids start again, so the new epoch's stream is read from its start,
+        after a ``Reset`` for the members.
+        """
+        if r.filling is not None:  # one is under way: read again once it is done
+            r.filling.extend(held or ())
+            r.gap = True
+            return
         r.gap = False
+        r.filling = held or []
+        d = self._script("fill", [f"{r.base}:epoch", f"{r.base}:log"], [r.epoch or "", r.last_id])
 
-    def _fill(self, r: _Room) -> None:
-        """Deliver what was published while the channel was down, then the rest, in order."""
-        r.filling = []
-        d = self.broker.call("XRANGE", f"{r.base}:log", f"({r.last_id}-0", "+")
-
-        def read(entries: list) -> None:
+        def read(reply: list) -> None:
+            epoch, entries = reply[0].decode() or None, reply[1]
+            held = r.filling or []
+            live = [(p, *_ident_epoch(p)) for p in held if p[:2] == b"m "]
+            if epoch is None:  # none in Redis (lost again since?): the channel's says
+                epoch = next((e for _, _, e in live if e is not None), None)
+            if any(e not in (epoch, None) for _, _, e in live):
+                # Of an epoch Redis no longer has (or, if newer, met again when its
+                # next message comes): never shown as this epoch's.
+                stale = {p for p, _, e in live if e not in (epoch, None)}
+                held[:] = [p for p in held if p not in stale]
+                live = [x for x in live if x[0] not in stale]
+            # The channel's copies come next, and with their refs (the stream
+            # has none): read only what precedes the first of them.
+            first = live[0][1] if live else None
+            if first is not None:
+                entries = [e for e in entries if int(e[0].split(b"-", 1)[0]) < first]
+            if entries:
+                first = _message(r.name, entries[0]).id
+            if epoch is not None and epoch != r.epoch:
+                if r.epoch is not None:
+                    r.last_id = (first or 1) - 1
+                    self._reset(r, Reset(r.name, epoch, r.last_id))
+                r.epoch = epoch
             for e in entries:
                 msg = _message(r.name, e)
                 if msg.id > r.last_id:
-                    r.last_id = msg.id
-                    self.local.deliver(msg)
+                    self._deliver(r, msg)
                     self.stats.cluster_events["gap"] += 1
 
         def done(result: object) -> None:
             held, r.filling = r.filling or [], None
-            for payload in held:
+            failed = isinstance(result, Failure)
+            if failed:  # read again when Redis is back; its messages are in the stream
+                r.gap = True
+                held = [p for p in held if p[:1] != b"m"]
+            for i, payload in enumerate(held):
+                if r.filling is not None:  # another epoch began meanwhile
+                    r.filling.extend(held[i:])
+                    return
                 self._event(r, payload)
-            if isinstance(result, Failure):
-                r.gap = True  # try again when the channel is back
+            if r.gap and not failed and r.subscribed:
+                self._fill(r)
 
         d.addCallback(read).addBoth(done)
+
+    def _reset(self, r: _Room, event: Reset) -> None:
+        """The room's history starts again (Redis lost it): members forget the old ids."""
+        _log.warn("cluster: room {room} has a new history epoch (Redis lost its data)", room=r.name)
+        self.stats.cluster_events["reset"] += 1
+        if r.marked:
+            item = (event, {})
+            for j in r.marked:
+                j.held.append(item)
+        self.local.reset(event)
 
     def _state(self, up: bool) -> None:
         self.stats.redis_up = int(up)
         if up:
             self._resync()
             self._heartbeat()
+            for r in tuple(self._rooms.values()):  # a read that failed while Redis was away
+                if r.gap and r.subscribed and r.mids:
+                    self._fill(r)
         else:
             for r in tuple(self._rooms.values()):
                 for j in tuple(r.joining.values()):  # their markers or replies may be lost

@@ -11,11 +11,20 @@ bench/RESULTS.md). A committed WAL write survives the process being killed;
 ``synchronous=NORMAL`` may lose the last transactions on power loss, which
 ``--db-sync full`` trades for an fsync per batch. Reads are bounded by the
 retention, through the primary key.
+
+Each room's history has an **epoch**: a random id created with the room's
+first id (table ``rooms``; a database made before epochs gets one for a room
+that has messages on first use). Ids are only comparable within one epoch:
+a database replaced or deleted starts its rooms at id 1 again under a new
+epoch, so a client holding ids from the old one can tell (docs/PROTOCOL.md).
+With ``retention`` 0 nothing is stored and ids restart with the process, so
+the epoch lives in memory and is new each run too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -29,7 +38,16 @@ CREATE TABLE IF NOT EXISTS messages (
     text TEXT NOT NULL,
     PRIMARY KEY (room, id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rooms (
+    room TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL           -- created with the room's first id
+) WITHOUT ROWID;
 """
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 9 random bytes as 12 url-safe characters."""
+    return secrets.token_urlsafe(9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +78,7 @@ class History:
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
         self.db.executescript(SCHEMA)
         self._last: dict[str, int] = {}
+        self._epochs: dict[str, str] = {}
         self._in_tx = False
         self._since_trim: dict[str, int] = {}
 
@@ -70,6 +89,24 @@ class History:
             last = self._last[room] = row[0] or 0
         return last
 
+    def epoch(self, room: str) -> str | None:
+        """The room's epoch; None while it has no message."""
+        epoch = self._epochs.get(room)
+        if epoch is None and self.retention:
+            row = self.db.execute("SELECT epoch FROM rooms WHERE room = ?", (room,)).fetchone()
+            if row is not None:
+                epoch = self._epochs[room] = row[0]
+            elif self.last_id(room) > 0:  # a database from before epochs: give it one now
+                epoch = self._new_epoch(room)
+        return epoch
+
+    def _new_epoch(self, room: str) -> str:
+        epoch = new_epoch()
+        if self.retention:  # in the batch if there is one, else committed at once
+            self.db.execute("INSERT INTO rooms (room, epoch) VALUES (?, ?)", (room, epoch))
+        self._epochs[room] = epoch
+        return epoch
+
     def append(self, room: str, sender: str, text: str, ref: str | None = None) -> Message:
         """Assign the next id and write the message (committed by ``commit``)."""
         msg = Message(room, self.last_id(room) + 1, int(time.time() * 1000), sender, text, ref)
@@ -77,6 +114,8 @@ class History:
             if not self._in_tx:
                 self.db.execute("BEGIN")
                 self._in_tx = True
+            if room not in self._epochs and self.epoch(room) is None:
+                self._new_epoch(room)
             self.db.execute(
                 "INSERT INTO messages (room, id, ts, sender, text) VALUES (?, ?, ?, ?, ?)",
                 (room, msg.id, msg.ts, sender, text),
@@ -89,6 +128,8 @@ class History:
                 )
                 n = 0
             self._since_trim[room] = n
+        elif room not in self._epochs:
+            self._new_epoch(room)
         self._last[room] = msg.id  # only once it is written
         return msg
 
@@ -98,12 +139,13 @@ class History:
             self._in_tx = False
 
     def rollback(self) -> None:
-        """Forget an uncommitted batch; ids are read again from the database."""
+        """Forget an uncommitted batch; ids and epochs are read again from the database."""
         if self._in_tx:
             self._in_tx = False
             with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
                 self.db.execute("ROLLBACK")
         self._last.clear()
+        self._epochs.clear()  # (with retention 0 ids restart, so the epoch must too)
 
     def since(self, room: str, after: int) -> tuple[list[Message], bool]:
         """Messages with id > ``after`` (at most ``retention``), and whether some were lost."""

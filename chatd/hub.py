@@ -17,6 +17,12 @@ Two kinds of room, in separate namespaces:
 
 ``chat_join`` and ``post`` return Deferreds: in one process they have fired
 already, in a cluster they wait for the broker.
+
+A room's ids count within its history's **epoch** (``Joined.epoch``; see
+chatd/history.py). A join whose ``epoch`` is not the room's current one gets
+a fresh join (``since`` means nothing there) marked ``reset``; when a
+cluster's room starts a new epoch under live members (Redis lost its data),
+they get a ``Reset`` event before its messages.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class Renderer(Protocol):
 
     def presence(self, room: str, nick: str, event: str) -> bytes | None: ...
 
+    def reset(self, event: Reset) -> bytes | None: ...
+
 
 class NickTaken(Exception):
     """Another member of the room has this nick."""
@@ -58,6 +66,17 @@ class Joined:
     history: list[Message]
     last_id: int
     truncated: bool  # messages after ``since`` were lost to retention
+    epoch: str | None = None  # the room's history epoch; None while it has no message
+    reset: bool = False  # the join named another epoch: ``since`` was not used
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The room's history starts again as ``epoch``: what follows has ids above ``last_id``."""
+
+    room: str
+    epoch: str
+    last_id: int
 
 
 @dataclass(slots=True)
@@ -91,6 +110,7 @@ class Hub(Protocol):
         since: int | None = None,
         unique: bool = True,
         snapshot: bool = True,
+        epoch: str | None = None,  # the epoch ``since`` belongs to, if the client said
     ) -> Deferred: ...  # fires with Joined; fails with NickTaken or Unavailable
     def chat_leave(self, room: str, link: Link) -> bool: ...
     def post(self, room: str, sender: str, text: str, ref: object = None) -> Deferred: ...
@@ -192,11 +212,20 @@ class Local:
             if payload is not None:
                 broadcast(tuple(links), payload, False, self.outbox)
 
+    def reset(self, event: Reset) -> None:
+        r = self.chat.get(event.room)
+        if r is None:
+            return
+        for fmt, links in tuple(r.groups.items()):
+            payload = self.renderers[fmt].reset(event)
+            if payload is not None:
+                broadcast(tuple(links), payload, False, self.outbox)
+
     def send_to(
         self,
         link: Link,
         fmt: str,
-        events: Iterable[tuple[Message | tuple[str, str, str], dict[str, bytes | None]]],
+        events: Iterable[tuple[Message | Reset | tuple[str, str, str], dict[str, bytes | None]]],
     ) -> None:
         """Events for one link only (a member catching up as it goes live).
 
@@ -211,6 +240,8 @@ class Local:
             else:
                 if isinstance(event, Message):
                     payload = renderer.message(event)
+                elif isinstance(event, Reset):
+                    payload = renderer.reset(event)
                 else:
                     payload = renderer.presence(*event)
                 renders[fmt] = payload
@@ -270,6 +301,7 @@ class InMemoryHub:
         since: int | None = None,
         unique: bool = True,
         snapshot: bool = True,
+        epoch: str | None = None,
     ) -> Deferred:
         """Join (or re-join) ``room``; the history and the live stream meet exactly.
 
@@ -277,9 +309,18 @@ class InMemoryHub:
         ``history`` ends at ``last_id`` and every later message arrives live,
         once. Without ``snapshot`` (plain clients show neither) ``members``
         and ``history`` are left empty: a join then costs the same in a room
-        of ten or of ten thousand. The Deferred has fired when this returns.
+        of ten or of ten thousand. An ``epoch`` other than the room's makes
+        ``since`` meaningless: the answer is a fresh join marked ``reset``.
+        The Deferred has fired when this returns.
         """
         self.flush()
+        try:
+            current = self.history.epoch(room)
+        except sqlite3.Error as e:
+            return fail(Unavailable(str(e)))
+        reset = epoch is not None and epoch != current
+        if reset:
+            since = None
         r = self.local.chat.get(room)
         if unique and r is not None:
             holder = r.nicks.get(nick.casefold())
@@ -288,15 +329,16 @@ class InMemoryHub:
         if r is None or link not in r.members:
             self.local.presence(room, nick, "join")
             self.local.chat_add(room, link, Member(nick, fmt, unique))
+        last_id = self.history.last_id(room)
         if not snapshot:
-            return succeed(Joined(room, [], [], self.history.last_id(room), False))
+            return succeed(Joined(room, [], [], last_id, False, current, reset))
         if since is None:
             history = self.history.recent(room, self.join_history)
             truncated = False
         else:
             history, truncated = self.history.since(room, since)
         return succeed(
-            Joined(room, self.members(room), history, self.history.last_id(room), truncated)
+            Joined(room, self.members(room), history, last_id, truncated, current, reset)
         )
 
     def chat_leave(self, room: str, link: Link) -> bool:

@@ -55,5 +55,5 @@ class Stats:
         )
         # Cluster nodes only (--redis): None means not a cluster member.
         self.redis_up: int | None = None
-        self.cluster_events: Counter[str] = Counter()  # from Redis, by kind (m j l k gap)
+        self.cluster_events: Counter[str] = Counter()  # from Redis, by kind (m j l k gap reset)
         self.cluster_reaped = 0  # members of dead nodes this node removed

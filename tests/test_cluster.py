@@ -300,6 +300,151 @@ def test_redis_down_then_back(node, redis) -> None:
     assert time.monotonic() - started < 30
 
 
+def frames_until(c: V1, done: Callable[[dict], bool], timeout: float = 10.0) -> list[dict]:
+    """Every frame up to and including the first for which ``done`` is true."""
+    c.sock.settimeout(timeout)
+    out: list[dict] = []
+    while not out or not done(out[-1]):
+        try:
+            out.append(c.next())
+        except TimeoutError:
+            raise AssertionError(f"silence after {out}") from None
+    return out
+
+
+def send_answered(c: V1, text: str, ref: str) -> list[dict]:
+    """Send; the frames up to its answer (its message or an error), which must come.
+
+    (A message published before the node's channel is subscribed again is
+    read back from the stream, which keeps no refs: it is matched by text.)
+    """
+    c.say("r", text, ref=ref)
+    frames = frames_until(
+        c,
+        lambda f: (
+            (f["type"] == "error" and f.get("ref") == ref)
+            or (f["type"] == "message" and f["text"] == text)
+        ),
+    )
+    assert frames[-1]["type"] == "message", frames[-1]
+    return frames
+
+
+def test_redis_loses_its_data_new_epoch_no_reused_ids_no_silence(node) -> None:
+    with RedisServer(persist=False) as volatile:  # restarts empty
+        a, b = node(url=volatile.url), node(url=volatile.url)
+        ann, bob = ann_and_bob(a, b)
+        for k in range(3):
+            ann.say("r", f"old {k}")
+        assert [m["id"] for m in messages(ann, 3)] == [m["id"] for m in messages(bob, 3)]
+        carl = V1(a.port, "carl")
+        before = carl.join("r")
+        old_epoch = before["epoch"]
+        assert isinstance(old_epoch, str) and len(old_epoch) >= 11
+        assert before["last_id"] == 3 and "reset" not in before
+        assert volatile.command("GET", "chatd:c:{r}:epoch").decode() == old_epoch
+
+        volatile.stop()
+        wait_until(lambda: healthz(a)[0] == 503 and healthz(b)[0] == 503, 10, "degraded")
+        ann.say("r", "during", ref="d")  # answered while Redis is down too
+        assert frames_until(ann, lambda f: f.get("ref") == "d")[-1]["code"] == "unavailable"
+        volatile.start()  # same port, no data
+        assert volatile.command("EXISTS", "chatd:c:{r}:seq") == b"0"
+        wait_until(lambda: healthz(a)[0] == 200 and healthz(b)[0] == 200, 15, "back")
+
+        # A send on each node is answered, and members on both nodes get the
+        # reset first, then the new epoch's messages, in order.
+        seen_a = send_answered(ann, "new a", "a1")
+        seen_b = send_answered(bob, "new b", "b1")
+        for k in range(3):
+            seen_a += send_answered(ann, f"more {k}", f"m{k}")
+        texts = ["new a", "new b", "more 0", "more 1", "more 2"]
+        seen_b += frames_until(bob, lambda f: f.get("text") == "more 2")
+        for seen in (seen_a, seen_b):
+            events = [f for f in seen if f["type"] in ("reset", "message")]
+            reset, msgs = events[0], events[1:]
+            assert reset["type"] == "reset" and reset["room"] == "r", events
+            assert reset["epoch"] != old_epoch and reset["last_id"] == 0
+            assert [(m["id"], m["text"]) for m in msgs] == list(enumerate(texts, 1))
+        new_epoch = reset["epoch"]
+        assert volatile.command("GET", "chatd:c:{r}:epoch").decode() == new_epoch
+
+        # A fresh join shows the new epoch; one that names the old epoch with
+        # its old 'since' gets the new history marked as reset, never ids 4..5
+        # presented as what followed the old 3.
+        dave = V1(b.port, "dave")
+        fresh = dave.join("r")
+        assert fresh["epoch"] == new_epoch and fresh["last_id"] == 5 and "reset" not in fresh
+        back = V1(a.port, "eve")
+        stale = back.join("r", since=3, epoch=old_epoch)
+        assert stale["reset"] is True and stale["epoch"] == new_epoch
+        assert [m["text"] for m in stale["history"]] == texts and "truncated" not in stale
+        back.req("join", room="r", since=3, epoch=new_epoch)  # the right epoch: 'since' counts
+        same = frames_until(back, lambda f: f["type"] == "joined")[-1]
+        assert [m["id"] for m in same["history"]] == [4, 5] and "reset" not in same
+
+        # Data lost under a live pub/sub connection (FLUSHALL) is met the same way.
+        assert volatile.command("FLUSHALL") == b"OK"
+        seen = send_answered(bob, "after flush", "f1")
+        events = [f for f in seen if f["type"] in ("reset", "message")]
+        assert events[0]["type"] == "reset" and events[0]["epoch"] not in (old_epoch, new_epoch)
+        assert [(m["id"], m["text"]) for m in events[1:]] == [(1, "after flush")]
+        seen = frames_until(ann, lambda f: f.get("text") == "after flush")
+        assert [f["type"] for f in seen if f["type"] in ("reset", "message")] == [
+            "reset",
+            "message",
+        ]
+
+
+def test_epoch_for_rooms_from_before_epochs_and_for_a_lost_counter(node, redis) -> None:
+    a = node()
+    ann = V1(a.port, "ann")
+    ann.join("old")
+    for k in range(3):
+        ann.say("old", f"m{k}")
+    messages(ann, 3)
+    ann.close()  # the room is empty again: node a forgets it
+    wait_until(lambda: redis.command("HLEN", "chatd:c:{old}:m") == b"0", 10, "ann left")
+    assert redis.command("DEL", "chatd:c:{old}:epoch") == b"1"  # as a Redis from before epochs
+    bob = V1(a.port, "bob")
+    joined = bob.join("old", since=1, epoch="from-another-time")
+    epoch = joined["epoch"]  # given on first use; ids and history go on
+    assert epoch and joined["reset"] is True and joined["last_id"] == 3
+    assert [m["text"] for m in joined["history"]] == ["m0", "m1", "m2"]
+    bob.say("old", "m3")
+    assert messages(bob, 1)[0]["id"] == 4
+    assert redis.command("GET", "chatd:c:{old}:epoch").decode() == epoch
+    # The counter gone with the epoch still there: id 1 again, so a new epoch.
+    assert redis.command("DEL", "chatd:c:{old}:seq", "chatd:c:{old}:log") == b"2"
+    bob.say("old", "again")
+    reset = bob.next("reset")
+    assert reset["epoch"] != epoch and reset["last_id"] == 0
+    assert [(m["id"], m["text"]) for m in messages(bob, 1)] == [(1, "again")]
+    assert redis.command("GET", "chatd:c:{old}:epoch").decode() == reset["epoch"]
+
+
+def test_a_new_epoch_met_while_reading_back_a_gap(node, redis) -> None:
+    a, b = node(), node()
+    ann, bob = ann_and_bob(a, b)
+    for k in range(3):
+        ann.say("r", f"old {k}")
+    messages(bob, 3)
+    assert redis.command("FLUSHALL") == b"OK"  # the room's data is gone...
+    node_b = re.search(r"cluster node (\w+)", b.log())
+    assert node_b
+    (victim,) = [c for c in redis.clients() if c.get("name") == f"chatd:{node_b[1]}:sub"]
+    assert redis.command("CLIENT", "KILL", "ID", victim["id"]) == b"1"  # ...and b's channel
+    texts = [f"new {k}" for k in range(20)]
+    for t in texts:  # some while b's channel is down: b reads them from the new stream
+        send_answered(ann, t, t)
+    seen = frames_until(bob, lambda f: f.get("text") == texts[-1], timeout=15)
+    events = [f for f in seen if f["type"] in ("reset", "message")]
+    assert events[0]["type"] == "reset" and events[0]["last_id"] == 0, events
+    assert [(m["id"], m["text"]) for m in events[1:]] == list(enumerate(texts, 1))
+    assert metric(b, 'chatd_cluster_events_total{kind="reset"}') == 1
+    assert metric(b, 'chatd_cluster_events_total{kind="gap"}') >= 1  # read back: the gap's way
+
+
 def test_pubsub_connection_lost_messages_are_read_back(node, redis) -> None:
     a = node()
     b = node("--api-token", TOKEN)

@@ -1,4 +1,4 @@
-"""History and chat rooms without a reactor: real SQLite files, the hub's own logic."""
+"""History, epochs and chat rooms without a reactor: real SQLite files, the hub's own logic."""
 
 from __future__ import annotations
 
@@ -115,3 +115,98 @@ def test_a_locked_database_fails_the_batch_and_sends_nothing(tmp_path) -> None:
     soon.pop()()
     assert after.result.id == 2  # no gap: the failed message never had an id
     assert b'"text":"after"' in m.frames()
+
+
+# -- epochs ------------------------------------------------------------------
+
+OLD_SCHEMA = """
+CREATE TABLE messages (
+    room TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    text TEXT NOT NULL,
+    PRIMARY KEY (room, id)
+) WITHOUT ROWID;
+"""  # a database made by chatd before epochs
+
+
+def test_epoch_created_with_the_first_id_and_kept_across_restarts(tmp_path) -> None:
+    path = str(tmp_path / "h.sqlite3")
+    h = History(path, retention=5)
+    assert h.epoch("r") is None  # no message, no epoch
+    h.append("r", "ann", "one")
+    epoch = h.epoch("r")
+    assert isinstance(epoch, str) and len(epoch) >= 11
+    h.append("r", "ann", "two")
+    h.commit()
+    assert h.epoch("r") == epoch and h.epoch("other") is None
+    h.close()
+    again = History(path, retention=5)
+    assert again.epoch("r") == epoch
+    again.close()
+    (tmp_path / "h.sqlite3").unlink()  # the database is gone: ids and epoch start anew
+    fresh = History(path, retention=5)
+    assert fresh.epoch("r") is None
+    assert fresh.append("r", "ann", "one again").id == 1
+    assert fresh.epoch("r") not in (None, epoch)
+    fresh.close()
+
+
+def test_a_rolled_back_first_message_leaves_no_epoch(tmp_path) -> None:
+    h = History(str(tmp_path / "h.sqlite3"), retention=5)
+    h.append("r", "ann", "lost")
+    h.rollback()
+    assert h.epoch("r") is None and h.last_id("r") == 0
+    h.append("r", "ann", "kept")
+    h.commit()
+    epoch = h.epoch("r")
+    h.close()
+    assert History(str(tmp_path / "h.sqlite3"), retention=5).epoch("r") == epoch
+
+
+def test_a_database_from_before_epochs_gets_one_on_first_use(tmp_path) -> None:
+    path = str(tmp_path / "old.sqlite3")
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.executemany(
+        "INSERT INTO messages VALUES ('r', ?, 0, 'ann', ?)", [(i, f"t{i}") for i in (1, 2, 3)]
+    )
+    db.commit()
+    db.close()
+    h = History(path, retention=5)
+    epoch = h.epoch("r")  # a join, before any new message
+    assert epoch is not None and h.epoch("empty") is None
+    assert h.append("r", "ann", "t4").id == 4 and h.epoch("r") == epoch
+    h.commit()
+    h.close()
+    again = History(path, retention=5)
+    assert again.epoch("r") == epoch and [m.id for m in again.since("r", 2)[0]] == [3, 4]
+    again.close()
+
+
+def test_without_storage_the_epoch_is_new_each_run() -> None:
+    h = History(":memory:", retention=0)
+    h.append("r", "a", "x")
+    epoch = h.epoch("r")
+    assert epoch is not None and h.epoch("r") == epoch
+    other = History(":memory:", retention=0)
+    other.append("r", "a", "x")
+    assert other.epoch("r") not in (None, epoch)
+
+
+def test_join_naming_another_epoch_is_a_fresh_join_marked_reset() -> None:
+    hub, soon = make_hub(History(":memory:", 100))
+    m = Member()
+    empty = hub.chat_join("r", m.link, "ann", "v1").result
+    assert empty.epoch is None and not empty.reset
+    for k in range(5):
+        hub.post("r", "ann", f"t{k}")
+    soon.pop()()
+    epoch = hub.history.epoch("r")
+    j = hub.chat_join("r", m.link, "ann", "v1", since=3, epoch=epoch).result
+    assert (j.epoch, j.reset, [x.id for x in j.history]) == (epoch, False, [4, 5])
+    j = hub.chat_join("r", m.link, "ann", "v1", since=3, epoch="another").result
+    assert j.epoch == epoch and j.reset and [x.id for x in j.history] == [1, 2, 3, 4, 5]
+    j = hub.chat_join("r", m.link, "ann", "v1", since=3).result  # no epoch said: as before
+    assert not j.reset and [x.id for x in j.history] == [4, 5]

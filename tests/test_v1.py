@@ -48,6 +48,7 @@ def test_join_presence_send_leave(chatd: Daemon) -> None:
         "members": ["alice"],
         "history": [],
         "last_id": 0,
+        "epoch": None,  # no message yet
     }
     b = V1(chatd.port, "bob")
     j = b.join("room1")

@@ -3,6 +3,8 @@
 For the cluster tests and benchmarks. Data lives in a directory of its own
 with the append-only file on, so a restart (``stop`` then ``start``) keeps
 it, as a production Redis configured for chatd would (docs/SCALING.md).
+With ``persist=False`` nothing is written (``--save "" --appendonly no``):
+a restart comes back empty, as a Redis without persistence does.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None, directory: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, directory: str | None = None, persist: bool = True
+    ) -> None:
         self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if directory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="chatd-redis-")
             directory = self._tmp.name
         self.dir = Path(directory)
         self.port = port or free_port()
+        self.persist = persist
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -50,7 +55,7 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "yes",
+                "yes" if self.persist else "no",
                 "--appendfsync",
                 "everysec",
                 "--protected-mode",

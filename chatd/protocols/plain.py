@@ -35,6 +35,9 @@ class PlainRenderer:
     def presence(self, room: str, nick: str, event: str) -> None:
         return None
 
+    def reset(self, event: object) -> None:
+        return None
+
 
 class PlainChat(Connection):
     kind = "plain"

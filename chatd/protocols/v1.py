@@ -19,7 +19,7 @@ from autobahn.websocket.types import ConnectionDeny
 from chatd import limits
 from chatd.fanout import Link
 from chatd.history import Message
-from chatd.hub import Joined, NickTaken, Unavailable
+from chatd.hub import Joined, NickTaken, Reset, Unavailable
 from chatd.protocols.base import Connection
 
 SUBPROTOCOL = "chatd.v1"
@@ -52,6 +52,9 @@ class V1Renderer:
 
     def presence(self, room: str, nick: str, event: str) -> bytes:
         return encode({"type": "presence", "room": room, "nick": nick, "event": event})
+
+    def reset(self, e: Reset) -> bytes:
+        return encode({"type": "reset", "room": e.room, "epoch": e.epoch, "last_id": e.last_id})
 
 
 class ProtocolError(Exception):
@@ -196,13 +199,16 @@ class V1Chat(Connection):
         since = _field(obj, "since", int, required=False)
         if since is not None and since < 0:
             raise ProtocolError("bad_field", "'since' is an id >= 0")
+        epoch = _field(obj, "epoch", str, required=False)
+        if epoch is not None and not (0 < len(epoch) <= 64 and _encodable(epoch)):
+            raise ProtocolError("bad_field", "'epoch' is the string a 'joined' gave")
         if room not in self.joined and len(self.joined) >= limits.MAX_ROOMS_PER_CONNECTION:
             raise ProtocolError(
                 "too_many_rooms", f"at most {limits.MAX_ROOMS_PER_CONNECTION} rooms at once"
             )
         assert self.link is not None
         self.joining = room
-        d = self.hub.chat_join(room, self.link, self.nick, "v1", since)
+        d = self.hub.chat_join(room, self.link, self.nick, "v1", since, epoch=epoch)
         d.addCallbacks(
             self._joined, self._join_failed, callbackArgs=(ref,), errbackArgs=(room, ref)
         )
@@ -234,9 +240,12 @@ class V1Chat(Connection):
             "members": j.members,
             "history": [message_obj(m) for m in j.history],
             "last_id": j.last_id,
+            "epoch": j.epoch,
         }
         if j.truncated:
             out["truncated"] = True
+        if j.reset:
+            out["reset"] = True
         if ref is not None:
             out["ref"] = ref
         self.reply(out)

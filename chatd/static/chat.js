@@ -13,6 +13,7 @@
   let wanted = false;    // the user wants to be in `room` (so: reconnect when dropped)
   let nick = "", room = "";
   let lastId = 0;        // the last message id shown: resume point and duplicate filter
+  let epoch = null;      // the history epoch lastId counts in (docs/PROTOCOL.md)
   let members = [];
   let attempt = 0, timer = null, refSeq = 0;
 
@@ -114,10 +115,11 @@
   function handle(m) {
     switch (m.type) {
       case "welcome":
-        send(lastId ? { type: "join", room, since: lastId } : { type: "join", room });
+        send(lastId ? { type: "join", room, since: lastId, ...(epoch ? { epoch } : {}) }
+                    : { type: "join", room });
         break;
       case "joined": {
-        if (m.last_id < lastId) {            // the server lost its history: start over
+        if (m.reset || m.last_id < lastId) { // the server lost its history: start over
           log.replaceChildren();
           lastId = 0;
           sys("the server's history was reset");
@@ -127,6 +129,7 @@
           if (h.id > lastId) { addMessage(h); lastId = h.id; }
         }
         lastId = Math.max(lastId, m.last_id);
+        epoch = m.epoch;
         members = m.members.slice();
         renderMembers();
         if (attempt) sys("reconnected");
@@ -135,6 +138,13 @@
         setState("open", nick + " in " + room);
         break;
       }
+      case "reset":                          // a new epoch: what follows starts over
+        if (m.room !== room) return;
+        log.replaceChildren();
+        lastId = m.last_id;
+        epoch = m.epoch;
+        sys("the server's history was reset");
+        break;
       case "message":
         if (m.room !== room || m.id <= lastId) return;   // never shown twice
         lastId = m.id;
@@ -163,7 +173,7 @@
     ev.preventDefault();
     nick = nickEl.value.trim();
     const newRoom = roomEl.value.trim();
-    if (newRoom !== room) { log.replaceChildren(); lastId = 0; }
+    if (newRoom !== room) { log.replaceChildren(); lastId = 0; epoch = null; }
     room = newRoom;
     localStorage.setItem("chatd.nick", nick);
     localStorage.setItem("chatd.room", room);
