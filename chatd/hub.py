@@ -58,6 +58,9 @@ class Joined:
     history: list[Message]
     last_id: int
     truncated: bool  # messages after ``since`` were lost to retention
+    # The rest of the history after ``history``, a batch per call (empty: no
+    # more), read as the client takes it; None: ``history`` is all of it.
+    more: Callable[[], list[Message]] | None = None
 
 
 @dataclass(slots=True)
@@ -274,10 +277,12 @@ class InMemoryHub:
         """Join (or re-join) ``room``; the history and the live stream meet exactly.
 
         Everything accepted before the join is committed and sent first, so
-        ``history`` ends at ``last_id`` and every later message arrives live,
-        once. Without ``snapshot`` (plain clients show neither) ``members``
-        and ``history`` are left empty: a join then costs the same in a room
-        of ten or of ten thousand. The Deferred has fired when this returns.
+        the history ends at ``last_id`` and every later message arrives live,
+        once. ``history`` holds its first batch; ``more`` reads the rest
+        from the database a batch at a time, while the client reads. Without
+        ``snapshot`` (plain clients show neither) ``members`` and ``history``
+        are left empty: a join then costs the same in a room of ten or of ten
+        thousand. The Deferred has fired when this returns.
         """
         self.flush()
         r = self.local.chat.get(room)
@@ -290,14 +295,15 @@ class InMemoryHub:
             self.local.chat_add(room, link, Member(nick, fmt, unique))
         if not snapshot:
             return succeed(Joined(room, [], [], self.history.last_id(room), False))
+        last_id = self.history.last_id(room)
         if since is None:
-            history = self.history.recent(room, self.join_history)
+            after = max(0, last_id - min(self.join_history, self.history.retention))
+            history, _, cursor = self.history.page(room, after)
             truncated = False
         else:
-            history, truncated = self.history.since(room, since)
-        return succeed(
-            Joined(room, self.members(room), history, self.history.last_id(room), truncated)
-        )
+            history, truncated, cursor = self.history.page(room, since)
+        more = cursor.read if cursor is not None else None
+        return succeed(Joined(room, self.members(room), history, last_id, truncated, more))
 
     def chat_leave(self, room: str, link: Link) -> bool:
         member = self.local.chat_remove(room, link)
