@@ -13,6 +13,7 @@
   let wanted = false;    // the user wants to be in `room` (so: reconnect when dropped)
   let nick = "", room = "";
   let lastId = 0;        // the last message id shown: resume point and duplicate filter
+  let pendingLast = 0;   // while history pages come: the joined's last_id
   let members = [];
   let attempt = 0, timer = null, refSeq = 0;
 
@@ -111,6 +112,12 @@
     };
   }
 
+  function showHistory(msgs) {
+    for (const h of msgs) {
+      if (h.id > lastId) { addMessage(h); lastId = h.id; }
+    }
+  }
+
   function handle(m) {
     switch (m.type) {
       case "welcome":
@@ -123,10 +130,10 @@
           sys("the server's history was reset");
         }
         if (m.truncated) sys("some messages are too old to recover");
-        for (const h of m.history) {
-          if (h.id > lastId) { addMessage(h); lastId = h.id; }
-        }
-        lastId = Math.max(lastId, m.last_id);
+        showHistory(m.history);
+        // Pages may follow (a long history comes in "history" frames, then live ones).
+        if (m.more) pendingLast = m.last_id;
+        else lastId = Math.max(lastId, m.last_id);
         members = m.members.slice();
         renderMembers();
         if (attempt) sys("reconnected");
@@ -135,6 +142,11 @@
         setState("open", nick + " in " + room);
         break;
       }
+      case "history":
+        if (m.room !== room) return;
+        showHistory(m.messages);
+        if (!m.more) lastId = Math.max(lastId, pendingLast);
+        break;
       case "message":
         if (m.room !== room || m.id <= lastId) return;   // never shown twice
         lastId = m.id;
