@@ -228,7 +228,12 @@ class Link:
                     return
                 item, binary = held[0]
                 if binary is None:  # a pager: its next page, or it is done
-                    payload = next(item, None)
+                    try:
+                        payload = next(item, None)
+                    except Exception:  # e.g. its database read failed: give up on the link
+                        self.close()
+                        self.on_drop("error")
+                        return
                     if payload is None:
                         held.popleft()
                         self._unhold(PAGER_CHARGE)

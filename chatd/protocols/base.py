@@ -476,6 +476,8 @@ class Connection(WebSocketServerProtocol):
         """
         link = self.link
         if link is not None and link.stalled:
+            if not link.open:  # given up on (by broadcast): its close is on the way
+                return
             reason = link.charge(len(data))
             if reason is not None:
                 self._dropped(reason)
