@@ -283,3 +283,24 @@ def test_a_reading_client_is_not_dropped_by_a_big_history(daemon) -> None:
     assert "code=1008" not in d.log()
     r.close()
     w.close()
+
+
+def test_a_16_mib_resume_goes_out_a_page_at_a_time(daemon) -> None:
+    """The whole retention (1000 messages of 16 KiB) to one client: memory stays flat."""
+    d: Daemon = daemon(*FAST)
+    n = 1000
+    w = post_many(d, "full", n, 16 * 1024)
+    r = V1(d.port, "reader", rcvbuf=4096)
+    sampler = Sampler(d)
+    joined, first = raw_join(r, "full", since=0)
+    msgs, sizes = read_history(r, joined)
+    growth = sampler.stop()
+    sizes[0] = first
+    assert [m["id"] for m in msgs] == list(range(1, n + 1))
+    assert max(sizes) <= PAGE
+    total = sum(sizes) / 1024 / 1024
+    print(f"{len(sizes)} frames, {total:.1f} MiB, largest {max(sizes)}; RSS +{growth:.1f} MiB")
+    # Rendered at once it would be 16 MiB of JSON, plus the messages it came from.
+    assert growth < 8, growth
+    r.close()
+    w.close()
