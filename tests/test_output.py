@@ -255,13 +255,15 @@ def test_ping_flood_that_never_reads_is_closed_and_memory_stays_flat(daemon) -> 
     c.sock.close()
 
 
-def test_join_flood_that_never_reads_is_closed_and_memory_stays_flat(daemon) -> None:
+@pytest.mark.parametrize("size", [1000, 10 * 1024], ids=["one-frame", "paged"])
+def test_join_flood_that_never_reads_is_closed_and_memory_stays_flat(daemon, size) -> None:
+    """Each join answers 50 KiB (one joined frame) or 500 KiB (joined and pages)."""
     d: Daemon = daemon(*FAST, "--max-backlog", "1M")
-    w = post_many(d, "hist", 50, 10 * 1024)
+    w = post_many(d, "hist", 50, size)
     c = V1(d.port, "joiner", rcvbuf=4096)
     sampler = Sampler(d)
     join = frame(TEXT, json.dumps({"type": "join", "room": "hist"}).encode()) * 100
-    # Each join answers ~500 KiB of history: 5,000 joins would be 2.5 GiB unbounded.
+    # 5,000 joins would be 250 MiB (or 2.5 GiB) unbounded.
     sent = flood(c, join, 50 * len(join), 30)
     d.wait_for_log(r"code=1008", timeout=20)
     growth = sampler.stop()
