@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS messages (
 """
 
 
-PAGE_ROWS = 64  # rows of a first read; later ones aim at PAGE_BYTES of text
+PAGE_ROWS = 16  # rows of a first read (at most 256 KiB of text); later ones aim at PAGE_BYTES
 PAGE_BYTES = 64 * 1024
 
 
