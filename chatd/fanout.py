@@ -40,6 +40,8 @@ simply one that looks paused. A pending paged reply counts as
 ``PAGER_CHARGE`` bytes (the page it renders and what it reads ahead); the
 pages themselves are written only when the transport has room (when it
 resumes the link), so they are never more than a page ahead of the socket.
+A pager may answer ``b""``: its next page is being read (from Redis), and it
+calls ``drain`` again when it is here.
 
 This module knows nothing of Autobahn, rooms or protocols: it moves bytes.
 """
@@ -238,6 +240,8 @@ class Link:
                         held.popleft()
                         self._unhold(PAGER_CHARGE)
                         continue
+                    if not payload:  # b"": it waits for a read, and calls drain when done
+                        return
                     binary = False
                 else:
                     held.popleft()

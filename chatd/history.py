@@ -180,7 +180,7 @@ class Cursor:
             self.after = msgs[-1].id
             size = sum(len(m.text) for m in msgs) // len(msgs) + 100
             self.rows = max(4, min(1024, PAGE_BYTES // size + 1))
-        if not msgs or self.after >= self.until:
+        if not msgs or self.after >= self.until:  # (the pin keeps every row: no gap)
             self.after = self.until
             cursors = self.history._cursors.get(self.room)
             if cursors is not None:

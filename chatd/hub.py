@@ -58,9 +58,20 @@ class Joined:
     history: list[Message]
     last_id: int
     truncated: bool  # messages after ``since`` were lost to retention
-    # The rest of the history after ``history``, a batch per call (empty: no
-    # more), read as the client takes it; None: ``history`` is all of it.
-    more: Callable[[], list[Message]] | None = None
+    # The rest of the history after ``history``, read as the client takes it
+    # (None: ``history`` is all of it).
+    more: HistoryCursor | None = None
+
+
+class HistoryCursor(Protocol):
+    """Messages after ``after`` up to ``until``, a batch per ``read``."""
+
+    after: int
+    until: int
+
+    def read(self) -> list[Message] | Deferred:
+        """The next batch, oldest first (or a Deferred of it); fails if some are gone."""
+        ...
 
 
 @dataclass(slots=True)
@@ -302,8 +313,7 @@ class InMemoryHub:
             truncated = False
         else:
             history, truncated, cursor = self.history.page(room, since)
-        more = cursor.read if cursor is not None else None
-        return succeed(Joined(room, self.members(room), history, last_id, truncated, more))
+        return succeed(Joined(room, self.members(room), history, last_id, truncated, cursor))
 
     def chat_leave(self, room: str, link: Link) -> bool:
         member = self.local.chat_remove(room, link)

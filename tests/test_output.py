@@ -35,9 +35,11 @@ def post_many(d: Daemon, room: str, n: int, size: int, nick: str = "writer") -> 
     return w
 
 
-def read_history(c: V1, joined: dict) -> tuple[list[dict], list[int]]:
-    """The messages of ``joined`` and the ``history`` pages after it, and each frame's size."""
-    msgs = list(joined["history"])
+def read_history(c: V1, joined: dict, msgs: list | None = None) -> tuple[list[dict], list[int]]:
+    """The messages of ``joined`` and the ``history`` pages after it (into ``msgs``), and
+    each frame's size."""
+    msgs = [] if msgs is None else msgs
+    msgs += joined["history"]
     sizes = [len(json.dumps(joined, ensure_ascii=False, separators=(",", ":")).encode())]
     more = joined.get("more", False)
     while more:

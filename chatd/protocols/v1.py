@@ -24,6 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from chatd import limits
 from chatd.fanout import Link
@@ -60,31 +62,54 @@ class HistoryPages:
     """A join's answer: ``joined`` with the first page, then ``history`` frames.
 
     ``first`` is the ``joined`` payload; iterating gives each ``history``
-    frame's payload, rendered when asked for, with messages read from
-    ``joined.more`` only as pages need them. ``done``: nothing follows.
+    frame's payload, rendered when asked for, with messages read from the
+    hub's cursor (``joined.more``) only as pages need them. A cursor that
+    answers later (a Deferred: Redis) makes the iterator give ``b""`` (wait)
+    until the batch is here, then call ``wake``. ``done``: nothing follows.
     """
 
-    __slots__ = ("buf", "done", "first", "more", "nxt", "room")
+    __slots__ = ("buf", "cursor", "done", "error", "first", "nxt", "reading", "room", "wake")
 
     def __init__(self, j: Joined, tail: dict[str, Any], head: dict[str, Any]) -> None:
         self.room = j.room
         self.buf: deque[Message] = deque(j.history)
-        self.more = j.more
+        self.cursor = j.more
         self.nxt: bytes | None = None  # the next message, rendered
+        self.reading = False  # a read is on its way
+        self.error: Failure | None = None
+        self.wake: Callable[[], object] | None = None
         self.done = False
         self.first = self._frame(encode(head)[:-1] + b',"history":[', tail)
 
+    def _left(self) -> bool:
+        c = self.cursor
+        return self.nxt is not None or bool(self.buf) or (c is not None and c.after < c.until)
+
     def _peek(self) -> bytes | None:
-        """The next message's JSON, reading the next batch if need be; None at the end."""
+        """The next message's JSON, reading a batch if one is at hand; None: none yet."""
         if self.nxt is None:
-            while not self.buf and self.more is not None:
-                batch = self.more()
-                if not batch:
-                    self.more = None
-                self.buf.extend(batch)
+            if not self.buf and not self.reading and self._left():
+                batch = self.cursor.read()  # type: ignore[union-attr]
+                if isinstance(batch, Deferred):
+                    self.reading = True
+                    batch.addCallbacks(self._arrived, self._failed)
+                else:
+                    self.buf.extend(batch)
             if self.buf:
                 self.nxt = encode(message_obj(self.buf.popleft()))
         return self.nxt
+
+    def _arrived(self, batch: list[Message]) -> None:
+        self.reading = False
+        self.buf.extend(batch)
+        if self.wake is not None:
+            self.wake()
+
+    def _failed(self, failure: Failure) -> None:
+        self.reading = False
+        self.error = failure
+        if self.wake is not None:
+            self.wake()
 
     def _frame(self, head: bytes, tail: dict[str, Any]) -> bytes:
         tail["more"] = False
@@ -96,7 +121,7 @@ class HistoryPages:
             parts.append(part)
             size += len(part) + 1
             self.nxt = None
-        tail["more"] = more = self._peek() is not None
+        tail["more"] = more = self._left()
         self.done = not more
         if not more and "last_id" in tail:  # joined says "more" only when pages follow
             del tail["more"]
@@ -108,6 +133,12 @@ class HistoryPages:
     def __next__(self) -> bytes:
         if self.done:
             raise StopIteration
+        if self.error is not None:
+            self.error.raiseException()  # (the link gives up on the connection)
+        if self._peek() is None:
+            if self.reading:
+                return b""  # wait: _arrived wakes the link
+            raise Unavailable("history messages vanished during the replay")
         return self._frame(b'{"type":"history","room":' + encode(self.room) + b',"messages":[', {})
 
 
@@ -318,6 +349,7 @@ class V1Chat(Connection):
             self.send_payload(first)
             return
         # The rest goes out page by page as the client reads; all else waits behind.
+        pages.wake = link.drain
         link.hold()
         reason = link.put(first) or link.put(pages, None)
         if reason is not None:
