@@ -37,7 +37,8 @@ else is sent to the link waits behind it, in order, counted against the
 same ``max_backlog``. Holding swaps ``send_message`` for a function that
 queues the payload, so ``broadcast`` pays nothing for it: a holding link is
 simply one that looks paused. A pending paged reply counts as
-``PAGER_CHARGE`` bytes (the page it renders and what it reads ahead); the
+``PAGER_CHARGE`` bytes (the page it renders and what it reads ahead; half
+of ``max_backlog`` if that is less); the
 pages themselves are written only when the transport has room (when it
 resumes the link), so they are never more than a page ahead of the socket.
 A pager may answer ``b""``: its next page is being read (from Redis), and it
@@ -204,13 +205,17 @@ class Link:
         Returns a reason ("backlog", "overload") if that passed a bound: the
         link is then closed and the caller must tell its owner.
         """
-        size = PAGER_CHARGE if binary is None else len(item)  # type: ignore[arg-type]
+        size = self.pager_charge() if binary is None else len(item)  # type: ignore[arg-type]
         reason = self.charge(size)
         if reason is not None:
             return reason
         self.held.append((item, binary))  # type: ignore[union-attr]
         self.held_bytes += size
         return None
+
+    def pager_charge(self) -> int:
+        # (half the bound if that is less: a tiny --max-backlog still lets one through)
+        return min(PAGER_CHARGE, self.max_backlog // 2)
 
     def drain(self) -> None:
         """Write what is held while the transport takes it; stop holding once all is out."""
@@ -238,7 +243,7 @@ class Link:
                         return
                     if payload is None:
                         held.popleft()
-                        self._unhold(PAGER_CHARGE)
+                        self._unhold(self.pager_charge())
                         continue
                     if not payload:  # b"": it waits for a read, and calls drain when done
                         return

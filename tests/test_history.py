@@ -139,8 +139,9 @@ def test_a_holding_link_pages_as_the_transport_drains_and_live_frames_wait() -> 
     assert t.value() == b"\x81\x06joined\x81\x05page0\x81\x05page1\x81\x05page2\x81\x04live"
     assert link.held is None and link.send_message is None and not link.paused
     assert link.backlog == 0 and drops == []
-    # While holding, what waits counts against max_backlog (a pending pager as a page).
+    # While holding, what waits counts against max_backlog (a pending pager as 128 KiB,
+    # or half the bound if less: here 100 KiB).
     link.hold()
     link.pauseProducing()
-    assert link.put(pages(), None) is None  # 128 KiB
-    assert link.put(pages(), None) == "backlog" and not link.open
+    assert link.put(pages(), None) is None and link.put(pages(), None) is None
+    assert link.put(b"one byte too many") == "backlog" and not link.open

@@ -344,14 +344,14 @@ class V1Chat(Connection):
             out["ref"] = ref
         pages = HistoryPages(j, out, head)
         first, pages.first = pages.first, b""
+        self.send_payload(first)  # as any answer: at once, or behind what is held
         link = self.link
         if pages.done or link is None or not link.open:
-            self.send_payload(first)
             return
         # The rest goes out page by page as the client reads; all else waits behind.
         pages.wake = link.drain
         link.hold()
-        reason = link.put(first) or link.put(pages, None)
+        reason = link.put(pages, None)
         if reason is not None:
             self._dropped(reason)
             return
