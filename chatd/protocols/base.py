@@ -452,7 +452,7 @@ class Connection(WebSocketServerProtocol):
         64 KiB of JSON). One frame, deflated when the connection negotiated
         it, handed to ``sendData`` like every other byte.
         """
-        if fragmentSize is not None or sync or self.trackedTimings:
+        if fragmentSize is not None or sync or self.trackedTimings or self.autoFragmentSize:
             super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
             return
         if self.state != WebSocketProtocol.STATE_OPEN:
