@@ -14,6 +14,10 @@ says what Redis holds. How it stays exact:
   ``join``). Events before the marker are in the snapshot; the ones after it
   are held for the joiner until the script's reply is here, then sent
   after ``joined``. No ids are compared; presence is covered too.
+- **History is read a page at a time.** The join script reads the first
+  page of a ``since`` replay; ``_StreamCursor`` reads the rest with XRANGE
+  as the client takes the pages. A replay that the stream's trimming
+  overtakes fails (the connection is dropped) rather than skip messages.
 - **Gaps are filled.** When the pub/sub connection comes back, each room's
   messages after the last id delivered here are read from the stream
   before the live ones (held meanwhile), so nothing is lost or doubled.
@@ -51,7 +55,7 @@ from twisted.python.failure import Failure
 from chatd import limits
 from chatd.broker import Broker, BrokerDown
 from chatd.fanout import OUTBOX, Link, Outbox
-from chatd.history import Message, new_epoch
+from chatd.history import PAGE_BYTES, PAGE_ROWS, Message, new_epoch
 from chatd.hub import Joined, Local, Member, NickTaken, Renderer, Reset, Unavailable
 from chatd.stats import Stats
 
@@ -120,7 +124,8 @@ return {id, ts}
 """,
     # KEYS: members, nicks, node rooms, seq, log, epoch.
     # ARGV: member id, nick key, value, room, channel, 'since'|'recent'|'none', since,
-    # count, the client's epoch or '', a new epoch for a room from before epochs.
+    # count, the client's epoch or '', a new epoch for a room from before epochs, how
+    # many entries at most after since (the rest is read in pages: _StreamCursor).
     # Returns {'ok', new, last, truncated, member values, entries, epoch or '', reset}.
     "join": r"""
 local mid = ARGV[1]
@@ -152,7 +157,7 @@ local entries, truncated = {}, 0
 if mode == 'since' then
   local since = tonumber(ARGV[7])
   if since < last then
-    entries = redis.call('XRANGE', KEYS[5], '(' .. since .. '-0', '+')
+    entries = redis.call('XRANGE', KEYS[5], '(' .. since .. '-0', '+', 'COUNT', ARGV[11])
     local first = last + 1
     if #entries > 0 then first = tonumber(string.match(entries[1][1], '^(%d+)')) end
     if first > since + 1 then truncated = 1 end
@@ -300,6 +305,38 @@ def _ident_epoch(payload: bytes) -> tuple[int, str | None]:
     """The id and epoch of a published message ``m <id> <ts> <json>``."""
     _, ident, _, tail = payload.split(b" ", 3)
     return int(ident), json.loads(tail).get("e")
+
+
+class _StreamCursor:
+    """The rest of a ``since`` replay, read from the room's stream a page at a time.
+
+    Redis trims the stream (MAXLEN) as messages come: if more than the
+    retention were posted while a client was still reading its replay, what
+    it had not read yet is gone, and the read fails (the connection is
+    dropped; the client resumes with ``since`` and is told ``truncated``).
+    """
+
+    __slots__ = ("after", "broker", "key", "room", "rows", "until")
+
+    def __init__(self, broker: Broker, key: str, room: str, after: int, until: int) -> None:
+        self.broker, self.key, self.room = broker, key, room
+        self.after, self.until = after, until
+        self.rows = PAGE_ROWS
+
+    def read(self) -> defer.Deferred:
+        d = self.broker.call(
+            "XRANGE", self.key, f"({self.after}-0", f"{self.until}-0", "COUNT", self.rows
+        )
+        return d.addCallback(self._got)
+
+    def _got(self, entries: list) -> list[Message]:
+        msgs = [_message(self.room, e) for e in entries]
+        if not msgs or msgs[0].id != self.after + 1:
+            raise Unavailable(f"history of {self.room} after {self.after} was trimmed")
+        self.after = msgs[-1].id
+        size = sum(len(m.text) for m in msgs) // len(msgs) + 100
+        self.rows = max(4, min(1024, PAGE_BYTES // size + 1))
+        return msgs
 
 
 def _nick(value: bytes) -> str:
@@ -452,6 +489,7 @@ class RedisHub:
                 min(self.join_history, self.retention),
                 j.epoch or "",
                 new_epoch(),
+                PAGE_ROWS,
             ],
         )
 
@@ -489,14 +527,19 @@ class RedisHub:
         history = [_message(r.name, e) for e in entries]
         if history and history[0].id > history[-1].id:  # XREVRANGE
             history.reverse()
+        last = int(last)
+        more = None
+        if history and history[-1].id < last:  # a since read stopped at its COUNT
+            more = _StreamCursor(self.broker, f"{r.base}:log", r.name, history[-1].id, last)
         return Joined(
             r.name,
             [_nick(v) for v in values],
             history,
-            int(last),
+            last,
             bool(truncated),
             epoch.decode() or None,
             bool(reset),
+            more,
         )
 
     def _maybe_live(self, r: _Room, j: _Joining) -> None:

@@ -21,12 +21,28 @@ order on the wire is the order of the calls.
 Backpressure lives here too, because it is checked on every write: each
 connection has a ``Link`` registered as its transport's push producer. The
 transport pauses the link when its buffer passes Twisted's bufferSize
-(64 KiB); from then on every byte is counted, and once a client is more than
-``max_backlog`` behind, the link stops writing and asks its owner to close it.
-Memory per slow client is therefore bounded by bufferSize + one message +
-max_backlog, whatever the publishers do. A ``Budget`` shared by all links
-bounds the sum: past it the server is overloaded, and a client that is
-behind at all is dropped (close 1013, try again later).
+(64 KiB); from then on every byte handed to the transport is counted,
+whatever produced it (fan-out here; replies, pongs and the rest through
+``Link.charge``, which the connection's ``sendData`` calls), and once a
+client is more than ``max_backlog`` behind, the link stops writing and asks
+its owner to close it. Memory per slow client is therefore bounded by
+bufferSize + one message + max_backlog, whatever the publishers or the
+client itself do. A ``Budget`` shared by all links bounds the sum: past it
+the server is overloaded, and a client that is behind at all is dropped
+(close 1013, try again later).
+
+A link can also *hold* (``hold``/``put``/``drain``): while a long reply (a
+room's history, in pages) goes out at the pace the client reads it, what
+else is sent to the link waits behind it, in order, counted against the
+same ``max_backlog``. Holding swaps ``send_message`` for a function that
+queues the payload, so ``broadcast`` pays nothing for it: a holding link is
+simply one that looks paused. A pending paged reply counts as
+``PAGER_CHARGE`` bytes (the page it renders and what it reads ahead; half
+of ``max_backlog`` if that is less); the
+pages themselves are written only when the transport has room (when it
+resumes the link), so they are never more than a page ahead of the socket.
+A pager may answer ``b""``: its next page is being read (from Redis), and it
+calls ``drain`` again when it is here.
 
 This module knows nothing of Autobahn, rooms or protocols: it moves bytes.
 """
@@ -34,7 +50,8 @@ This module knows nothing of Autobahn, rooms or protocols: it moves bytes.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from struct import pack
 
 from twisted.internet.interfaces import IPushProducer, ITransport
@@ -42,11 +59,17 @@ from zope.interface import implementer
 
 OP_TEXT = 0x81  # FIN + text opcode
 OP_BINARY = 0x82  # FIN + binary opcode
+RSV1 = 0x40  # "compressed" (RFC 7692), on a message's first frame
+
+PAGER_CHARGE = 128 * 1024  # what a pending paged reply counts as, against max_backlog
+DRAIN_PER_TURN = 256 * 1024  # bytes a holding link writes per reactor turn, at most
 
 
-def encode_frame(payload: bytes, binary: bool) -> bytes:
+def encode_frame(payload: bytes, binary: bool, rsv1: bool = False) -> bytes:
     """One unmasked, unfragmented server-to-client frame (RFC 6455 5.2)."""
     first = OP_BINARY if binary else OP_TEXT
+    if rsv1:
+        first |= RSV1
     n = len(payload)
     if n < 126:
         header = pack("!BB", first, n)
@@ -78,13 +101,18 @@ class Link:
         "__weakref__",
         "backlog",
         "budget",
+        "draining",
+        "held",
+        "held_bytes",
         "max_backlog",
         "on_drop",
         "open",
+        "own_send",
         "paused",
         "pending",
         "send_message",
         "sock",
+        "stalled",
         "transport",
     )
 
@@ -98,7 +126,9 @@ class Link:
     ) -> None:
         self.transport = transport
         # Set for a compressing connection: it frames (and deflates) itself.
+        # While the link holds, this is ``_hold`` and the real one is ``own_send``.
         self.send_message = send_message
+        self.own_send: Callable[[bytes, bool], object] | None = None
         # Called (after the fan-out loop) when a link is given up on: the reason
         # is "backlog" for a slow consumer, "overload" for one that is behind
         # while the budget is spent, or "error" for a failed write.
@@ -106,19 +136,29 @@ class Link:
         self.max_backlog = max_backlog
         self.budget = budget
         self.open = True
-        self.paused = False
-        self.backlog = 0  # bytes handed over since the transport paused us
+        self.stalled = False  # the transport paused us: its buffer is full
+        self.paused = False  # what broadcast sees: stalled, or holding
+        # Bytes counted against max_backlog (and the budget): what was handed to
+        # the transport since it paused us, plus what is held.
+        self.backlog = 0
         self.pending: list[bytes] | None = None  # queued this reactor turn
+        self.held: deque | None = None  # while holding: (payload, binary) or (pager, None)
+        self.held_bytes = 0
+        self.draining = False
         self.sock = direct_socket(transport)
 
     # IPushProducer: the transport tells us when its buffer is full or drained.
     def pauseProducing(self) -> None:
-        self.paused = True
+        self.stalled = self.paused = True
 
     def resumeProducing(self) -> None:
-        self.paused = False
-        self.budget.total -= self.backlog
-        self.backlog = 0
+        self.stalled = False
+        self.budget.total -= self.backlog - self.held_bytes
+        self.backlog = self.held_bytes
+        if self.held is None:
+            self.paused = False
+        else:
+            self.drain()
 
     def stopProducing(self) -> None:
         self.close()
@@ -128,6 +168,106 @@ class Link:
         self.open = False
         self.budget.total -= self.backlog
         self.backlog = 0
+        self.held = None
+        self.held_bytes = 0
+
+    def charge(self, n: int) -> str | None:
+        """Count ``n`` more bytes against the bounds; past one, close and say which."""
+        self.backlog += n
+        self.budget.total += n
+        if self.backlog > self.max_backlog:
+            reason = "backlog"
+        elif self.budget.total > self.budget.limit:
+            reason = "overload"
+        else:
+            return None
+        self.close()
+        return reason
+
+    # -- holding: a paged reply goes out first, everything else waits behind it
+    def hold(self) -> None:
+        """From now on what is sent to this link waits (counted) until ``drain`` empties."""
+        if self.held is not None:
+            return
+        self.held = deque()
+        self.own_send = self.send_message
+        self.send_message = self._hold
+        self.paused = True  # so broadcast counts what it hands to _hold
+
+    def _hold(self, payload: bytes, binary: bool) -> None:
+        # From broadcast, which has counted it already (a holding link is "paused").
+        self.held.append((payload, binary))  # type: ignore[union-attr]
+        self.held_bytes += len(payload)
+
+    def put(self, item: bytes | Iterator[bytes], binary: bool | None = False) -> str | None:
+        """Queue a payload, or (``binary`` None) an iterator of text payloads, while holding.
+
+        Returns a reason ("backlog", "overload") if that passed a bound: the
+        link is then closed and the caller must tell its owner.
+        """
+        size = self.pager_charge() if binary is None else len(item)  # type: ignore[arg-type]
+        reason = self.charge(size)
+        if reason is not None:
+            return reason
+        self.held.append((item, binary))  # type: ignore[union-attr]
+        self.held_bytes += size
+        return None
+
+    def pager_charge(self) -> int:
+        # (half the bound if that is less: a tiny --max-backlog still lets one through)
+        return min(PAGER_CHARGE, self.max_backlog // 2)
+
+    def drain(self) -> None:
+        """Write what is held while the transport takes it; stop holding once all is out."""
+        held = self.held
+        if held is None or self.draining:
+            return
+        self.draining = True
+        try:
+            if self.pending is not None:
+                self.flush()  # what was queued before goes first
+            left = DRAIN_PER_TURN
+            while held and self.open and not self.stalled:
+                if left <= 0:  # others get their turn; the rest in the next one
+                    from twisted.internet import reactor
+
+                    reactor.callLater(0, self.drain)
+                    return
+                item, binary = held[0]
+                if binary is None:  # a pager: its next page, or it is done
+                    try:
+                        payload = next(item, None)
+                    except Exception:  # e.g. its database read failed: give up on the link
+                        self.close()
+                        self.on_drop("error")
+                        return
+                    if payload is None:
+                        held.popleft()
+                        self._unhold(self.pager_charge())
+                        continue
+                    if not payload:  # b"": it waits for a read, and calls drain when done
+                        return
+                    binary = False
+                else:
+                    held.popleft()
+                    self._unhold(len(item))
+                    payload = item
+                left -= len(payload)
+                if self.own_send is not None:
+                    self.own_send(payload, binary)
+                else:
+                    write(self.transport, self.sock, encode_frame(payload, binary))
+            if not held and self.open:
+                self.held = None
+                self.send_message, self.own_send = self.own_send, None
+                self.paused = self.stalled
+        finally:
+            self.draining = False
+
+    def _unhold(self, n: int) -> None:
+        self.held_bytes -= n
+        self.backlog -= n
+        self.budget.total -= n
 
     def queue(self, data: bytes) -> bool:
         """Append ``data`` behind frames queued this turn; False if none are."""

@@ -19,6 +19,13 @@ a database replaced or deleted starts its rooms at id 1 again under a new
 epoch, so a client holding ids from the old one can tell (docs/PROTOCOL.md).
 With ``retention`` 0 nothing is stored and ids restart with the process, so
 the epoch lives in memory and is new each run too.
+
+A long replay is read in pages (``page`` and its ``Cursor``), as fast as
+the client takes it, not all at once: a batch is sized to about a 64 KiB
+page from the sizes of the previous one. While a cursor is open on a room,
+trimming that room keeps what the cursor has still to read, so a slow
+replay has no gap; the table then holds, for as long as the replay lasts,
+up to the messages posted meanwhile beyond the retention.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import contextlib
 import secrets
 import sqlite3
 import time
+import weakref
 from dataclasses import dataclass
 
 SCHEMA = """
@@ -48,6 +56,10 @@ CREATE TABLE IF NOT EXISTS rooms (
 def new_epoch() -> str:
     """A fresh epoch: 9 random bytes as 12 url-safe characters."""
     return secrets.token_urlsafe(9)
+
+
+PAGE_ROWS = 16  # rows of a first read (at most 256 KiB of text); later ones aim at PAGE_BYTES
+PAGE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +93,7 @@ class History:
         self._epochs: dict[str, str] = {}
         self._in_tx = False
         self._since_trim: dict[str, int] = {}
+        self._cursors: dict[str, weakref.WeakSet[Cursor]] = {}  # open replays, by room
 
     def last_id(self, room: str) -> int:
         last = self._last.get(room)
@@ -122,10 +135,11 @@ class History:
             )
             n = self._since_trim.get(room, 0) + 1
             if n >= 100:  # trim now and then, not on every message
-                self.db.execute(
-                    "DELETE FROM messages WHERE room = ? AND id <= ?",
-                    (room, msg.id - self.retention),
-                )
+                floor = msg.id - self.retention
+                cursors = self._cursors.get(room)
+                if cursors:  # keep what an open replay has still to read
+                    floor = min(floor, *(c.after for c in cursors))
+                self.db.execute("DELETE FROM messages WHERE room = ? AND id <= ?", (room, floor))
                 n = 0
             self._since_trim[room] = n
         elif room not in self._epochs:
@@ -149,16 +163,34 @@ class History:
 
     def since(self, room: str, after: int) -> tuple[list[Message], bool]:
         """Messages with id > ``after`` (at most ``retention``), and whether some were lost."""
+        msgs, truncated, _ = self.page(room, after, None)
+        return msgs, truncated
+
+    def page(
+        self, room: str, after: int, limit: int | None = PAGE_ROWS
+    ) -> tuple[list[Message], bool, Cursor | None]:
+        """The first ``limit`` messages with id > ``after`` (within the retention),
+        whether some were lost, and a Cursor for the rest up to today's last id
+        (None if there is none)."""
+        last = self.last_id(room)
         if not self.retention:
-            return [], after < self.last_id(room)
+            return [], after < last, None
+        start = max(after, last - self.retention)
+        cursor = Cursor(self, room, start, last)
+        msgs = cursor.read(limit if limit is not None else -1)
+        first = msgs[0].id if msgs else last + 1
+        if cursor.after < last:
+            self._cursors.setdefault(room, weakref.WeakSet()).add(cursor)
+            return msgs, first > after + 1, cursor
+        return msgs, first > after + 1, None
+
+    def _rows(self, room: str, after: int, until: int, limit: int) -> list[Message]:
         rows = self.db.execute(
-            "SELECT id, ts, sender, text FROM messages WHERE room = ? AND id > ? "
-            "AND id > ? ORDER BY id",
-            (room, after, self.last_id(room) - self.retention),
+            "SELECT id, ts, sender, text FROM messages WHERE room = ? AND id > ? AND id <= ? "
+            "ORDER BY id LIMIT ?",
+            (room, after, until, limit),
         ).fetchall()
-        msgs = [Message(room, i, ts, s, t) for i, ts, s, t in rows]
-        first = msgs[0].id if msgs else self.last_id(room) + 1
-        return msgs, first > after + 1
+        return [Message(room, i, ts, s, t) for i, ts, s, t in rows]
 
     def recent(self, room: str, n: int) -> list[Message]:
         """The last ``n`` messages of a room, oldest first."""
@@ -167,3 +199,34 @@ class History:
     def close(self) -> None:
         self.commit()
         self.db.close()
+
+
+class Cursor:
+    """The rest of a replay: messages after ``after`` up to ``until``, read a batch at a time."""
+
+    __slots__ = ("__weakref__", "after", "history", "room", "rows", "until")
+
+    def __init__(self, history: History, room: str, after: int, until: int) -> None:
+        self.history = history
+        self.room = room
+        self.after = after
+        self.until = until
+        self.rows = PAGE_ROWS
+
+    def read(self, limit: int | None = None) -> list[Message]:
+        """The next batch, oldest first; empty once everything up to ``until`` was read."""
+        if self.after >= self.until:
+            return []
+        msgs = self.history._rows(self.room, self.after, self.until, limit or self.rows)
+        if msgs:
+            self.after = msgs[-1].id
+            size = sum(len(m.text) for m in msgs) // len(msgs) + 100
+            self.rows = max(4, min(1024, PAGE_BYTES // size + 1))
+        if not msgs or self.after >= self.until:  # (the pin keeps every row: no gap)
+            self.after = self.until
+            cursors = self.history._cursors.get(self.room)
+            if cursors is not None:
+                cursors.discard(self)
+                if not cursors:
+                    del self.history._cursors[self.room]
+        return msgs

@@ -68,6 +68,9 @@ class Joined:
     truncated: bool  # messages after ``since`` were lost to retention
     epoch: str | None = None  # the room's history epoch; None while it has no message
     reset: bool = False  # the join named another epoch: ``since`` was not used
+    # The rest of the history after ``history``, read as the client takes it
+    # (None: ``history`` is all of it).
+    more: HistoryCursor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,17 @@ class Reset:
     room: str
     epoch: str
     last_id: int
+
+
+class HistoryCursor(Protocol):
+    """Messages after ``after`` up to ``until``, a batch per ``read``."""
+
+    after: int
+    until: int
+
+    def read(self) -> list[Message] | Deferred:
+        """The next batch, oldest first (or a Deferred of it); fails if some are gone."""
+        ...
 
 
 @dataclass(slots=True)
@@ -306,12 +320,14 @@ class InMemoryHub:
         """Join (or re-join) ``room``; the history and the live stream meet exactly.
 
         Everything accepted before the join is committed and sent first, so
-        ``history`` ends at ``last_id`` and every later message arrives live,
-        once. Without ``snapshot`` (plain clients show neither) ``members``
-        and ``history`` are left empty: a join then costs the same in a room
-        of ten or of ten thousand. An ``epoch`` other than the room's makes
-        ``since`` meaningless: the answer is a fresh join marked ``reset``.
-        The Deferred has fired when this returns.
+        the history ends at ``last_id`` and every later message arrives live,
+        once. ``history`` holds its first batch; ``more`` reads the rest
+        from the database a batch at a time, while the client reads. Without
+        ``snapshot`` (plain clients show neither) ``members`` and ``history``
+        are left empty: a join then costs the same in a room of ten or of ten
+        thousand. An ``epoch`` other than the room's makes ``since``
+        meaningless: the answer is a fresh join marked ``reset``. The
+        Deferred has fired when this returns.
         """
         self.flush()
         try:
@@ -333,12 +349,13 @@ class InMemoryHub:
         if not snapshot:
             return succeed(Joined(room, [], [], last_id, False, current, reset))
         if since is None:
-            history = self.history.recent(room, self.join_history)
+            after = max(0, last_id - min(self.join_history, self.history.retention))
+            history, _, cursor = self.history.page(room, after)
             truncated = False
         else:
-            history, truncated = self.history.since(room, since)
+            history, truncated, cursor = self.history.page(room, since)
         return succeed(
-            Joined(room, self.members(room), history, last_id, truncated, current, reset)
+            Joined(room, self.members(room), history, last_id, truncated, current, reset, cursor)
         )
 
     def chat_leave(self, room: str, link: Link) -> bool:

@@ -181,3 +181,22 @@ def test_restart_under_an_open_page_reconnects_and_shows_missed_messages_once(
         other.close()
     finally:
         d.stop()
+
+
+def test_a_history_bigger_than_a_frame_limit_is_shown_whole(people, daemon) -> None:
+    """1.5 MiB of history comes as joined and history pages; all of it is shown, once."""
+    d = daemon("--ping-interval", "0", "--rate", "1000", "--rate-burst", "1000",
+               "--join-history", "150")  # fmt: skip
+    writer = V1(d.port, "hana")
+    writer.join("long-history")
+    for i in range(150):
+        writer.say("long-history", f"{i:03d} " + "y" * 10_000)
+        writer.next("message")
+    ivan = people(d.port)
+    ivan.join("ivan", "long-history")
+    writer.say("long-history", "live after the pages")
+    ivan.wait_text("live after the pages")
+    texts = ivan.texts()
+    assert [t[:3] for t in texts[:-1]] == [f"{i:03d}" for i in range(150)]
+    assert texts[-1] == "live after the pages"
+    writer.close()

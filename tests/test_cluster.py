@@ -557,3 +557,67 @@ def test_the_page_on_two_nodes(node, browser) -> None:
     finally:
         alice.close()
         bob.close()
+
+
+def test_big_history_in_pages_across_nodes(node) -> None:
+    """2 MiB of history from Redis reaches a reader on another node in 64 KiB pages,
+    then the live stream: no gap, no duplicate."""
+    from test_output import PAGE, read_history
+
+    fast = ("--rate", "10000", "--rate-burst", "10000")
+    a, b = node(*fast), node(*fast)
+    n = 200
+    w = V1(a.port, "writer")
+    w.join("big")
+    for i in range(n):
+        w.say("big", f"{i:06d} " + "x" * 10_000)
+        w.next("message")
+    r = V1(b.port, "reader", rcvbuf=4096)
+    r.req("join", room="big", since=0)
+    _, payload = r.recv_message()
+    joined = json.loads(payload)
+    assert joined["type"] == "joined" and joined["more"] is True and len(payload) <= PAGE
+    assert next_presence(w)["nick"] == "reader"
+    w.say("big", "during")  # while the reader catches up: once, after the last page
+    msgs, sizes = read_history(r, joined)
+    assert [m["id"] for m in msgs] == list(range(1, n + 1))
+    assert max(sizes[1:]) <= PAGE
+    live = r.next("message")
+    assert live["id"] == n + 1 and live["text"] == "during"
+    r.close()
+    w.close()
+
+
+def test_replay_trimmed_under_a_slow_reader_is_never_a_silent_gap(node) -> None:
+    """Redis trims the stream while a reader is still paging through it: the reader gets
+    every message up to last_id, or is dropped (and resumes with since); never a gap."""
+    from test_output import read_history
+    from wsclient import Closed
+
+    fast = ("--rate", "10000", "--rate-burst", "10000", "--history-size", "300")
+    a = node(*fast)
+    w = V1(a.port, "writer")
+    w.join("trim")
+    for i in range(300):  # 4.5 MiB: more than the kernel's buffers take
+        w.say("trim", f"{i:06d} " + "x" * 15_000)
+        w.next("message")
+    r = V1(a.port, "reader", rcvbuf=4096)
+    r.req("join", room="trim", since=0)
+    _, payload = r.recv_message()  # joined; the pages wait for the reader
+    joined = json.loads(payload)
+    assert next_presence(w)["nick"] == "reader"
+    for i in range(400):  # the stream keeps its last 300: all of the replay goes
+        w.say("trim", f"later {i}")
+        w.next("message")
+    msgs: list[dict] = []
+    try:
+        read_history(r, joined, msgs)
+    except (Closed, OSError) as e:
+        print(f"dropped mid-replay after {len(msgs)} messages: {e!r}")
+        assert [m["id"] for m in msgs] == list(range(1, len(msgs) + 1))
+        a.wait_for_log(r"close v1 .* code=1006", 10)
+    else:
+        print(f"all {len(msgs)} read before the trim reached them")
+        assert [m["id"] for m in msgs] == list(range(1, 301))
+        assert [r.next("message")["id"] for _ in range(400)] == list(range(301, 701))
+    w.close()

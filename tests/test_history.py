@@ -6,7 +6,7 @@ import sqlite3
 
 from twisted.internet.testing import StringTransport
 
-from chatd.fanout import Link, Outbox
+from chatd.fanout import Link, Outbox, broadcast
 from chatd.history import History
 from chatd.hub import InMemoryHub, NickTaken, Unavailable
 from chatd.protocols.plain import PlainRenderer
@@ -210,3 +210,33 @@ def test_join_naming_another_epoch_is_a_fresh_join_marked_reset() -> None:
     assert j.epoch == epoch and j.reset and [x.id for x in j.history] == [1, 2, 3, 4, 5]
     j = hub.chat_join("r", m.link, "ann", "v1", since=3).result  # no epoch said: as before
     assert not j.reset and [x.id for x in j.history] == [4, 5]
+
+
+def test_a_holding_link_pages_as_the_transport_drains_and_live_frames_wait() -> None:
+    """Link.hold: pages only while the transport takes them; the rest behind, counted."""
+    drops: list[str] = []
+    t = StringTransport()
+    link = Link(t, 200 * 1024, drops.append)
+    made: list[int] = []
+
+    def pages():
+        for i in range(3):
+            made.append(i)
+            yield f"page{i}".encode()
+
+    link.hold()
+    assert link.put(b"joined") is None and link.put(pages(), None) is None
+    link.pauseProducing()  # the transport is full: nothing is written, nothing rendered
+    link.drain()
+    assert t.value() == b"" and made == []
+    broadcast([link], b"live", False, Outbox(call_soon=lambda f: None))  # waits behind
+    link.resumeProducing()
+    assert t.value() == b"\x81\x06joined\x81\x05page0\x81\x05page1\x81\x05page2\x81\x04live"
+    assert link.held is None and link.send_message is None and not link.paused
+    assert link.backlog == 0 and drops == []
+    # While holding, what waits counts against max_backlog (a pending pager as 128 KiB,
+    # or half the bound if less: here 100 KiB).
+    link.hold()
+    link.pauseProducing()
+    assert link.put(pages(), None) is None and link.put(pages(), None) is None
+    assert link.put(b"one byte too many") == "backlog" and not link.open

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 import autobahn.twisted.websocket as _autobahn_twisted
 import autobahn.websocket.protocol as _autobahn_protocol
+from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import hltype, hlval
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
@@ -445,9 +446,53 @@ class Connection(WebSocketServerProtocol):
             link.close()
             self.detach(link)
 
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> None:
+        """Autobahn's sendMessage, less its size check, which is for what comes *in*.
+
+        Autobahn refuses (raises, and chatd's callers dropped silently) an
+        outgoing message over ``maxMessagePayloadSize``, which chatd sets to
+        its incoming limit (``--max-message-size``); what chatd sends has no
+        such limit (a ``message`` of 16 KiB of text can render to more than
+        64 KiB of JSON). One frame, deflated when the connection negotiated
+        it, handed to ``sendData`` like every other byte.
+        """
+        if fragmentSize is not None or sync or self.trackedTimings or self.autoFragmentSize:
+            super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+            return
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            raise Disconnected("Attempt to send on a closed protocol")
+        pmc = self._perMessageCompress
+        if pmc is not None and not doNotCompress:
+            pmc.start_compress_message()
+            payload = pmc.compress_message_data(payload) + pmc.end_compress_message()
+            self.sendData(fanout.encode_frame(payload, isBinary, rsv1=True))
+        else:
+            self.sendData(fanout.encode_frame(payload, isBinary))
+
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Every frame of this connection: behind the fan-out's queue when it has one."""
+        """Every frame of this connection: behind the fan-out's queue when it has one.
+
+        Every byte counts against ``--max-backlog`` once the transport has
+        paused the link, whatever produced it (replies, pongs, ...): a client
+        that stops reading is closed (1008) however it keeps the server
+        writing. The close frame itself goes out after the link is detached,
+        so it is never counted (nor refused).
+        """
         link = self.link
+        if link is not None and link.stalled:
+            if not link.open:  # given up on (by broadcast): its close is on the way
+                return
+            reason = link.charge(len(data))
+            if reason is not None:
+                self._dropped(reason)
+                return
         if sync or chopsize or self.send_queue or self.logOctets:
             if type(self.send_queue) is tuple:
                 self.send_queue = deque()  # Autobahn queues these

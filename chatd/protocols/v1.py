@@ -3,6 +3,15 @@
 Chosen by the WebSocket subprotocol ``chatd.v1``. Every frame is one JSON
 object whose ``type`` names it. This module only parses, checks and answers;
 rooms, ids, history and presence are the hub's.
+
+History goes out in pages (``HistoryPages``): ``joined`` carries the first,
+``history`` frames the rest, each at most ``PAGE_BYTES`` of JSON unless one
+message alone is bigger. Only ``joined`` is rendered at once; the link then
+holds (``fanout.Link.hold``) and writes the next page each time its transport
+drains, reading it from the hub's cursor then: a 16 MiB replay costs about a
+page of memory at a time, and whatever else is sent to the connection
+meanwhile (live messages, presence, answers to later requests) waits behind
+the last page, counted against ``--max-backlog``.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from chatd import limits
 from chatd.fanout import Link
@@ -24,11 +35,12 @@ from chatd.protocols.base import Connection
 
 SUBPROTOCOL = "chatd.v1"
 REF_MAX = 64
+PAGE_BYTES = 64 * 1024  # a joined or history frame, unless one message alone is bigger
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def encode(obj: dict[str, Any]) -> bytes:
+def encode(obj: object) -> bytes:
     return _dumps(obj).encode("utf-8")
 
 
@@ -44,6 +56,90 @@ def message_obj(msg: Message) -> dict[str, Any]:
     if msg.ref is not None:
         obj["ref"] = msg.ref
     return obj
+
+
+class HistoryPages:
+    """A join's answer: ``joined`` with the first page, then ``history`` frames.
+
+    ``first`` is the ``joined`` payload; iterating gives each ``history``
+    frame's payload, rendered when asked for, with messages read from the
+    hub's cursor (``joined.more``) only as pages need them. A cursor that
+    answers later (a Deferred: Redis) makes the iterator give ``b""`` (wait)
+    until the batch is here, then call ``wake``. ``done``: nothing follows.
+    """
+
+    __slots__ = ("buf", "cursor", "done", "error", "first", "nxt", "reading", "room", "wake")
+
+    def __init__(self, j: Joined, tail: dict[str, Any], head: dict[str, Any]) -> None:
+        self.room = j.room
+        self.buf: deque[Message] = deque(j.history)
+        self.cursor = j.more
+        self.nxt: bytes | None = None  # the next message, rendered
+        self.reading = False  # a read is on its way
+        self.error: Failure | None = None
+        self.wake: Callable[[], object] | None = None
+        self.done = False
+        self.first = self._frame(encode(head)[:-1] + b',"history":[', tail)
+
+    def _left(self) -> bool:
+        c = self.cursor
+        return self.nxt is not None or bool(self.buf) or (c is not None and c.after < c.until)
+
+    def _peek(self) -> bytes | None:
+        """The next message's JSON, reading a batch if one is at hand; None: none yet."""
+        if self.nxt is None:
+            if not self.buf and not self.reading and self._left():
+                batch = self.cursor.read()  # type: ignore[union-attr]
+                if isinstance(batch, Deferred):
+                    self.reading = True
+                    batch.addCallbacks(self._arrived, self._failed)
+                else:
+                    self.buf.extend(batch)
+            if self.buf:
+                self.nxt = encode(message_obj(self.buf.popleft()))
+        return self.nxt
+
+    def _arrived(self, batch: list[Message]) -> None:
+        self.reading = False
+        self.buf.extend(batch)
+        if self.wake is not None:
+            self.wake()
+
+    def _failed(self, failure: Failure) -> None:
+        self.reading = False
+        self.error = failure
+        if self.wake is not None:
+            self.wake()
+
+    def _frame(self, head: bytes, tail: dict[str, Any]) -> bytes:
+        tail["more"] = False
+        size = len(head) + len(encode(tail)) + 1
+        parts: list[bytes] = []
+        while (part := self._peek()) is not None:
+            if parts and size + len(part) + 1 > PAGE_BYTES:
+                break
+            parts.append(part)
+            size += len(part) + 1
+            self.nxt = None
+        tail["more"] = more = self._left()
+        self.done = not more
+        if not more and "last_id" in tail:  # joined says "more" only when pages follow
+            del tail["more"]
+        return head + b",".join(parts) + b"]," + encode(tail)[1:]
+
+    def __iter__(self) -> HistoryPages:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.done:
+            raise StopIteration
+        if self.error is not None:
+            self.error.raiseException()  # (the link gives up on the connection)
+        if self._peek() is None:
+            if self.reading:
+                return b""  # wait: _arrived wakes the link
+            raise Unavailable("history messages vanished during the replay")
+        return self._frame(b'{"type":"history","room":' + encode(self.room) + b',"messages":[', {})
 
 
 class V1Renderer:
@@ -120,8 +216,19 @@ class V1Chat(Connection):
         self.waiting.clear()
 
     def reply(self, obj: dict[str, Any]) -> None:
-        if self.link is not None and self.link.open:
-            self.sendMessage(encode(obj), False)
+        self.send_payload(encode(obj))
+
+    def send_payload(self, payload: bytes) -> None:
+        """One frame to this client, behind a paged history still going out."""
+        link = self.link
+        if link is None or not link.open:
+            return
+        if link.held is None:
+            self.sendMessage(payload, False)
+            return
+        reason = link.put(payload)
+        if reason is not None:
+            self._dropped(reason)
 
     def error(self, code: str, message: str, ref: object = None) -> None:
         obj: dict[str, Any] = {"type": "error", "code": code, "message": message}
@@ -234,21 +341,29 @@ class V1Chat(Connection):
     def _joined(self, j: Joined, ref: object) -> None:
         room = j.room
         self.joined.add(room)
-        out: dict[str, Any] = {
-            "type": "joined",
-            "room": room,
-            "members": j.members,
-            "history": [message_obj(m) for m in j.history],
-            "last_id": j.last_id,
-            "epoch": j.epoch,
-        }
+        head: dict[str, Any] = {"type": "joined", "room": room, "members": j.members}
+        # After "history": "more" (true when history frames follow), then these.
+        out: dict[str, Any] = {"last_id": j.last_id, "more": False, "epoch": j.epoch}
         if j.truncated:
             out["truncated"] = True
         if j.reset:
             out["reset"] = True
         if ref is not None:
             out["ref"] = ref
-        self.reply(out)
+        pages = HistoryPages(j, out, head)
+        first, pages.first = pages.first, b""
+        self.send_payload(first)  # as any answer: at once, or behind what is held
+        link = self.link
+        if pages.done or link is None or not link.open:
+            return
+        # The rest goes out page by page as the client reads; all else waits behind.
+        pages.wake = link.drain
+        link.hold()
+        reason = link.put(pages, None)
+        if reason is not None:
+            self._dropped(reason)
+            return
+        link.drain()
 
     def on_leave(self, obj: dict[str, Any], ref: object) -> None:
         room = _room(obj)

@@ -14,6 +14,7 @@
   let nick = "", room = "";
   let lastId = 0;        // the last message id shown: resume point and duplicate filter
   let epoch = null;      // the history epoch lastId counts in (docs/PROTOCOL.md)
+  let pendingLast = 0;   // while history pages come: the joined's last_id
   let members = [];
   let attempt = 0, timer = null, refSeq = 0;
 
@@ -112,6 +113,12 @@
     };
   }
 
+  function showHistory(msgs) {
+    for (const h of msgs) {
+      if (h.id > lastId) { addMessage(h); lastId = h.id; }
+    }
+  }
+
   function handle(m) {
     switch (m.type) {
       case "welcome":
@@ -125,10 +132,10 @@
           sys("the server's history was reset");
         }
         if (m.truncated) sys("some messages are too old to recover");
-        for (const h of m.history) {
-          if (h.id > lastId) { addMessage(h); lastId = h.id; }
-        }
-        lastId = Math.max(lastId, m.last_id);
+        showHistory(m.history);
+        // Pages may follow (a long history comes in "history" frames, then live ones).
+        if (m.more) pendingLast = m.last_id;
+        else lastId = Math.max(lastId, m.last_id);
         epoch = m.epoch;
         members = m.members.slice();
         renderMembers();
@@ -142,8 +149,14 @@
         if (m.room !== room) return;
         log.replaceChildren();
         lastId = m.last_id;
+        pendingLast = 0;
         epoch = m.epoch;
         sys("the server's history was reset");
+        break;
+      case "history":
+        if (m.room !== room) return;
+        showHistory(m.messages);
+        if (!m.more) lastId = Math.max(lastId, pendingLast);
         break;
       case "message":
         if (m.room !== room || m.id <= lastId) return;   // never shown twice
