@@ -35,6 +35,7 @@ import secrets
 import sqlite3
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 SCHEMA = """
@@ -57,6 +58,12 @@ def new_epoch() -> str:
     """A fresh epoch: 9 random bytes as 12 url-safe characters."""
     return secrets.token_urlsafe(9)
 
+
+# Rooms whose last id and epoch are kept in memory, least recently used out:
+# any client can name new rooms, so the cache must not grow with every name
+# ever joined. An evicted room's values are read back from the database
+# (with retention 0 there is none: the room's ids restart under a new epoch).
+ROOM_CACHE = 10_000
 
 PAGE_ROWS = 16  # rows of a first read (at most 256 KiB of text); later ones aim at PAGE_BYTES
 PAGE_BYTES = 64 * 1024
@@ -93,9 +100,24 @@ class History:
         self._epochs: dict[str, str] = {}
         self._in_tx = False
         self._since_trim: dict[str, int] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()  # rooms in the caches, LRU first
         self._cursors: dict[str, weakref.WeakSet[Cursor]] = {}  # open replays, by room
 
+    def _touch(self, room: str) -> None:
+        """``room`` was used: keep its cached values; forget the least recently used room's."""
+        recent = self._recent
+        if room in recent:
+            recent.move_to_end(room)
+            return
+        recent[room] = None
+        if len(recent) > ROOM_CACHE:
+            old, _ = recent.popitem(last=False)
+            self._last.pop(old, None)
+            self._epochs.pop(old, None)
+            self._since_trim.pop(old, None)
+
     def last_id(self, room: str) -> int:
+        self._touch(room)
         last = self._last.get(room)
         if last is None:
             row = self.db.execute("SELECT MAX(id) FROM messages WHERE room = ?", (room,)).fetchone()
@@ -104,6 +126,7 @@ class History:
 
     def epoch(self, room: str) -> str | None:
         """The room's epoch; None while it has no message."""
+        self._touch(room)
         epoch = self._epochs.get(room)
         if epoch is None and self.retention:
             row = self.db.execute("SELECT epoch FROM rooms WHERE room = ?", (room,)).fetchone()
@@ -160,6 +183,7 @@ class History:
                 self.db.execute("ROLLBACK")
         self._last.clear()
         self._epochs.clear()  # (with retention 0 ids restart, so the epoch must too)
+        self._recent.clear()
 
     def since(self, room: str, after: int) -> tuple[list[Message], bool]:
         """Messages with id > ``after`` (at most ``retention``), and whether some were lost."""

@@ -240,3 +240,41 @@ def test_a_holding_link_pages_as_the_transport_drains_and_live_frames_wait() -> 
     link.pauseProducing()
     assert link.put(pages(), None) is None and link.put(pages(), None) is None
     assert link.put(b"one byte too many") == "backlog" and not link.open
+
+
+def test_room_caches_are_bounded_and_read_back(tmp_path, monkeypatch) -> None:
+    """Clients name rooms freely: the per-room caches keep only the most recently used."""
+    import chatd.history
+
+    monkeypatch.setattr(chatd.history, "ROOM_CACHE", 50)
+    h = History(str(tmp_path / "h.sqlite3"), retention=10)
+    h.append("kept", "ann", "first")
+    h.append("kept", "ann", "second")
+    h.commit()
+    epoch = h.epoch("kept")
+    for i in range(2000):  # joins of rooms nobody posts in, and posts to new rooms
+        h.last_id(f"empty{i}")
+        h.epoch(f"empty{i}")
+        if i % 10 == 0:
+            h.append(f"busy{i}", "ann", "x")
+    h.commit()
+    for cache in (h._last, h._epochs, h._since_trim, h._recent):
+        assert len(cache) <= 50, len(cache)
+    assert "kept" not in h._last  # evicted long ago: read back from the database
+    assert h.last_id("kept") == 2 and h.epoch("kept") == epoch
+    assert h.append("kept", "ann", "third").id == 3 and h.epoch("kept") == epoch
+    h.commit()
+    h.close()
+
+
+def test_without_storage_an_evicted_room_starts_a_new_epoch(monkeypatch) -> None:
+    import chatd.history
+
+    monkeypatch.setattr(chatd.history, "ROOM_CACHE", 5)
+    h = History(":memory:", retention=0)
+    h.append("r", "ann", "x")
+    before = h.epoch("r")
+    for i in range(10):
+        h.append(f"other{i}", "ann", "x")
+    assert h.append("r", "ann", "y").id == 1  # its ids restart...
+    assert h.epoch("r") not in (None, before)  # ...and clients can tell by the epoch
