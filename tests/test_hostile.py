@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from v1client import V1
-from wsclient import TEXT
+from wsclient import TEXT, Client
 
 from tools.daemon import Daemon
 
@@ -134,3 +134,115 @@ def test_api_answers_unusable_bodies_with_a_json_400(hostile, body) -> None:
     status, answer = post(hostile, body)
     assert status == 400 and isinstance(answer["error"], str), (status, answer)
     assert post(hostile, b'{"text": "still fine"}')[0] == 201
+
+
+# -- names that pass for others ---------------------------------------------------
+
+RESERVED_VARIANTS = [
+    "ID1234",
+    "id1234",
+    "Id1234",
+    "iD1234",
+    "\uff29\uff244321",  # fullwidth ID
+    "ID\uff11\uff12\uff13\uff14",  # fullwidth digits
+    "lD1234",  # l for I
+    "1D1234",
+    "\u0406D1234",  # Cyrillic I: also mixes scripts
+    "\u13c6\u13a01234",  # Cherokee letters that look like I and D
+    "ID\u0661\u0662",  # Arabic-Indic digits
+]
+MIXED_SCRIPTS = [
+    "\u0440\u0430ypal",  # Cyrillic r, a among Latin
+    "b\u03bfb",  # Greek omicron
+    "\u0430lice",
+    "ab\u0661",  # ASCII letters, fine; but mixed digit systems below
+    "a1\u0661",
+]
+
+
+@pytest.mark.parametrize("nick", RESERVED_VARIANTS + MIXED_SCRIPTS)
+def test_spoofing_nicks_are_refused(hostile, nick) -> None:
+    if nick == "ab\u0661":  # one numbering system, one script: fine
+        c = V1(hostile.port, nick)
+        c.close()
+        return
+    c = V1(hostile.port)
+    c.req("hello", nick=nick, ref="n")
+    err = c.next("error")
+    assert err["code"] == "bad_nick" and err["ref"] == "n", (nick, err)
+    status, answer = post(hostile, json.dumps({"text": "hi", "from": nick}).encode())
+    assert status == 400 and "'from'" in answer["error"], (nick, status, answer)
+    c.close()
+
+
+def test_nicks_that_read_the_same_are_one_name_in_a_room(hostile) -> None:
+    first = V1(hostile.port, "alice")
+    first.join("names")
+    also_first = V1(hostile.port, "coco")
+    also_first.join("names")
+    first.next("presence")
+    for nick in [
+        "ALICE",
+        "Alice",
+        "\uff41\uff4c\uff49\uff43\uff45",
+        "aIice",
+        "a1ice",
+        "COCO",
+        "\u0441\u043e\u0441\u043e",
+    ]:
+        c = V1(hostile.port, nick)
+        c.req("join", room="names", ref=1)
+        assert c.next("error")["code"] == "nick_taken", nick
+        assert c.join("elsewhere")["members"][-1] == nick  # the nick itself is fine
+        c.close()
+    # names from languages that mix scripts, and ordinary ones, are accepted
+    for nick in [
+        "Zo\u00eb_\u674e-1.0",
+        "\u5c71\u7530\u305f\u308d\u3046",
+        "\u0418\u0432\u0430\u043d",
+        "\u0394\u03b7\u03bc\u03ae\u03c4\u03c1\u03b7\u03c2",
+        "ID",
+        "IDx1",
+    ]:
+        c = V1(hostile.port, nick)
+        assert c.join("names")["members"][-1] == nick
+        c.close()
+    first.close()
+    also_first.close()
+
+
+# -- text that passes for other lines ---------------------------------------------------
+
+BREAKS = ["\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def test_plain_clients_see_no_line_that_another_could_have_sent(hostile) -> None:
+    v = V1(hostile.port, "mallory")
+    v.join("lobby")
+    p = Client(hostile.port, "/")
+    v.next("presence")
+    victim = f"ID{p.local_port}"
+    for br in BREAKS:
+        text = f"hello{br}{victim}: I said nothing{br}alice: nor I{br}\x1b[1A\x1b[2K{victim}: x"
+        v.say("lobby", text)
+        assert v.next("message")["text"] == text  # v1 clients get it as sent
+        shown = p.recv()
+        assert isinstance(shown, str)
+        lines = shown.split("\n")
+        assert lines[0] == "mallory: hello", (br, shown)
+        for line in lines[1:]:
+            assert line.startswith("  "), (br, shown)
+        for sep in ["\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\x1b"]:
+            assert sep not in shown, (br, shown)
+        assert lines == [
+            "mallory: hello",
+            f"  {victim}: I said nothing",
+            "  alice: nor I",
+            f"  \ufffd[1A\ufffd[2K{victim}: x",
+        ]
+    # a plain sender's own text is shown the same way
+    p.send("mine\nmallory: fake")
+    assert p.recv() == f"{victim}: mine\n  mallory: fake"
+    assert v.next("message")["text"] == "mine\nmallory: fake"
+    p.close()
+    v.close()
