@@ -22,6 +22,9 @@ PING_TIMEOUT = 20.0  # seconds to wait for the pong before dropping
 OPEN_HANDSHAKE_TIMEOUT = 10.0  # seconds for a client to finish the upgrade
 CLOSE_HANDSHAKE_TIMEOUT = 5.0  # seconds to wait for the close reply
 MAX_TOTAL_BACKLOG = 256 * MiB  # unsent bytes over all slow clients: past it, overloaded
+# Data frames in one message (a fragmented message): past it, close 1009. A
+# flood of empty continuation frames would otherwise keep a core busy.
+MAX_MESSAGE_FRAMES = 1024
 
 # Chat (protocol chatd.v1 and the plain chat on "/").
 MAX_TEXT = 16 * KiB  # bytes of UTF-8 in one chat message (v1: error "too_long")

@@ -8,13 +8,15 @@ line, and frames that never end a message.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
 from v1client import V1
-from wsclient import TEXT, Client
+from wsclient import CONT, TEXT, Client, frame
 
 from tools.daemon import Daemon
 
@@ -246,3 +248,33 @@ def test_plain_clients_see_no_line_that_another_could_have_sent(hostile) -> None
     assert v.next("message")["text"] == "mine\nmallory: fake"
     p.close()
     v.close()
+
+
+# -- messages that never end ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/relay/frames"])
+def test_endless_empty_continuation_frames_close_1009_at_once(hostile, path) -> None:
+    headers = {"Sec-WebSocket-Protocol": "chatd.v1"} if path == "/" else None
+    c = Client(hostile.port, path, headers=headers)
+    other = V1(hostile.port, "bystander")
+    other.join("frames")
+    flood = frame(TEXT, b"", fin=False) + frame(CONT, b"", fin=False) * 5000
+    started = time.monotonic()
+    with contextlib.suppress(OSError):  # the server may have closed already
+        c.sock.sendall(flood)
+    assert c.expect_close() == 1009
+    assert time.monotonic() - started < 5
+    other.say("frames", "still here")
+    assert other.next("message")["text"] == "still here"
+    other.close()
+    # 1024 frames are still one message
+    ok = V1(hostile.port, "fragments")
+    body = json.dumps({"type": "join", "room": "frames"}).encode()
+    ok.sock.sendall(
+        frame(TEXT, body[:1], fin=False)
+        + frame(CONT, b"", fin=False) * 1022
+        + frame(CONT, body[1:], fin=True)
+    )
+    assert ok.next("joined")["room"] == "frames"
+    ok.close()
