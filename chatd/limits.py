@@ -107,11 +107,13 @@ def nick_key(nick: str) -> str:
 
 
 # Plain clients' names, ID<digits>, and what passes for one: any case or
-# width, digits of any script, and look-alikes of I and D.
+# width, digits of any script, look-alikes of I and D, anything after the
+# digits ("ID1234." shows as "ID1234.: text"), _ - . anywhere.
+_NO_PUNCTUATION = str.maketrans(dict.fromkeys("_-."))
 _I_LIKE = "Il1ıǀΙІӀᏆⵏꓲᛁⲒ"
 _D_LIKE = "DᎠᗞꓓⅮ"
 _RESERVED_NICK = re.compile(
-    r"(?:{})(?:{})\d+\Z".format(
+    r"(?:{})(?:{})\d".format(
         "|".join(sorted({re.escape(_fold(c)) for c in _I_LIKE})),
         "|".join(sorted({re.escape(_fold(c)) for c in _D_LIKE})),
     )
@@ -154,7 +156,8 @@ def nick_problem(nick: object) -> str | None:
     1-32 characters, letters (any script), digits and ``_ - .``, letters of
     scripts that one language writes together (``mixes_scripts``);
     ``ID<digits>`` is reserved for plain clients, whose sender name it is, in
-    any case, width or look-alike (``id1234``, fullwidth letters, ``lD1234``).
+    any case, width or look-alike (``id1234``, fullwidth letters, ``lD1234``),
+    and so is anything that starts like it (``ID1234.``, ``I.D-1234x``).
     """
     if not isinstance(nick, str) or not 1 <= len(nick) <= NICK_MAX:
         return f"a nick is 1-{NICK_MAX} characters"
@@ -162,7 +165,7 @@ def nick_problem(nick: object) -> str | None:
         return "a nick has only letters, digits and _ - ."
     if mixes_scripts(nick):
         return "a nick does not mix scripts (such as Latin and Cyrillic letters)"
-    if _RESERVED_NICK.match(_fold(nick)):
+    if _RESERVED_NICK.match(_fold(nick).translate(_NO_PUNCTUATION)):
         return "nicks ID<digits> are reserved for plain clients"
     return None
 

@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import struct
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -205,11 +206,20 @@ def test_any_text_frame_is_answered_or_closed_1007(fuzzed: Fuzzed, payload: byte
 
 # -- WebSocket frames --------------------------------------------------------------------
 
+
+def _deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(wbits=-15)
+    return (c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH))[:-4]  # as permessage-deflate sends
+
+
+DEFLATED = _deflate(b'{"type":"hello","nick":"fzd"}')
 ws_frames = st.builds(
     lambda opcode, payload, fin, rsv, mask: (opcode, payload, fin, rsv, mask),
     st.sampled_from([TEXT, BINARY, CLOSE, PING, PONG, CONT]) | st.integers(0, 15),
     st.binary(max_size=140)
-    | st.sampled_from([b"", b'{"type":"hello","nick":"fzf"}', struct.pack("!H", 1000), b"\xff"]),
+    | st.sampled_from(
+        [b"", b'{"type":"hello","nick":"fzf"}', struct.pack("!H", 1000), b"\xff", DEFLATED]
+    ),
     st.booleans(),
     st.sampled_from([0, 0, 0, 1, 4]),
     st.booleans() | st.just(True),
@@ -218,15 +228,18 @@ ws_frames = st.builds(
 
 @given(
     path=st.sampled_from(["/", "/v1", "/relay/fz"]),
+    deflate=st.booleans(),
     frames=st.lists(ws_frames, min_size=1, max_size=6),
 )
 def test_any_frames_are_answered_or_closed_with_a_documented_code(
-    fuzzed: Fuzzed, path, frames
+    fuzzed: Fuzzed, path, deflate, frames
 ) -> None:
+    headers = {"Sec-WebSocket-Extensions": "permessage-deflate"} if deflate else {}
     if path == "/v1":
-        c: Client = V1(fuzzed.d.port)
-    else:
-        c = Client(fuzzed.d.port, path)
+        headers["Sec-WebSocket-Protocol"] = "chatd.v1"
+    c = Client(fuzzed.d.port, "/" if path == "/v1" else path, headers=headers)
+    if deflate:  # then a frame with RSV1 (4) set is compressed: sometimes valid, mostly not
+        assert "permessage-deflate" in c.response_headers
     data = b"".join(frame(op, p, fin, mask, rsv) for op, p, fin, rsv, mask in frames)
     sent_close = any(op == CLOSE for op, *_ in frames)
     marker = f"sentinel-{next(_serial)}"

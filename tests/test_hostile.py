@@ -152,6 +152,9 @@ RESERVED_VARIANTS = [
     "\u0406D1234",  # Cyrillic I: also mixes scripts
     "\u13c6\u13a01234",  # Cherokee letters that look like I and D
     "ID\u0661\u0662",  # Arabic-Indic digits
+    "ID1234.",  # shows as "ID1234.: text"
+    "ID1234_x",
+    "I.D-42",
 ]
 MIXED_SCRIPTS = [
     "\u0440\u0430ypal",  # Cyrillic r, a among Latin
