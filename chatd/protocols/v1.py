@@ -103,7 +103,7 @@ def _unknown(kind: object) -> str:
     if kind is None:
         return "'type' is missing"
     if not isinstance(kind, str):
-        return "'type' is a string"
+        return "'type' must be a string"
     shown = kind if len(kind) <= 32 else kind[:32] + "..."
     return f"unknown type {shown!r}"
 
