@@ -9,7 +9,7 @@ ARGS    ?=
 PYTHON3 ?= python3
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint format conformance bench bench-quick deps system-deps clean
+.PHONY: run test check fuzz lint format conformance bench bench-quick deps system-deps clean
 
 $(VENV)/.deps: requirements-dev.txt setup.py
 	@$(PYTHON3) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "chatd needs Python 3.11+ (set PYTHON3=...)")'
@@ -43,6 +43,10 @@ test: deps system-deps lint
 ## the same without the 9-minute conformance run
 check: deps system-deps lint
 	$(PY) -m pytest -m "not conformance"
+
+## the property tests (tests/test_fuzz.py) with a large budget: about 5 minutes (CHATD_FUZZ_EXAMPLES=N per property)
+fuzz: deps
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_fuzz.py --timeout 1200 --hypothesis-show-statistics
 
 ## the Autobahn|Testsuite alone; CASES="1.* 7.*" for a subset
 conformance: deps

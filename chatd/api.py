@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from chatd import limits
+from chatd import jsonin, limits
 from chatd.config import Settings
 from chatd.history import Message
 from chatd.hub import Hub, Unavailable
@@ -146,8 +146,8 @@ class PushAPI(Resource):
             raise ApiError(415, "send Content-Type: application/json")
         body = self._body(request, self.settings.max_message_size)
         try:
-            obj = json.loads(body)
-        except ValueError as e:
+            obj = jsonin.loads(body)
+        except jsonin.BadJSON as e:
             raise ApiError(400, f"not JSON: {e}") from None
         if not isinstance(obj, dict):
             raise ApiError(400, "the body is a JSON object")

@@ -75,7 +75,7 @@ def relay_channel(room: str) -> bytes:
     return f"chatd:r:{{{room}}}".encode()
 
 
-# Member values in a room's hash are "<casefolded nick or ''>\n<nick>": the
+# Member values in a room's hash are "<limits.nick_key(nick) or ''>\n<nick>": the
 # Lua side frees the nick without knowing Unicode case rules.
 _PURGE = r"""
 local function purge(node, keep)
@@ -461,7 +461,7 @@ class RedisHub:
 
     def _run_join(self, r: _Room, j: _Joining) -> defer.Deferred:
         m = j.member
-        key = m.nick.casefold() if m.unique else ""
+        key = limits.nick_key(m.nick) if m.unique else ""
         if not j.snapshot:
             mode = "none"
         elif j.since is None:
@@ -809,7 +809,7 @@ class RedisHub:
         for r in self._rooms.values():
             for link, mid in r.mids.items():
                 member = self.local.chat[r.name].members[link]
-                key = member.nick.casefold() if member.unique else ""
+                key = limits.nick_key(member.nick) if member.unique else ""
                 args += [r.name, mid, f"{key}\n{member.nick}"]
 
         def done(reply: list) -> None:

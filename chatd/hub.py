@@ -104,7 +104,7 @@ class Member:
 class ChatRoom:
     members: dict[Link, Member] = field(default_factory=dict)
     groups: dict[str, dict[Link, None]] = field(default_factory=dict)  # by format
-    nicks: dict[str, Link] = field(default_factory=dict)  # casefolded, unique ones
+    nicks: dict[str, Link] = field(default_factory=dict)  # unique ones, by nick_key
 
 
 class Hub(Protocol):
@@ -188,7 +188,7 @@ class Local:
         r.members[link] = member
         r.groups.setdefault(member.fmt, {})[link] = None
         if member.unique:
-            r.nicks[member.nick.casefold()] = link
+            r.nicks[limits.nick_key(member.nick)] = link
         return True
 
     def chat_remove(self, room: str, link: Link) -> Member | None:
@@ -200,8 +200,10 @@ class Local:
         del group[link]
         if not group:
             del r.groups[member.fmt]
-        if member.unique and r.nicks.get(member.nick.casefold()) is link:
-            del r.nicks[member.nick.casefold()]
+        if member.unique:
+            key = limits.nick_key(member.nick)
+            if r.nicks.get(key) is link:
+                del r.nicks[key]
         if not r.members:
             del self.chat[room]
         return member
@@ -339,7 +341,7 @@ class InMemoryHub:
             since = None
         r = self.local.chat.get(room)
         if unique and r is not None:
-            holder = r.nicks.get(nick.casefold())
+            holder = r.nicks.get(limits.nick_key(nick))
             if holder is not None and holder is not link:
                 return fail(NickTaken(nick))
         if r is None or link not in r.members:

@@ -7,6 +7,7 @@ cannot drift: each constant here is named in that table.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -25,6 +26,9 @@ MAX_HEAD_SIZE = 16 * KiB  # a request line and its headers
 MAX_HEADERS = 100  # header lines in one request
 CLOSE_HANDSHAKE_TIMEOUT = 5.0  # seconds to wait for the close reply
 MAX_TOTAL_BACKLOG = 256 * MiB  # unsent bytes over all slow clients: past it, overloaded
+# Data frames in one message (a fragmented message): past it, close 1009. A
+# flood of empty continuation frames would otherwise keep a core busy.
+MAX_MESSAGE_FRAMES = 1024
 
 # Chat (protocol chatd.v1 and the plain chat on "/").
 MAX_TEXT = 16 * KiB  # bytes of UTF-8 in one chat message (v1: error "too_long")
@@ -68,20 +72,104 @@ def valid_room_name(name: str) -> bool:
 
 
 _NICK_EXTRA = set("_-.")
-_RESERVED_NICK = re.compile(r"ID\d+\Z")
+
+
+def _fold(text: str) -> str:
+    """NFKC, then case folding (then NFKC again, as case folding can undo it)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+
+
+# Letters that look alike in common fonts, folded onto one (a small part of
+# Unicode's confusables.txt, for the scripts users mix up most): Cyrillic and
+# Greek letters that look Latin, and I l 1, O 0.
+_SKELETON = str.maketrans(
+    dict(
+        zip(
+            # Cyrillic
+            "\u0430\u0501\u0435\u04bb\u0456\u0458\u04cf\u043a\u043c\u043d\u043e\u0440"
+            "\u051b\u0441\u0455\u0442\u0443\u0445\u051d\u0432"
+            # Greek
+            "\u03b1\u03b5\u03b7\u03b9\u03ba\u03bc\u03bf\u03c1\u03c4\u03c7\u03b6\u03f2"
+            # Latin and digits
+            "i1\u0131\u01c00",
+            "adehljlkmhopqcstyxwbaehlkmoptxzcllllo",
+            strict=True,
+        )
+    )
+)
+
+
+def nick_key(nick: str) -> str:
+    """What nicks are compared by: two nicks with one key are one name.
+
+    NFKC (fullwidth, ligatures, compatibility forms) and case folding, then
+    look-alike letters mapped onto one (Cyrillic and Latin a, I and l and 1,
+    O and 0, "rn" and "m"...). Used wherever nicks meet: uniqueness within a room
+    (here and on a cluster) and the reserved names.
+    """
+    return _fold(nick).translate(_SKELETON).replace("rn", "m")
+
+
+# Plain clients' names, ID<digits>, and what passes for one: any case or
+# width, digits of any script, look-alikes of I and D, anything after the
+# digits ("ID1234." shows as "ID1234.: text"), _ - . anywhere.
+_NO_PUNCTUATION = str.maketrans(dict.fromkeys("_-."))
+_I_LIKE = "Il1ıǀΙІӀᏆⵏꓲᛁⲒ"
+_D_LIKE = "DᎠᗞꓓⅮ"
+_RESERVED_NICK = re.compile(
+    r"(?:{})(?:{})\d".format(
+        "|".join(sorted({re.escape(_fold(c)) for c in _I_LIKE})),
+        "|".join(sorted({re.escape(_fold(c)) for c in _D_LIKE})),
+    )
+)
+
+# Scripts that UTS #39's "highly restrictive" level lets one name mix.
+_MIXABLE = (
+    frozenset(("LATIN", "HAN", "HIRAGANA", "KATAKANA")),
+    frozenset(("LATIN", "HAN", "BOPOMOFO")),
+    frozenset(("LATIN", "HAN", "HANGUL")),
+)
+_SCRIPT_ALIASES = {"CJK": "HAN", "IDEOGRAPHIC": "HAN", "KATAKANA-HIRAGANA": "KATAKANA"}
+
+
+def _script(letter: str) -> str:
+    """A letter's script, from the first word of its Unicode name (LATIN, CYRILLIC...)."""
+    word = unicodedata.name(letter, "?").split(" ", 1)[0]
+    return _SCRIPT_ALIASES.get(word, word)
+
+
+def mixes_scripts(nick: str) -> bool:
+    """True if the letters of ``nick`` (after NFKC) come from scripts no language mixes.
+
+    One script, or Latin with Han and kana (Japanese), Bopomofo (Chinese)
+    or Hangul (Korean); digits from one numbering system.
+    """
+    text = unicodedata.normalize("NFKC", nick)
+    scripts = {_script(c) for c in text if c.isalpha()}
+    if len(scripts) > 1 and not any(scripts <= ok for ok in _MIXABLE):
+        return True
+    zeros = {
+        ord(c) - unicodedata.decimal(c) for c in text if unicodedata.decimal(c, None) is not None
+    }
+    return len(zeros) > 1
 
 
 def nick_problem(nick: object) -> str | None:
     """Why ``nick`` is not acceptable, or None if it is.
 
-    1-32 characters, letters (any script), digits and ``_ - .``; ``ID<digits>``
-    is reserved for plain clients, whose sender name it is.
+    1-32 characters, letters (any script), digits and ``_ - .``, letters of
+    scripts that one language writes together (``mixes_scripts``);
+    ``ID<digits>`` is reserved for plain clients, whose sender name it is, in
+    any case, width or look-alike (``id1234``, fullwidth letters, ``lD1234``),
+    and so is anything that starts like it (``ID1234.``, ``I.D-1234x``).
     """
     if not isinstance(nick, str) or not 1 <= len(nick) <= NICK_MAX:
         return f"a nick is 1-{NICK_MAX} characters"
     if not all(c.isalnum() or c in _NICK_EXTRA for c in nick):
         return "a nick has only letters, digits and _ - ."
-    if _RESERVED_NICK.match(nick):
+    if mixes_scripts(nick):
+        return "a nick does not mix scripts (such as Latin and Cyrillic letters)"
+    if _RESERVED_NICK.match(_fold(nick).translate(_NO_PUNCTUATION)):
         return "nicks ID<digits> are reserved for plain clients"
     return None
 

@@ -141,7 +141,13 @@ def test_presence_members_and_nicks_span_nodes(node) -> None:
         "nick": "bob",
         "event": "join",
     }
-    # A nick is unique in a room across the cluster, case-insensitively.
+    # A nick is unique in a room across the cluster, case-insensitively, and
+    # by limits.nick_key: fullwidth letters, look-alikes.
+    for look_alike in ("\uff42\uff4f\uff42", "b0b"):
+        spoof = V1(a.port, look_alike)
+        spoof.req("join", room="hall")
+        assert spoof.next("error")["code"] == "nick_taken", look_alike
+        spoof.close()
     other = V1(a.port, "BOB")
     other.req("join", room="hall")
     assert other.next("error")["code"] == "nick_taken"

@@ -504,6 +504,27 @@ class Connection(WebSocketServerProtocol):
             transport = self.transport
             fanout.write(transport, fanout.direct_socket(transport), data)
 
+    # -- receiving -------------------------------------------------------
+    frames = 0  # data frames of the message being received
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self.frames = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        """Each data frame: a message has at most MAX_MESSAGE_FRAMES (empty frames cost too)."""
+        self.frames += 1
+        if self.frames > limits.MAX_MESSAGE_FRAMES:
+            if not self.failedByMe:
+                self.fail(
+                    limits.CLOSE_MESSAGE_TOO_BIG,
+                    f"a message of more than {limits.MAX_MESSAGE_FRAMES} frames",
+                )
+            elif self.frames > 2 * limits.MAX_MESSAGE_FRAMES:
+                self.dropConnection(abort=True)  # still sending, instead of closing
+            return
+        super().onMessageFrameBegin(length)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         stats = self.factory.stats
         stats.messages_in[self.kind] += 1

@@ -3,13 +3,15 @@
 Plain clients are members of the chat room ``lobby`` under the name
 ``ID<port>``: what they send is stored and numbered like any chat message and
 shows to chatd.v1 clients with ``from: "ID<port>"``; what v1 clients send in
-``lobby`` reaches plain clients as ``<nick>: <text>``. Plain clients get no
+``lobby`` reaches plain clients as ``<nick>: <text>``, each line after the
+first indented by two spaces (``plain_text``). Plain clients get no
 history and no presence (the seed had neither) and, having no way to read an
 error, are closed with 1008 when they send faster than the rate limit.
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 from chatd import limits
@@ -26,11 +28,35 @@ def sender_id(peer: object, fallback: int) -> str:
     return f"ID{port if isinstance(port, int) else fallback}"
 
 
+# Control characters other than tab and line breaks: shown as U+FFFD, so no
+# escape sequence reaches a terminal. (Line breaks are str.splitlines' own:
+# \n \v \f \r \x1c \x1d \x1e \x85 U+2028 U+2029, and \r\n.)
+_CONTROLS = dict.fromkeys(
+    (*range(0x00, 0x09), *range(0x0E, 0x1C), 0x1F, 0x7F, *range(0x80, 0x85), *range(0x86, 0xA0)),
+    "\ufffd",
+)
+_ODD = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+CONTINUATION = "\n  "  # what starts each line of a message after its first
+
+
+def plain_text(text: str) -> str:
+    """``text`` as one plain-chat message shows it: no line can pass for another sender's.
+
+    Every line break (any of Unicode's) becomes ``\\n`` followed by two spaces,
+    so each line after the first is indented, and a sender's line always
+    starts at the left with ``<nick>: ``; other control characters become
+    U+FFFD.
+    """
+    if _ODD.search(text) is None:
+        return text
+    return CONTINUATION.join(text.translate(_CONTROLS).splitlines())
+
+
 class PlainRenderer:
     """Chat events as the seed showed them: ``<from>: <text>``, no presence."""
 
     def message(self, msg: Message) -> bytes:
-        return f"{msg.sender}: {msg.text}".encode()
+        return f"{msg.sender}: {plain_text(msg.text)}".encode()
 
     def presence(self, room: str, nick: str, event: str) -> None:
         return None

@@ -25,9 +25,10 @@ from typing import Any
 
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd import limits
+from chatd import jsonin, limits
 from chatd.fanout import Link
 from chatd.history import Message
 from chatd.hub import Joined, NickTaken, Reset, Unavailable
@@ -36,6 +37,11 @@ from chatd.protocols.base import Connection
 SUBPROTOCOL = "chatd.v1"
 REF_MAX = 64
 PAGE_BYTES = 64 * 1024  # a joined or history frame, unless one message alone is bigger
+# Integers a client sends (ids in "since", "ref") are below this: every JSON
+# implementation reads them exactly, and SQLite stores them.
+INT_LIMIT = 2**53
+
+_log = Logger(namespace="chatd.v1")
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -178,6 +184,8 @@ def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], requir
         return None
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ProtocolError("bad_field", f"'{name}' has the wrong type")
+    if isinstance(value, int) and not -INT_LIMIT < value < INT_LIMIT:
+        raise ProtocolError("bad_field", f"'{name}' is out of range (integers are below 2**53)")
     return value
 
 
@@ -188,6 +196,24 @@ def _room(obj: dict[str, Any]) -> str:
             "bad_room", "a room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -"
         )
     return room
+
+
+def _unknown(kind: object) -> str:
+    if kind is None:
+        return "'type' is missing"
+    if not isinstance(kind, str):
+        return "'type' must be a string"
+    shown = kind if len(kind) <= 32 else kind[:32] + "..."
+    return f"unknown type {shown!r}"
+
+
+def _type_name(payload: bytes) -> str:
+    """The frame's ``type`` for a log line, if it has a plain one."""
+    try:
+        kind = json.loads(payload).get("type")
+    except Exception:
+        return "?"
+    return kind if isinstance(kind, str) and kind in V1Chat.HANDLERS else "?"
 
 
 class V1Chat(Connection):
@@ -262,28 +288,35 @@ class V1Chat(Connection):
         ref = None
         try:
             try:
-                obj = json.loads(payload)
-            except ValueError as e:
+                obj = jsonin.loads(payload)
+            except jsonin.BadJSON as e:
                 raise ProtocolError("bad_json", f"not JSON: {e}") from None
             if not isinstance(obj, dict):
                 raise ProtocolError("bad_message", "a frame is a JSON object")
             ref = obj.get("ref")
             if ref is not None and not (
                 (isinstance(ref, str) and len(ref) <= REF_MAX and _encodable(ref))
-                or (isinstance(ref, int) and not isinstance(ref, bool) and abs(ref) < 2**53)
+                or (isinstance(ref, int) and not isinstance(ref, bool) and abs(ref) < INT_LIMIT)
             ):
                 ref = None
                 raise ProtocolError(
-                    "bad_field", f"'ref' is a string of at most {REF_MAX} or an integer"
+                    "bad_field",
+                    f"'ref' is a string of at most {REF_MAX} or an integer below 2**53",
                 )
             if verdict == limits.TokenBucket.LIMITED:
                 raise ProtocolError("rate_limited", "too many messages; slow down")
-            handler = self.HANDLERS.get(obj.get("type"))  # type: ignore[arg-type]
+            kind = obj.get("type")
+            handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
             if handler is None:
-                raise ProtocolError("unknown_type", f"unknown type {obj.get('type')!r}")
+                raise ProtocolError("unknown_type", _unknown(kind))
             handler(self, obj, ref)
         except ProtocolError as e:
             self.error(e.code, str(e), ref)
+        except Exception:
+            # A bug, not the client's fault: logged with its traceback, and the
+            # client still gets its answer instead of a dropped connection.
+            _log.failure("chatd.v1: a {kind} frame failed", kind=_type_name(payload))
+            self.error("internal_error", "the server failed on this frame", ref)
 
     # -- requests ---------------------------------------------------------
     def on_hello(self, obj: dict[str, Any], ref: object) -> None:
@@ -305,7 +338,7 @@ class V1Chat(Connection):
         room = _room(obj)
         since = _field(obj, "since", int, required=False)
         if since is not None and since < 0:
-            raise ProtocolError("bad_field", "'since' is an id >= 0")
+            raise ProtocolError("bad_field", "'since' is an id, 0 <= since < 2**53")
         epoch = _field(obj, "epoch", str, required=False)
         if epoch is not None and not (0 < len(epoch) <= 64 and _encodable(epoch)):
             raise ProtocolError("bad_field", "'epoch' is the string a 'joined' gave")
