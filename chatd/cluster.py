@@ -625,6 +625,9 @@ class RedisHub:
     def rooms(self) -> dict[str, int]:
         return self.local.counts()
 
+    def room_counts(self) -> dict[str, int]:
+        return self.local.room_counts()
+
     # -- from Redis ---------------------------------------------------------
     def _received(self, channel: bytes, payload: bytes) -> None:
         if channel.startswith(b"chatd:r:"):

@@ -51,6 +51,7 @@ class Settings:
     ping_timeout: float = limits.PING_TIMEOUT
     compression: bool = True
     max_total_backlog: int = limits.MAX_TOTAL_BACKLOG
+    max_total_inbound: int = limits.MAX_TOTAL_INBOUND
     db: str = "chatd.sqlite3"
     db_sync: str = "normal"
     history_size: int = limits.HISTORY_SIZE
@@ -81,11 +82,17 @@ class Settings:
             "relay_max_size",
             "max_backlog",
             "max_total_backlog",
+            "max_total_inbound",
             "max_text",
         ):
             value = getattr(self, name)
             if not 1 <= value <= 2**31:
                 raise ConfigError(f"{name} must be 1 to 2**31 bytes, not {value}")
+        if self.max_total_inbound < max(self.max_message_size, self.relay_max_size):
+            raise ConfigError(
+                "max_total_inbound must be at least max_message_size and relay_max_size "
+                f"(else a largest message could never arrive), not {self.max_total_inbound}"
+            )
         if not 1 <= self.listen_backlog <= 65535:
             raise ConfigError(f"listen_backlog must be 1-65535, not {self.listen_backlog}")
         if not 0 <= self.ping_interval <= 86400:
@@ -219,6 +226,7 @@ COERCE: dict[str, Callable[[Any], Any]] = {
     "ping_timeout": _float,
     "compression": _bool,
     "max_total_backlog": _size,
+    "max_total_inbound": _size,
     "db": _str,
     "db_sync": _str,
     "history_size": _int,

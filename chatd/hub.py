@@ -131,6 +131,7 @@ class Hub(Protocol):
     def flush(self) -> None: ...
 
     def rooms(self) -> dict[str, int]: ...
+    def room_counts(self) -> dict[str, int]: ...  # {"chat": n, "relay": n}, in O(1)
     def close(self) -> Deferred | None: ...
 
 
@@ -263,6 +264,10 @@ class Local:
                 renders[fmt] = payload
             if payload is not None:
                 broadcast((link,), payload, False, self.outbox)
+
+    def room_counts(self) -> dict[str, int]:
+        """How many rooms of each kind have members here, without listing them."""
+        return {"chat": len(self.chat), "relay": len(self.relay)}
 
     def counts(self) -> dict[str, int]:
         counts = {f"relay/{name}": len(m) for name, m in self.relay.items()}
@@ -417,6 +422,9 @@ class InMemoryHub:
     # -- both -------------------------------------------------------------
     def rooms(self) -> dict[str, int]:
         return self.local.counts()
+
+    def room_counts(self) -> dict[str, int]:
+        return self.local.room_counts()
 
     def close(self) -> None:
         """Commit and deliver what is pending, then close the database."""

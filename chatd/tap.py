@@ -76,6 +76,13 @@ _PARAMETERS = [
         f"behind gets close 1013. [default: {format_size(_d.max_total_backlog)}]",
     ),
     (
+        "max-total-inbound",
+        None,
+        "Bytes of messages being received (partly arrived or inflated) over all "
+        "clients; past it the client adding to them gets close 1013. "
+        f"[default: {format_size(_d.max_total_inbound)}]",
+    ),
+    (
         "listen-backlog",
         None,
         f"The kernel's queue of connections not yet accepted. [default: {_d.listen_backlog}]",

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from v1client import V1
-from wsclient import CONT, TEXT, Client, frame
+from wsclient import BINARY, CONT, TEXT, Client, frame
 
 from tools.daemon import Daemon
 
@@ -281,3 +281,19 @@ def test_endless_empty_continuation_frames_close_1009_at_once(hostile, path) -> 
     )
     assert ok.next("joined")["room"] == "frames"
     ok.close()
+
+
+def test_one_byte_fragments_are_cut_but_64_byte_ones_are_a_message(hostile) -> None:
+    """1024 frames free, then one per 64 bytes: a big message in small fragments passes."""
+    c = Client(hostile.port, "/relay/small-fragments")
+    body = b"x" * (64 * 3000)  # 3000 fragments of 64 bytes, far over 1024
+    pieces = [body[i : i + 64] for i in range(0, len(body), 64)]
+    wire = frame(BINARY, pieces[0], fin=False) + b"".join(
+        frame(CONT, p, fin=i == len(pieces) - 1) for i, p in enumerate(pieces[1:], 1)
+    )
+    c.sock.sendall(wire)
+    assert c.recv_message() == (BINARY, body)
+    ones = frame(BINARY, b"y", fin=False) + frame(CONT, b"y", fin=False) * 3000
+    with contextlib.suppress(OSError):
+        c.sock.sendall(ones)
+    assert c.expect_close() == 1009

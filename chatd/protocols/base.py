@@ -417,11 +417,14 @@ class Connection(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code, reason) -> None:
         self._detach()
+        self._release_inbound()
         if self.opened_at:
             self.factory.clients.remove(self)
             # Why it closed: the code we sent if we closed first (even if the
             # client never answered), the client's otherwise; 1006 for none.
-            code = (self.localCloseCode if self.closedByMe else self.remoteCloseCode) or 1006
+            code = self.localCloseCode if self.closedByMe else self.remoteCloseCode
+            if code is None:  # 1005: a close frame without a code; 1006: none at all
+                code = 1005 if wasClean and not self.closedByMe else 1006
             # A client picks any of 2000 application codes (3000-4999): counted
             # as 3xxx / 4xxx, so clients cannot grow the metric's label set.
             label = str(code)
@@ -512,18 +515,72 @@ class Connection(WebSocketServerProtocol):
         super().onMessageBegin(isBinary)
 
     def onMessageFrameBegin(self, length: int) -> None:
-        """Each data frame: a message has at most MAX_MESSAGE_FRAMES (empty frames cost too)."""
+        """Each data frame: at most MAX_MESSAGE_FRAMES, and one more per FRAGMENT_BYTES of data
+        (empty frames cost too; a big message in small fragments is fine)."""
         self.frames += 1
-        if self.frames > limits.MAX_MESSAGE_FRAMES:
+        if (
+            self.frames > limits.MAX_MESSAGE_FRAMES
+            and self.frames
+            > limits.MAX_MESSAGE_FRAMES
+            + (self.message_data_total_length + length) // limits.FRAGMENT_BYTES
+        ):
             if not self.failedByMe:
                 self.fail(
                     limits.CLOSE_MESSAGE_TOO_BIG,
-                    f"a message of more than {limits.MAX_MESSAGE_FRAMES} frames",
+                    "too many frames for the data in one message",
                 )
             elif self.frames > 2 * limits.MAX_MESSAGE_FRAMES:
                 self.dropConnection(abort=True)  # still sending, instead of closing
             return
         super().onMessageFrameBegin(length)
+
+    inbound = 0  # bytes of the message being received, in the factory's inbound budget
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        """Message data as it arrives (inflated): counted against the inbound budget.
+
+        The whole message is held until its last frame; over all clients that
+        is bounded by ``--max-total-inbound``, so the start of a big (or
+        highly compressed) message that never ends cannot pile up.
+        """
+        if self.failedByMe:
+            return
+        n = len(payload)
+        budget = self.factory.inbound
+        budget.total += n
+        self.inbound += n
+        if budget.total > budget.limit:
+            self._release_inbound()
+            self.fail(limits.CLOSE_TRY_AGAIN_LATER, "server busy: too many messages arriving")
+            return
+        super().onMessageFrameData(payload)
+
+    def onMessageEnd(self) -> None:
+        try:
+            super().onMessageEnd()
+        finally:
+            self._release_inbound()
+
+    def _release_inbound(self) -> None:
+        if self.inbound:
+            self.factory.inbound.total -= self.inbound
+            self.inbound = 0
+
+    pings: limits.TokenBucket | None = None  # made at the first ping
+
+    def onPing(self, payload: bytes) -> None:
+        """Pongs for pings within the ping rate; none past it; a flood closes (1008)."""
+        now = time.monotonic()
+        bucket = self.pings
+        if bucket is None:
+            bucket = self.pings = limits.TokenBucket(
+                limits.PING_RATE, limits.PING_BURST, limits.PING_FLOOD, now
+            )
+        verdict = bucket.take(now)
+        if verdict == limits.TokenBucket.OK:
+            super().onPing(payload)
+        elif verdict == limits.TokenBucket.FLOOD:
+            self.fail(limits.CLOSE_POLICY_VIOLATION, "ping flood")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         stats = self.factory.stats
@@ -567,6 +624,7 @@ class ChatdFactory(WebSocketServerFactory):
     """One per kind of endpoint; holds the hub that holds the clients."""
 
     gate = None  # chatd.web.Gate: told when a connection it admitted is gone
+    inbound = fanout.UNLIMITED  # messages being received, over all factories (make_web)
 
     def __init__(
         self,
