@@ -11,10 +11,13 @@ Checked against Twisted 26.10.0 and Autobahn 26.10.2 (the versions in the
 shared venv). Both use calendar versions, ``YY.MM.patch``, with no
 semantic "major": any release may change a private name. ``setup.py`` and
 ``requirements-dev.txt`` therefore allow ``twisted[tls]>=24.7,<27`` and
-``autobahn[twisted]>=24.4,<27``: the lower bounds are what chatd needs of
-the public APIs, the upper bound is the next calendar year of both (27.x),
-which must be checked (``pytest tests/test_internals.py``) before it is
-allowed. (Autobahn is at 26.x, so ``<26`` would refuse the version in use.)
+``autobahn[twisted]>=24.4,<27``. The upper bound is the next calendar
+year of both (27.x), the nearest thing to a "next major" a calendar version
+has: it lets in this year's fixes, and a 27.x must pass
+``pytest tests/test_internals.py`` before the bound moves. (Autobahn is at
+26.x too, so ``<26`` would refuse the version in use.) The lower bounds are
+unchanged; the reaches below were checked on 26.10 only, and on an older
+release in the range the canary tests are what says whether they hold.
 
 The reaches, by where they are used:
 
