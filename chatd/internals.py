@@ -76,7 +76,8 @@ The reaches, by where they are used:
    Autobahn's does: one reactor timer per bucket, not per connection) and
    counts the connection. Starting values of ~35 per-connection attributes
    are class attributes of ``chatd.protocols.base.Connection``; they mirror
-   what Autobahn's ``_connectionMade`` sets. ``processHandshake`` (chatd's
+   what Autobahn's ``_connectionMade`` sets (the canary test parses it and
+   fails if one is missing). ``processHandshake`` (chatd's
    override, in ``base.py``) checks an Origin with Autobahn's own
    ``_url_to_origin``/``_is_same_origin`` (so the answer is the one
    Autobahn would give) and leaves the key where ``succeedHandshake``
@@ -104,7 +105,7 @@ The reaches, by where they are used:
    will not be read). No public API gives any of these.
 
 5. Log time stamps (``twisted.logger._file.formatTime``, replaced at
-   import by ``chatd.logs.format_time``). twistd's text observer looks
+   import by ``chatd.logs._format_time``). twistd's text observer looks
    ``formatTime`` up in that module for every line; building the time
    zone and datetime is about a fifth of a log line's cost, and the text
    changes once a second. A public alternative, a text observer of chatd's

@@ -8,12 +8,14 @@ own objects no longer printing.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import io
 import os
 import pprint
 import re
 import sys
+import textwrap
 
 import autobahn.twisted.websocket as ab_twisted
 import autobahn.websocket.protocol as ab_protocol
@@ -98,6 +100,31 @@ def test_factory_options_are_class_attributes() -> None:
         assert a in vars(proto), a
     built = factory.buildProtocol(None)
     assert not set(vars(built)) & set(proto.CONFIG_ATTRS)
+
+
+def test_connection_has_every_starting_value_autobahn_sets() -> None:
+    """chatd's _connectionMade sets none of Autobahn's per-connection starting values:
+    each must be a class attribute of chatd's protocols (a new one would be missing)."""
+    client_only = {"serverConnectionDropTimeoutCall"}  # set only when not factory.isServer
+    site = make_site(Settings(ping_interval=0), InMemoryHub())
+    stored: set[str] = set()
+    for made in (
+        ab_protocol.WebSocketProtocol._connectionMade,
+        ab_protocol.WebSocketServerProtocol._connectionMade,
+    ):
+        tree = ast.parse(textwrap.dedent(_source(made)))
+        stored |= {
+            n.attr
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute)
+            and isinstance(n.ctx, ast.Store)
+            and isinstance(n.value, ast.Name)
+            and n.value.id == "self"
+        }
+    assert len(stored) > 20  # the parse found them
+    for factory in (site.upgrades.plain, site.upgrades.v1, site.upgrades.relay):
+        missing = stored - client_only - set(dir(factory.protocol))
+        assert not missing, (factory.protocol.__name__, missing)
 
 
 def test_twisted_web_channel_private_names() -> None:
