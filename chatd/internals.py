@@ -53,7 +53,11 @@ The reaches, by where they are used:
    eagerly, on every read (``WebSocketServerProtocol.dataReceived``),
    connect, handshake and close, whether or not debug logging is on.
    Setting Autobahn's log level does not help: the arguments are computed
-   before ``log.debug`` is called (a no-op at the default level). The
+   before ``log.debug`` is called (a no-op at the default level). Measured
+   on the dev machine (timeit, the three fields of ``dataReceived``): 1.4 µs
+   eager, 0.8 µs lazy, 0.24 µs for three empty calls; so about 0.65 µs per
+   read and a few µs per connection. Small: if this reach ever breaks, drop
+   it rather than repair it. The
    replacements return a stand-in that computes the text only when
    formatted (``format``, ``str``, ``repr`` all return a ``str``). They are
    safe only because Autobahn uses these results nowhere but as fields of
@@ -246,7 +250,7 @@ class LazyText:
 
     __slots__ = ("args", "fn")
 
-    def __init__(self, fn, *args: Any) -> None:
+    def __init__(self, fn, args: tuple) -> None:
         self.fn = fn
         self.args = args
 
@@ -259,21 +263,18 @@ class LazyText:
     __repr__ = __str__
 
 
-def _lazy(fn):
-    def lazy(*args: Any, **kwargs: Any) -> LazyText:
-        if kwargs:
-            return LazyText(lambda: fn(*args, **kwargs))
-        return LazyText(fn, *args)
+def lazy_hltype(obj: Any) -> LazyText:
+    """``autobahn.util.hltype(obj)``, formatted only if logged."""
+    return LazyText(_hltype, (obj,))
 
-    lazy.__name__ = fn.__name__
-    lazy.__wrapped__ = fn  # type: ignore[attr-defined]
-    return lazy
+
+def lazy_hlval(val: Any, color: str = "white", bold: bool = True) -> LazyText:
+    """``autobahn.util.hlval(val, color, bold)``, formatted only if logged."""
+    return LazyText(_hlval, (val, color, bold))
 
 
 LAZY_MODULES = (_ab_protocol, _ab_twisted)  # Autobahn modules whose hltype/hlval are lazy
 LAZY_NAMES = ("hltype", "hlval")
-lazy_hltype = _lazy(_hltype)
-lazy_hlval = _lazy(_hlval)
 for _module in LAZY_MODULES:
     _module.hltype = lazy_hltype  # type: ignore[attr-defined]
     _module.hlval = lazy_hlval  # type: ignore[attr-defined]
