@@ -57,12 +57,12 @@ The reaches, by where they are used:
    on the dev machine (timeit, the three fields of ``dataReceived``): 1.4 µs
    eager, 0.8 µs lazy, 0.24 µs for three empty calls; so about 0.65 µs per
    read and a few µs per connection. Small: if this reach ever breaks, drop
-   it rather than repair it. The
-   replacements return a stand-in that computes the text only when
-   formatted (``format``, ``str``, ``repr`` all return a ``str``). They are
-   safe only because Autobahn uses these results nowhere but as fields of
-   a ``self.log.<level>(...)`` call; the canary test parses both modules
-   and fails if that stops being true. (chatd used to replace
+   it rather than repair it. The replacements return a stand-in that
+   computes the text only when formatted (``format``, ``str``, ``repr``
+   all return a ``str``). They are safe only because Autobahn uses these
+   results nowhere but as fields of a ``self.log.<level>(...)`` call; the
+   canary test parses both modules and fails if that stops being true.
+   (chatd used to replace
    ``pformat`` too; that made ``str(Timings())`` raise TypeError, as
    ``Timings.__str__`` returns ``pformat``'s result. It is no longer
    patched: its one per-connection use, the options dump of
@@ -116,6 +116,14 @@ The reaches, by where they are used:
    own (``ILogObserver`` on the application, as ``--log-format json``
    does), would bypass twistd's ``--logfile``, ``--syslog`` and log
    rotation.
+
+Not private by name, but Autobahn's internal state all the same (used in
+``chatd.protocols.base``, checked by the canary tests where a change would
+not fail at once): ``processHandshake``, ``succeedHandshake`` and
+``failHandshake`` (overridden or called), the unparsed input ``data``, the
+send queue ``send_queue`` and ``logOctets`` (``Connection.sendData``), and
+``CONFIG_ATTRS``; and of Twisted's ``tcp.Connection``, its ``protocol``
+(``hand_over``).
 
 Replaced by public APIs: start-up failures of the listening port
 (``chatd.tap.ListeningService`` used ``StreamServerEndpointService``'s

@@ -86,6 +86,10 @@ def test_autobahn_private_names() -> None:
         assert inspect.isfunction(getattr(server, name)), name
     attrs = server.CONFIG_ATTRS
     assert attrs and all(isinstance(a, str) for a in attrs)
+    assert "logOctets" in attrs and "autoFragmentSize" in attrs
+    send = _source(ab_protocol.WebSocketProtocol.sendData)
+    assert "self.send_queue" in send and "self.logOctets" in send
+    assert "self.data" in _source(ab_protocol.WebSocketServerProtocol.processHandshake)
     factory = WebSocketServerFactory()
     assert callable(factory._batched_timer.call_later)
 

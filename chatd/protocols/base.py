@@ -140,8 +140,8 @@ class Connection(ServerInternals):
     # its own only when one changes), the deque and the validator are made
     # on first use, the traffic counters are shared (nobody reads them), and
     # the handshake is dropped once the connection is open: about 2.5 KiB
-    # less per idle connection. (The options, and Autobahn's private starting
-    # values, are in chatd.internals.ServerInternals.)
+    # less per idle connection. (Autobahn's private starting values, and how the
+    # options become class attributes, are in chatd.internals.)
     trackedTimings = None
     trafficStats = TrafficStats()  # shared by all connections, never read
     state = WebSocketProtocol.STATE_CONNECTING
