@@ -14,8 +14,8 @@ setup(
     packages=["chatd", "chatd.protocols", "twisted.plugins"],
     package_data={"chatd": ["static/*"], "twisted": ["plugins/chatd_plugin.py"]},
     install_requires=[
-        "twisted[tls]>=24.7",
-        "autobahn[twisted]>=24.4",
+        "twisted[tls]>=24.7,<27",  # chatd.internals: checked up to 26.x
+        "autobahn[twisted]>=24.4,<27",  # likewise
         "prometheus_client>=0.20",
         "txredisapi>=1.4.10",  # only used with --redis
         "hiredis>=2",  # txredisapi's C reply parser (chatd/broker.py says why)

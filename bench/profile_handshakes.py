@@ -68,7 +68,7 @@ CATEGORIES = [
         "Autobahn handshake (checks, onConnect, 101 text)",
         ("processHandshake", "succeedHandshake", "_take_handshake"),
     ),
-    ("protocol setup (Autobahn connectionMade)", ("makeConnection", "_hand_over")),
+    ("protocol setup (Autobahn connectionMade)", ("makeConnection", "hand_over")),
     ("epoll, reads, dispatch: the rest of the reactor", ("ReactorBase.mainLoop",)),
     ("unattributed (stacks py-spy could not read whole)", ("",)),
 ]

@@ -9,10 +9,12 @@ state is its own (RFC 7692 context takeover).
 
 Writes are coalesced per reactor turn: at the end of the turn (``Outbox``)
 each connection's queued frames are joined and written once. On a plain TCP
-connection whose Twisted buffer is empty they go straight to the socket, so
-a delivery costs one ``send`` and no ``epoll_ctl`` (Twisted would register
-the socket for writability, wake up, write, and unregister it: two more
-system calls and a pass through its write path per connection and turn);
+connection whose Twisted buffer is empty they go straight to the socket
+(``chatd.internals.write``, which says what it assumes of Twisted and how
+that is checked), so a delivery costs one ``send`` and no ``epoll_ctl``
+(Twisted would register the socket for writability, wake up, write, and
+unregister it: two more system calls and a pass through its write path per
+connection and turn);
 whatever the kernel does not take goes to the transport, which buffers it
 and tells us when it is full. Every other byte a connection sends (pongs,
 replies, the close frame) joins the same queue while it is not empty, so the
@@ -45,17 +47,22 @@ A pager may answer ``b""``: its next page is being read (from Redis), and it
 calls ``drain`` again when it is here.
 
 This module knows nothing of Autobahn, rooms or protocols: it moves bytes.
+Its one reach into Twisted's TCP transport is in ``chatd.internals``
+(``write`` and ``direct_socket``, used from here as ``fanout.write`` and
+``fanout.direct_socket``); ``Link.flush`` keeps an inline copy of ``write``.
 """
 
 from __future__ import annotations
 
-import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from struct import pack
 
 from twisted.internet.interfaces import IPushProducer, ITransport
 from zope.interface import implementer
+
+# The direct socket write reaches into Twisted's TCP transport: chatd.internals says how.
+from chatd.internals import direct_socket, write
 
 OP_TEXT = 0x81  # FIN + text opcode
 OP_BINARY = 0x82  # FIN + binary opcode
@@ -283,7 +290,9 @@ class Link:
             return
         self.pending = None
         data = pending[0] if len(pending) == 1 else b"".join(pending)
-        # write(self.transport, self.sock, data), inline: this is the hot path
+        # internals.write(self.transport, self.sock, data), inline: this is the hot
+        # path. Its reach into the transport is listed and checked in chatd.internals;
+        # self.sock is None (so this is transport.write) unless DIRECT_WRITE_OK.
         t = self.transport
         sock = self.sock
         if (
@@ -301,51 +310,6 @@ class Link:
                 return
             data = data[sent:]
         t.write(data)
-
-
-def write(transport: ITransport, sock: socket.socket | None, data: bytes) -> None:
-    """``transport.write(data)``, but straight to ``sock`` (from ``direct_socket``) when
-    nothing is waiting in the transport's buffer: one ``send``, no ``epoll_ctl``."""
-    t = transport
-    if (
-        sock is not None
-        and not t._tempDataBuffer  # type: ignore[attr-defined]
-        and t.offset >= len(t.dataBuffer)  # type: ignore[attr-defined]
-        and t.connected  # type: ignore[attr-defined]
-        and not t.disconnecting  # type: ignore[attr-defined]
-    ):
-        try:
-            sent = sock.send(data)
-        except OSError:  # would block, or broken: the transport finds out which
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    t.write(data)
-
-
-def direct_socket(transport: object) -> socket.socket | None:
-    """The socket of a plain Twisted TCP transport, whose buffer we can see; else None.
-
-    TLS and other wrapped transports must encrypt or frame what they send,
-    so they always get ``transport.write``.
-    """
-    from twisted.internet.tcp import Connection
-
-    # Only Twisted's own TCP connection: a TLS wrapper (twisted.protocols.tls)
-    # forwards unknown attributes to the TCP transport under it, socket included.
-    if not isinstance(transport, Connection):
-        return None
-    sock = getattr(transport, "socket", None)
-    if (
-        isinstance(sock, socket.socket)
-        and getattr(transport, "TLS", None) is False  # startTLS encrypts inside the transport
-        and isinstance(getattr(transport, "_tempDataBuffer", None), list)
-        and isinstance(getattr(transport, "dataBuffer", None), bytes)
-        and isinstance(getattr(transport, "offset", None), int)
-    ):
-        return sock
-    return None
 
 
 class Outbox:

@@ -11,7 +11,8 @@ large share of the work. ``ConnectionLog.info`` builds the event that
 ``Logger.info`` would (same namespace, level, fields and text) with the
 text already formatted, and hands it to the same observers; both the
 twistd text observer and ``JsonLines`` then take the text as it is. Text
-log lines also reuse their time stamp within a second (``_format_time``).
+log lines also reuse their time stamp within a second (``_format_time``,
+installed through ``chatd.internals``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import time
 from typing import IO, Any
 
-import twisted.logger._file as _twisted_file
 from twisted.logger import (
     ILogObserver,
     Logger,
@@ -31,6 +31,8 @@ from twisted.logger import (
 )
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
+
+from chatd.internals import patch_log_time
 
 _SIMPLE = (str, int, float, bool, type(None))
 
@@ -69,8 +71,8 @@ def _format_time(
 
 
 # twistd's text observer (twisted.logger.textFileLogObserver) looks
-# formatTime up in this module on every line.
-_twisted_file.formatTime = _format_time
+# formatTime up in twisted.logger._file on every line (chatd.internals, reach 5).
+patch_log_time(_format_time)
 
 
 class ConnectionLog:

@@ -12,7 +12,6 @@ import sys
 from typing import Any, NoReturn
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
@@ -287,23 +286,58 @@ _LISTEN_HINTS = {
 }
 
 
-class ListeningService(StreamServerEndpointService):
-    """Says where it listens, so operators (and tests using port 0) know."""
+class ListeningService(service.Service):
+    """Listens on an endpoint, fails start-up at once if it cannot, and says where it listens.
+
+    Twisted's StreamServerEndpointService only raises a bind error at
+    start-up through a private switch; this calls ``endpoint.listen``
+    itself (all public API): a failure that is already known when
+    ``privilegedStartService`` returns (every strports endpoint binds at
+    once) stops twistd with one line, one that comes later is logged.
+    """
 
     def __init__(self, endpoint, factory, what: str, labels: dict[str, str]) -> None:
-        super().__init__(endpoint, factory)
+        self.endpoint = endpoint
+        self.factory = factory
         self.what = what
         self.labels = labels  # how the user named port, interface and endpoint
-        self._raiseSynchronously = True  # a bind error stops twistd at start-up
+        self.listening: defer.Deferred | None = None  # fires with the port
 
     def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failed: list = []
         try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise StartFailed(self.listen_error(e)) from None
-        except OSError as e:  # e.g. a systemd: endpoint without a socket from systemd
-            raise StartFailed(f"{self.labels['endpoint']}: {e.strerror or e}") from None
-        self._waitingForPort.addCallback(self._listening)
+            d = self.endpoint.listen(self.factory)
+        except Exception as e:  # an endpoint that raises rather than failing its Deferred
+            d = defer.fail(e)
+        d.addCallbacks(self._listening, failed.append)
+        self.listening = d
+        if failed:
+            self.listening = defer.succeed(None)
+            e = failed[0].value
+            if isinstance(e, CannotListenError):
+                raise StartFailed(self.listen_error(e))
+            if isinstance(e, OSError):  # e.g. a systemd: endpoint without a socket from systemd
+                raise StartFailed(f"{self.labels['endpoint']}: {e.strerror or e}")
+            failed[0].raiseException()
+        d.addErrback(self._failed_later)
+
+    def _failed_later(self, failure):
+        if not failure.check(defer.CancelledError):
+            _log.failure("chatd {what}: cannot listen", failure, what=self.what)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.listening is None:
+            self.privilegedStartService()
+
+    def stopService(self):
+        super().stopService()
+        d, self.listening = self.listening, None
+        if d is None:
+            return None
+        d.cancel()
+        return d.addCallback(lambda port: port.stopListening() if port is not None else None)
 
     def listen_error(self, e: CannotListenError) -> str:
         err = e.socketError

@@ -26,8 +26,6 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
-from twisted.protocols.policies import ProtocolWrapper
-from twisted.web.http import HTTPChannel
 from twisted.web.pages import errorPage, forbidden, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -38,6 +36,7 @@ from chatd.api import PushAPI
 from chatd.config import Settings
 from chatd.fanout import Budget
 from chatd.hub import Hub
+from chatd.internals import HTTPChannelInternals, hand_over
 from chatd.limits import valid_room_name
 from chatd.ops import Health, ops_children
 from chatd.protocols.base import ChatdFactory, Clients
@@ -344,17 +343,6 @@ class Upgrades:
         return factory, target, headers
 
 
-def _hand_over(transport, protocol) -> None:
-    """Make ``protocol`` the one ``transport`` delivers to (as WebSocketResource does)."""
-    if isinstance(transport, ProtocolWrapper):  # TLS wraps the protocol
-        transport.wrappedProtocol = protocol
-    elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
-        transport.protocol.wrappedProtocol = protocol
-    else:
-        transport.protocol = protocol
-    protocol.makeConnection(transport)
-
-
 class Gate:
     """Who gets in, and how long a connection may take to send a request head.
 
@@ -456,7 +444,7 @@ class ChatdRequest(Request):
             super().handleContentChunk(data)
 
 
-class ChatdChannel(HTTPChannel):
+class ChatdChannel(HTTPChannelInternals):
     """twisted.web's HTTP/1.1 channel, with chatd's bounds on what comes before a response.
 
     - a request head must be whole within ``--handshake-timeout`` of the
@@ -507,13 +495,13 @@ class ChatdChannel(HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._lingering:
             return  # the rest of a head already answered
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        if self.head_size() + len(line) > self.totalHeadersSize:
             self._head_too_large()
             return
         super().lineReceived(line)
 
     def headerReceived(self, line: bytes) -> bool:
-        if self._receivedHeaderCount >= self.maxHeaders:
+        if self.header_count() >= self.maxHeaders:
             self._head_too_large()
             return False
         return super().headerReceived(line)
@@ -523,13 +511,13 @@ class ChatdChannel(HTTPChannel):
         request = self.requests[-1]
         self._refusing = False
         if self.length != 0:  # a Content-Length over 0, or chunked (None)
-            limit = self.site.body_limit(self._command, self._path, request)
+            limit = self.site.body_limit(*self.request_line(), request)
             if self.length is None and limit:
                 request.body_limit = limit
             elif self.length is None or self.length > limit:
                 # Answer on the head alone; the body is never read.
                 self.length = 0
-                self._transferDecoder = None
+                self.stop_body()
                 self._refusing = True
                 self.linger_on_close = True
         super().allHeadersReceived()
@@ -537,9 +525,8 @@ class ChatdChannel(HTTPChannel):
             self.persistent = False
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
 
-    def _send100Continue(self) -> None:
-        if not self._refusing:
-            super()._send100Continue()
+    def may_continue(self) -> bool:
+        return not self._refusing
 
     def loseConnection(self) -> None:
         if self.linger_on_close and not self._lost and not self._lingering:
@@ -551,8 +538,9 @@ class ChatdChannel(HTTPChannel):
         self._lingering = True
         self._linger_left = self.LINGER_BYTES
         transport = self.transport
-        self._networkProducer.unregisterProducer()
-        self._networkProducer.resumeProducing()  # reading on, even if paused for a pipeline
+        producer = self.network_producer()
+        producer.unregisterProducer()
+        producer.resumeProducing()  # reading on, even if paused for a pipeline
         half_close = getattr(transport, "loseWriteConnection", None)
         if half_close is not None and not _is_secure(transport):
             half_close()  # the client sees the end of the answer now
@@ -580,10 +568,10 @@ class ChatdChannel(HTTPChannel):
             self._drop(data)
             return
         super().rawDataReceived(data)
-        if self.cut_body and self._transferDecoder is not None:
+        if self.cut_body and self.decoding_body():
             # A chunked body passed its limit: stop decoding, answer now.
             self.cut_body = False
-            self._transferDecoder = None
+            self.stop_body()
             self.allContentReceived()
 
     def requestDone(self, request) -> None:
@@ -641,7 +629,7 @@ class FrontDoor(Protocol):
             protocol = Site.buildProtocol(self.site, self.addr)
             protocol.head_call = timer
         transport, self.transport = self.transport, None
-        _hand_over(transport, protocol)
+        hand_over(transport, protocol)
         protocol.dataReceived(data)
 
     def connectionLost(self, reason) -> None:

@@ -10,25 +10,16 @@ never written to again.
 
 from __future__ import annotations
 
-import pprint
 import time
 from collections import deque
-from types import FunctionType, MappingProxyType
+from types import MappingProxyType
 from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
-import autobahn.twisted.websocket as _autobahn_twisted
-import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.exception import Disconnected
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.util import hltype, hlval
+from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
-from autobahn.websocket.protocol import (
-    TrafficStats,
-    WebSocketProtocol,
-    _is_same_origin,
-    _url_to_origin,
-)
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
@@ -38,61 +29,18 @@ from chatd import fanout, limits
 from chatd.config import Settings
 from chatd.fanout import Budget, Link
 from chatd.hub import Hub
+from chatd.internals import (
+    HANDSHAKE_PRIVATE,
+    ServerInternals,
+    is_same_origin,
+    options_as_class_attributes,
+    url_to_origin,
+)
 from chatd.logs import ConnectionLog
 from chatd.stats import Stats
 
 _log = ConnectionLog("chatd.connection")
 _log_failure = Logger(namespace="chatd.connection")
-
-
-class _LazyPformat:
-    """pprint.pformat, run only if a log line is actually written.
-
-    Autobahn pretty-prints ~40 options into a debug log call for every new
-    connection, eagerly: about 1 ms of CPU per handshake, for a line nobody
-    reads unless debug logging is on. This defers that work to formatting.
-    """
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: object) -> None:
-        self.obj = obj
-
-    def __format__(self, spec: str) -> str:
-        return pprint.pformat(self.obj)
-
-    __str__ = __repr__ = lambda self: pprint.pformat(self.obj)
-
-
-_autobahn_protocol.pformat = _LazyPformat  # type: ignore[assignment]
-
-
-class _LazyCall:
-    """``fn(*args)`` as text, computed only if a log line is actually written.
-
-    Autobahn colours names and values for its debug lines (hltype, hlval)
-    eagerly, several times per connection, whether or not debug is on.
-    """
-
-    __slots__ = ("args", "fn")
-
-    def __init__(self, fn, *args: Any) -> None:
-        self.fn = fn
-        self.args = args
-
-    def __format__(self, spec: str) -> str:
-        return format(self.fn(*self.args), spec)
-
-    __str__ = __repr__ = lambda self: str(self.fn(*self.args))
-
-
-def _lazy(fn):
-    return lambda *args: _LazyCall(fn, *args)
-
-
-for _module in (_autobahn_protocol, _autobahn_twisted):
-    _module.hltype = _lazy(hltype)  # type: ignore[attr-defined]
-    _module.hlval = _lazy(hlval)  # type: ignore[attr-defined]
 
 
 class _MadeOnFirstUse:
@@ -127,8 +75,8 @@ _HANDSHAKE_ONLY = frozenset(
         "websocket_origin",
         "websocket_protocols",
         "websocket_extensions",
-        "_wskey",
         "parsed_request",
+        *HANDSHAKE_PRIVATE,
     )
 )
 _KEY_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
@@ -178,7 +126,7 @@ class Clients:
         return d
 
 
-class Connection(WebSocketServerProtocol):
+class Connection(ServerInternals):
     factory: ChatdFactory
     kind: ClassVar[str] = "?"
     link: Link | None = None
@@ -192,9 +140,8 @@ class Connection(WebSocketServerProtocol):
     # its own only when one changes), the deque and the validator are made
     # on first use, the traffic counters are shared (nobody reads them), and
     # the handshake is dropped once the connection is open: about 2.5 KiB
-    # less per idle connection.
-    _options_in_class: ClassVar[bool] = False  # set by ChatdFactory
-    _perMessageCompress = None
+    # less per idle connection. (Autobahn's private starting values, and how the
+    # options become class attributes, are in chatd.internals.)
     trackedTimings = None
     trafficStats = TrafficStats()  # shared by all connections, never read
     state = WebSocketProtocol.STATE_CONNECTING
@@ -236,27 +183,8 @@ class Connection(WebSocketServerProtocol):
     websocket_origin = None
     websocket_protocols = ()
     websocket_extensions = ()
-    _wskey = None
     # (request target, {lower-case name: value}) when chatd.web parsed the handshake
     parsed_request: tuple[bytes, dict[bytes, bytes]] | None = None
-
-    def _connectionMade(self) -> None:
-        """Autobahn's WebSocketServerProtocol._connectionMade, less the per-connection state.
-
-        Autobahn's also copies each option the protocol class lacks from the
-        factory and pretty-prints all of them for a debug line; ChatdFactory
-        made every option a class attribute, so there is nothing to copy.
-        """
-        if not self._options_in_class:
-            super()._connectionMade()
-            return
-        if self.trackTimings:
-            self.setTrackTimings(True)
-        if self.openHandshakeTimeout > 0:
-            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
-                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
-            )
-        self.factory.countConnections += 1
 
     def processHandshake(self) -> None:
         """Autobahn's processHandshake, on the headers chatd.web already parsed.
@@ -312,11 +240,11 @@ class Connection(WebSocketServerProtocol):
         if b"origin" in raw:
             origin = raw[b"origin"].decode("latin-1")
             try:
-                origin_tuple = _url_to_origin(origin)
+                origin_tuple = url_to_origin(origin)
             except ValueError:
                 return False
             if not (origin_tuple == "null" and self.factory.allowNullOrigin) and not (
-                _is_same_origin(
+                is_same_origin(
                     origin_tuple,
                     "https" if self.factory.isSecure else "http",
                     self.factory.externalPort or self.factory.port,
@@ -339,7 +267,7 @@ class Connection(WebSocketServerProtocol):
         self.websocket_origin = origin
         self.websocket_extensions = []
         self.data = self.data[end + 4 :]
-        self._wskey = key.decode("ascii")
+        self.set_key(key.decode("ascii"))
         request = ConnectionRequest(
             self.peer,
             headers,
@@ -387,7 +315,7 @@ class Connection(WebSocketServerProtocol):
     # -- lifecycle -------------------------------------------------------
     def onOpen(self) -> None:
         self._forget_handshake()
-        compressing = self._perMessageCompress is not None
+        compressing = self.compressor is not None
         self.link = Link(
             self.transport,
             self.factory.settings.max_backlog,
@@ -471,7 +399,7 @@ class Connection(WebSocketServerProtocol):
             return
         if self.state != WebSocketProtocol.STATE_OPEN:
             raise Disconnected("Attempt to send on a closed protocol")
-        pmc = self._perMessageCompress
+        pmc = self.compressor
         if pmc is not None and not doNotCompress:
             pmc.start_compress_message()
             payload = pmc.compress_message_data(payload) + pmc.end_compress_message()
@@ -603,10 +531,6 @@ class Connection(WebSocketServerProtocol):
     def hub(self) -> Hub:
         return self.factory.hub
 
-    def fail(self, code: int, reason: str) -> None:
-        """Close with any RFC 6455 code (sendClose only takes 1000 and 3000-4999)."""
-        self._fail_connection(code, reason)
-
     def _dropped(self, reason: str) -> None:
         self.factory.stats.dropped[reason] += 1
         if reason == "backlog":
@@ -663,14 +587,7 @@ class ChatdFactory(WebSocketServerFactory):
             closeHandshakeTimeout=limits.CLOSE_HANDSHAKE_TIMEOUT,
             perMessageCompressionAccept=accept,
         )
-        # Autobahn copies every option from the factory onto each connection
-        # unless the protocol class already has it: a subclass carrying them
-        # as class attributes saves each connection ~40 dictionary entries.
-        # (Functions become staticmethods, or the instance would bind itself.)
-        options = {
-            a: staticmethod(v) if isinstance(v, FunctionType) else v
-            for a in protocol.CONFIG_ATTRS
-            for v in (getattr(self, a),)
-        }
-        options["_options_in_class"] = True
+        # A subclass carrying the options as class attributes saves each
+        # connection ~40 dictionary entries (chatd.internals, reach 3).
+        options = options_as_class_attributes(self, protocol)
         self.protocol = type(protocol.__name__, (protocol,), options)
