@@ -666,15 +666,19 @@ class RedisHub:
             item = ((r.name, _nick(rest), "join" if kind == b"j" else "leave"), {})
             for j in r.marked:
                 j.held.append(item)
+        # The members here are told before a joiner of this node goes live, whether
+        # the join script's reply came before its marker or not: the joiner never
+        # gets its own join. (A member live here already, written back by a resync,
+        # is news to no one here.)
+        if kind == b"j" and mid not in r.live:
+            self.local.presence(r.name, _nick(rest), "join")
+        elif kind == b"l" and not ours:  # this node told its own members at once
+            self.local.presence(r.name, _nick(rest), "leave")
         j = r.by_mid.get(mid)
         if j is not None and not j.marked:
             j.marked = True
             r.marked[j] = None
             self._maybe_live(r, j)
-        if kind == b"j" and mid not in r.live:
-            self.local.presence(r.name, _nick(rest), "join")
-        elif kind == b"l" and not ours:  # this node told its own members at once
-            self.local.presence(r.name, _nick(rest), "leave")
 
     def _deliver(self, r: _Room, msg: Message) -> None:
         r.last_id = msg.id

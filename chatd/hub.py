@@ -366,6 +366,9 @@ class InMemoryHub:
         )
 
     def chat_leave(self, room: str, link: Link) -> bool:
+        # What was posted before the leave (in this reactor turn) goes out first:
+        # the leaver gets its own messages back, the others see them before it goes.
+        self.flush()
         member = self.local.chat_remove(room, link)
         if member is None:
             return False

@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from test_ops import TOKEN, request
 from v1client import V1
-from wsclient import BINARY, TEXT, Client
+from wsclient import BINARY, TEXT, Client, frame
 
+from chatd import limits
 from tools.daemon import Daemon, child_env, twistd
 from tools.redis import RedisServer
 
@@ -160,6 +161,68 @@ def test_presence_members_and_nicks_span_nodes(node) -> None:
     b.stop()
     carl = V1(a.port, "carl")
     assert sorted(carl.join("hall")["members"]) == ["BOB", "ann", "carl"]
+
+
+def test_presence_join_reaches_members_on_the_joiners_own_node(node) -> None:
+    """bob (node a) sees alice join through node a, as carol (node b) does; alice never
+    gets her own join. In both orders of the join script's reply and its marker on the
+    channel: a small reply usually comes first; a long history (750 KiB) holds the reply
+    back behind the marker."""
+    from test_output import read_history
+
+    fast = ("--rate", "10000", "--rate-burst", "10000")
+    a, b = node(*fast), node(*fast)
+    for room, backlog in (("short", 0), ("long", limits.JOIN_HISTORY)):
+        bob = V1(a.port, "bob")
+        bob.join(room)
+        carol = V1(b.port, "carol")
+        carol.join(room)
+        assert next_presence(bob)["nick"] == "carol"
+        for i in range(backlog):
+            carol.say(room, f"{i:04d} " + "x" * 15_000)
+            carol.next("message")
+        assert len(messages(bob, backlog)) == backlog
+        alice = V1(a.port, "alice")
+        alice.req("join", room=room)
+        joined = alice.next("joined")
+        assert len(read_history(alice, joined)[0]) == backlog
+        alice.say(room, "hi", ref=room)  # whatever presence there is comes before it
+        for c in (alice, bob, carol):
+            got = frames_until(
+                c, lambda f, ref=room: f["type"] == "message" and f.get("ref") == ref
+            )
+            presence = [(f["nick"], f["event"]) for f in got if f["type"] == "presence"]
+            assert presence == ([] if c is alice else [("alice", "join")]), (room, got)
+        for c in (alice, bob, carol):
+            c.close()
+
+
+def test_send_then_leave_in_one_write_is_still_acknowledged(node) -> None:
+    """send and leave in one TCP segment: the post is still in Redis when the leave takes
+    effect; the sender gets its message (the acknowledgement) anyway, once, after
+    ``left``. Every member on either node gets the message."""
+    a, b = node(), node()
+    alice, bob = V1(a.port, "alice"), V1(a.port, "bob")
+    carol = V1(b.port, "carol")
+    for c in (bob, carol, alice):
+        c.join("bye")
+    for c in (bob, carol):
+        wait_presence = frames_until(c, lambda f: f.get("nick") == "alice")
+        assert wait_presence[-1]["event"] == "join"
+    alice.sock.sendall(
+        frame(TEXT, json.dumps({"type": "send", "room": "bye", "text": "bye", "ref": 1}).encode())
+        + frame(TEXT, json.dumps({"type": "leave", "room": "bye", "ref": 2}).encode())
+    )
+    got = frames_until(alice, lambda f: f["type"] == "message")
+    assert [(f["type"], f.get("ref")) for f in got] == [("left", 2), ("message", 1)]
+    assert (got[-1]["from"], got[-1]["text"], got[-1]["room"]) == ("alice", "bye", "bye")
+    alice.req("hello", nick="again", ref=3)  # no second copy before this answer
+    assert [f["type"] for f in frames_until(alice, lambda f: f["type"] == "error")] == ["error"]
+    for c in (bob, carol):
+        m = frames_until(c, lambda f: f["type"] == "message")[-1]
+        assert (m["id"], m["text"], m["ref"]) == (got[-1]["id"], "bye", 1)
+    for c in (alice, bob, carol):
+        c.close()
 
 
 def test_since_recovery_on_another_node(node) -> None:

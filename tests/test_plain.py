@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 
 import pytest
+from v1client import V1
 from wsclient import CONT, TEXT, Client
 
 from tools.daemon import Daemon
@@ -42,10 +44,19 @@ def test_utf8_intact_and_fragmented(chatd: Daemon) -> None:
         b.close()
 
 
-@pytest.mark.parametrize("size", [125, 126, 65535 - 20, 65536])
-def test_sizes_up_to_the_limit(chatd: Daemon, size: int) -> None:
-    """The seed broke past 125 bytes; every length up to 64 KiB must arrive whole."""
-    a, b = clients(chatd, 2)
+@pytest.fixture(scope="module")
+def wide() -> Iterator[Daemon]:
+    """A daemon whose chat text may fill a whole 64 KiB message (``--max-text``)."""
+    with Daemon("--ping-interval", "0", "--max-text", str(64 * 1024)) as d:
+        yield d
+    assert "Unhandled" not in d.log(), d.log()
+
+
+@pytest.mark.parametrize("size", [125, 126, 16 * 1024, 65535 - 20, 65536])
+def test_sizes_up_to_the_limit(chatd: Daemon, wide: Daemon, size: int) -> None:
+    """The seed broke past 125 bytes; every length up to the limit arrives whole: up to
+    --max-text (16 KiB), and up to 64 KiB (the largest message) with --max-text 64K."""
+    a, b = clients(chatd if size <= 16 * 1024 else wide, 2)
     try:
         text = ("0123456789abcdef" * (size // 16 + 1))[:size]
         a.send_fragmented(text.encode(), TEXT, pieces=3)
@@ -64,6 +75,45 @@ def test_over_the_limit_is_closed_1009_and_others_unharmed(chatd: Daemon) -> Non
         assert b.recv() == f"ID{b.local_port}: still here"
     finally:
         b.close()
+
+
+def test_text_over_max_text_is_closed_1009_not_stored_nor_sent(daemon) -> None:
+    """--max-text counts bytes of UTF-8 for plain clients too; they cannot read an
+    error, so the connection is closed with 1009 and the text goes nowhere."""
+    d = daemon("--ping-interval", "0", "--max-text", "100")
+    watcher = V1(d.port, "watcher")
+    watcher.join("lobby")
+    a = Client(d.port, "/")
+    assert watcher.next("presence")["event"] == "join"
+    fits = "é" * 50  # 100 bytes
+    a.send(fits)
+    assert a.recv() == f"ID{a.local_port}: {fits}"
+    a.send("é" * 50 + "x")  # 51 characters, 101 bytes
+    assert a.expect_close() == 1009
+    assert watcher.next("message")["text"] == fits
+    assert watcher.next("presence")["event"] == "leave"  # and nothing between
+    late = V1(d.port, "late")
+    assert [m["text"] for m in late.join("lobby")["history"]] == [fits]
+    watcher.close()
+    late.close()
+
+
+def test_empty_and_blank_text_is_dropped(daemon) -> None:
+    """Nothing to say: not stored, not sent (v1 members never see an empty text);
+    the connection stays."""
+    d = daemon("--ping-interval", "0")
+    watcher = V1(d.port, "watcher")
+    watcher.join("lobby")
+    a = Client(d.port, "/")
+    assert watcher.next("presence")["event"] == "join"
+    for blank in ("", "   ", "\t\n \u3000"):
+        a.send(blank)
+    a.send("words")
+    assert a.recv() == f"ID{a.local_port}: words"  # its first message back
+    m = watcher.next("message")
+    assert (m["id"], m["text"]) == (1, "words")
+    a.close()
+    watcher.close()
 
 
 def test_over_the_limit_across_fragments_is_1009(chatd: Daemon) -> None:

@@ -188,6 +188,37 @@ def test_join_in_the_same_turn_as_sends_no_duplicates(chatd: Daemon) -> None:
     b.close()
 
 
+def frames_until(c: V1, type_: str) -> list[dict]:
+    """Every frame up to and including the first of ``type_``."""
+    out = [c.next()]
+    while out[-1]["type"] != type_:
+        out.append(c.next())
+    return out
+
+
+def test_send_then_leave_in_one_write_is_acknowledged_and_seen_before_the_leave(
+    chatd: Daemon,
+) -> None:
+    """send and leave in one TCP segment: the sender still gets its message (the
+    acknowledgement), once, and the others see the message before the sender leaves."""
+    bob = V1(chatd.port, "bob")
+    bob.join("bye")
+    alice = V1(chatd.port, "alice")
+    alice.join("bye")
+    assert bob.next("presence")["nick"] == "alice"
+    alice.sock.sendall(
+        frame(TEXT, json.dumps({"type": "send", "room": "bye", "text": "bye", "ref": 1}).encode())
+        + frame(TEXT, json.dumps({"type": "leave", "room": "bye", "ref": 2}).encode())
+    )
+    alice.req("hello", nick="again", ref=3)  # answered after all that went before
+    got = [(f["type"], f.get("ref")) for f in frames_until(alice, "error")]
+    assert got == [("message", 1), ("left", 2), ("error", 3)]
+    got = [(f["type"], f.get("text"), f.get("event")) for f in frames_until(bob, "presence")]
+    assert got == [("message", "bye", None), ("presence", None, "leave")]
+    alice.close()
+    bob.close()
+
+
 def test_history_survives_a_restart(daemon, tmp_path) -> None:
     d = Daemon(cwd=str(tmp_path))
     a = V1(d.port, "before")

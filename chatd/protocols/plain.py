@@ -6,7 +6,10 @@ shows to chatd.v1 clients with ``from: "ID<port>"``; what v1 clients send in
 ``lobby`` reaches plain clients as ``<nick>: <text>``, each line after the
 first indented by two spaces (``plain_text``). Plain clients get no
 history and no presence (the seed had neither) and, having no way to read an
-error, are closed with 1008 when they send faster than the rate limit.
+error, are closed with 1008 when they send faster than the rate limit and with
+1009 when a text is over ``--max-text`` bytes of UTF-8 (as v1 clients, they
+cannot fill the history with bigger ones). An empty or whitespace-only text is
+dropped: not stored, not sent (v1 members never see an empty text).
 """
 
 from __future__ import annotations
@@ -98,7 +101,13 @@ class PlainChat(Connection):
             self.factory.stats.rate_limited[self.kind] += 1
             self.fail(limits.CLOSE_POLICY_VIOLATION, "rate limit: too many messages")
             return
+        max_text = self.factory.settings.max_text
+        if len(payload) > max_text:  # (UTF-8 already: its length is the text's size)
+            self.fail(limits.CLOSE_MESSAGE_TOO_BIG, f"a message is at most {max_text} bytes")
+            return
         text = payload.decode("utf-8")
+        if not text.strip():
+            return  # nothing to say: not stored, not sent
         if self.waiting is not None:
             self.waiting.append(text)  # bounded: the rate limit closes a flood
         else:

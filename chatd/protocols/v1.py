@@ -403,8 +403,10 @@ class V1Chat(Connection):
         if room not in self.joined:
             raise ProtocolError("not_joined", f"not in {room}")
         assert self.link is not None
-        self.joined.discard(room)
+        # (Still in self.joined while the hub delivers what was posted before: that
+        # reached this link with the rest, see _posted.)
         self.hub.chat_leave(room, self.link)
+        self.joined.discard(room)
         out: dict[str, Any] = {"type": "left", "room": room}
         if ref is not None:
             out["ref"] = ref
@@ -424,7 +426,22 @@ class V1Chat(Connection):
             raise ProtocolError("too_long", f"a message is at most {max_text} bytes of UTF-8")
         assert self.nick is not None
         d = self.hub.post(room, self.nick, text, ref)  # type: ignore[arg-type]
-        d.addErrback(self._unavailable, ref)
+        d.addCallbacks(self._posted, self._unavailable, errbackArgs=(ref,))
+
+    def _posted(self, msg: Message) -> None:
+        """Stored and sent to the room: the sender's copy is its acknowledgement.
+
+        The hub delivered it to the room's members; if this connection left
+        the room meanwhile (a cluster stores in Redis first), the copy goes to
+        it alone, so a send is always answered.
+        """
+        link = self.link
+        if msg.room not in self.joined and link is not None and link.open:
+            payload = encode(message_obj(msg))
+            stats = self.factory.stats
+            stats.deliveries["chat"] += 1
+            stats.bytes_out["chat"] += len(payload)
+            self.send_payload(payload)
 
     def _unavailable(self, failure, ref: object) -> None:
         failure.trap(Unavailable)
