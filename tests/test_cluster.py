@@ -547,13 +547,15 @@ def test_the_page_on_two_nodes(node, browser) -> None:
     try:
         alice.join("alice", "tea")
         bob.join("bob", "tea")
-        alice.page.locator("#members li").get_by_text("bob", exact=True).wait_for()
-        assert sorted(bob.members()) == ["alice", "bob"]
+        # Each page sees what it asserts only once it came back through Redis: wait for it.
+        alice.wait_members(["alice", "bob"])
+        bob.wait_members(["alice", "bob"])
         alice.say("hello from node a")
         bob.wait_text("hello from node a")
         bob.say("hello from node b")
-        alice.wait_text("hello from node b")
-        assert alice.texts() == bob.texts() == ["hello from node a", "hello from node b"]
+        both = ["hello from node a", "hello from node b"]
+        alice.wait_texts(both)
+        bob.wait_texts(both)  # Bob's own copy too, not just Alice's
     finally:
         alice.close()
         bob.close()
