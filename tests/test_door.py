@@ -436,7 +436,7 @@ def test_per_ip_cap(daemon) -> None:
 
 def test_pending_cap_drops_the_oldest_not_the_newcomer(daemon) -> None:
     d = daemon("--max-pending", "50", "--metrics-endpoint", "tcp:0:interface=127.0.0.1")
-    ops = d.port_of("metrics")
+    ops = d.port_of("metrics", timeout=30)
     flood = [
         socket.create_connection(("127.0.0.1", d.port), timeout=5, source_address=("127.0.0.2", 0))
         for _ in range(200)
