@@ -99,6 +99,16 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
     raise AssertionError(f"not within {timeout}s: {what}")
 
 
+def wait_relay_subscribed(redis: RedisServer, room: str, nodes: int) -> None:
+    """Wait (bounded) until ``nodes`` nodes have subscribed to the relay room's channel:
+    a node's subscription is confirmed asynchronously, after its client's handshake."""
+
+    def subscribers() -> int:
+        return int(redis.command("PUBSUB", "NUMSUB", f"chatd:r:{{{room}}}").split()[-1])
+
+    wait_until(lambda: subscribers() >= nodes, 30, f"{nodes} nodes subscribed to relay {room}")
+
+
 # -- chat across nodes -------------------------------------------------------
 
 
@@ -193,11 +203,11 @@ def test_history_retention_in_redis_and_truncated(node, redis) -> None:
     assert redis.command("XLEN", "chatd:c:{r}:log") == b"5"
 
 
-def test_relay_across_nodes_byte_exact(node) -> None:
+def test_relay_across_nodes_byte_exact(node, redis) -> None:
     a, b = node(), node()
     x = Client(a.port, "/relay/game")
     y = Client(b.port, "/relay/game")
-    time.sleep(0.3)  # the relay subscription is confirmed asynchronously
+    wait_relay_subscribed(redis, "game", 2)
     blob = bytes(range(256)) * 40
     x.send_frame(BINARY, blob)
     assert y.recv_message() == (BINARY, blob)
@@ -209,14 +219,17 @@ def test_relay_across_nodes_byte_exact(node) -> None:
     assert y.recv_message() == (TEXT, b"again")
 
 
-def test_push_api_on_one_node_reaches_another(node) -> None:
+def test_push_api_on_one_node_reaches_another(node, redis) -> None:
     a = node("--api-token", TOKEN)
     b = node()
     v = V1(b.port, "vera")
     v.join("lobby")
     p = Client(b.port, "/")  # the seed's plain chat, in lobby
+    p.send("here")  # its own line back: p is in the room now
+    assert p.recv() == f"ID{p.local_port}: here"
+    assert messages(v, 1)[0]["text"] == "here"
     relay = Client(b.port, "/relay/quotes")
-    time.sleep(0.3)
+    wait_relay_subscribed(redis, "quotes", 1)
     auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     status, _, body = request(
         a.port,
