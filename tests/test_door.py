@@ -213,7 +213,8 @@ def test_bodies_refused_on_their_head(daemon) -> None:
         answer = exchange(d.port, data)
         assert status_of(answer) == status, (data, answer)
         assert b"100 Continue" not in answer
-        assert time.monotonic() - started < 2, data  # the answer did not wait for a body
+        # the answer did not wait for a body (which never comes: exchange's 5 s would run out)
+        assert time.monotonic() - started < 4, data
         if b"/api/" in data:
             assert answer.rstrip().endswith(b"}"), answer  # the API's JSON answer
     # a body within the limit, with the token, is still read and published
