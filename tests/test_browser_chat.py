@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 from v1client import V1
@@ -11,6 +12,18 @@ from v1client import V1
 from tools.daemon import REPO, Daemon
 
 pytestmark = pytest.mark.browser
+
+WAIT_MS = 30_000  # generous: a deadline costs nothing when the page is quick
+
+
+def eventually(read: Callable[[], object], want: object, what: str, timeout: float = 30.0) -> None:
+    """Poll ``read()`` (bounded) until it equals ``want``; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    got = read()
+    while got != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+        got = read()
+    assert got == want, f"{what}: not within {timeout}s; last seen {got!r}"
 
 
 class Person:
@@ -41,14 +54,14 @@ class Person:
         self.page.press("#room", "Enter")
         self.wait_open()
 
-    def wait_open(self, timeout: float = 10_000) -> None:
+    def wait_open(self, timeout: float = WAIT_MS) -> None:
         self.page.wait_for_selector('#state[data-state="open"]', timeout=timeout)
 
     def say(self, text: str) -> None:
         self.page.fill("#text", text)
         self.page.press("#text", "Enter")
 
-    def wait_text(self, text: str, timeout: float = 10_000) -> None:
+    def wait_text(self, text: str, timeout: float = WAIT_MS) -> None:
         self.page.locator("#log .msg .text").get_by_text(text, exact=True).first.wait_for(
             timeout=timeout
         )
@@ -58,6 +71,14 @@ class Person:
 
     def members(self) -> list[str]:
         return self.page.locator("#members li").all_text_contents()
+
+    def wait_texts(self, want: list[str]) -> None:
+        """Wait until the log shows exactly ``want``, in order."""
+        eventually(self.texts, want, "messages shown")
+
+    def wait_members(self, want: list[str]) -> None:
+        """Wait until the member list is exactly ``want`` (in any order)."""
+        eventually(lambda: sorted(self.members()), sorted(want), "members shown")
 
     def close(self) -> None:
         self.context.close()
@@ -88,8 +109,8 @@ def test_two_people_chat_and_see_each_other(people) -> None:
     alice, bob = people(), people()
     alice.join("alice", "tea")
     bob.join("bob", "tea")
-    alice.page.locator("#members li").get_by_text("bob", exact=True).wait_for()
-    assert sorted(bob.members()) == ["alice", "bob"]
+    alice.wait_members(["alice", "bob"])
+    bob.wait_members(["alice", "bob"])
     alice.say("hello bob")
     bob.wait_text("hello bob")
     alice.wait_text("hello bob")
@@ -101,8 +122,8 @@ def test_two_people_chat_and_see_each_other(people) -> None:
     assert alice.page.locator("#log .msg time").first.text_content()  # timestamps shown
     shot(alice, "chat-alice.png")
     bob.page.click("#leave")
-    alice.page.locator("#log .sys").get_by_text("bob left", exact=True).wait_for()
-    assert alice.members() == ["alice"]
+    alice.page.locator("#log .sys").get_by_text("bob left", exact=True).wait_for(timeout=WAIT_MS)
+    alice.wait_members(["alice"])
 
 
 def test_reload_shows_the_history(people) -> None:
@@ -113,8 +134,7 @@ def test_reload_shows_the_history(people) -> None:
     carol.wait_text("before reload 2")
     carol.open()  # a reload: nick and room are remembered, the history comes with "joined"
     carol.wait_open()
-    carol.wait_text("before reload 2")
-    assert carol.texts() == [f"before reload {i}" for i in range(3)]
+    carol.wait_texts([f"before reload {i}" for i in range(3)])
 
 
 def test_html_is_shown_as_text_and_never_runs(people, chatd: Daemon) -> None:
@@ -131,14 +151,16 @@ def test_html_is_shown_as_text_and_never_runs(people, chatd: Daemon) -> None:
 
 
 def test_nick_taken_is_explained(people) -> None:
+    from playwright.sync_api import expect
+
     a, b = people(), people()
     a.join("erin", "names")
     b.page.fill("#nick", "Erin")
     b.page.fill("#room", "names")
     b.page.press("#room", "Enter")
-    b.page.wait_for_selector("#notice:not([hidden])")
-    assert "already in names" in b.page.text_content("#notice")
-    assert b.page.get_attribute("#state", "data-state") == "closed"
+    expect(b.page.locator("#notice")).to_be_visible(timeout=WAIT_MS)
+    expect(b.page.locator("#notice")).to_contain_text("already in names", timeout=WAIT_MS)
+    b.page.wait_for_selector('#state[data-state="closed"]', timeout=WAIT_MS)
 
 
 def free_port() -> int:
@@ -160,23 +182,25 @@ def test_restart_under_an_open_page_reconnects_and_shows_missed_messages_once(
         other.say("restart", "before the restart")
         frank.wait_text("before the restart")
         d.stop()
-        frank.page.wait_for_selector('#state[data-state="reconnecting"]')
+        frank.page.wait_for_selector('#state[data-state="reconnecting"]', timeout=WAIT_MS)
         d = Daemon("--port", str(port), cwd=str(tmp_path))
         other = V1(port, "grace")  # quick, before the page's backoff brings it back
         other.join("restart")
         for i in range(3):
             other.say("restart", f"while you were away {i}")
-        frank.wait_open(timeout=20_000)
+        frank.wait_open(timeout=60_000)
         frank.wait_text("while you were away 2")
         other.say("restart", "after the reconnect")
         frank.wait_text("after the reconnect")
-        assert frank.texts() == [
-            "before the restart",
-            "while you were away 0",
-            "while you were away 1",
-            "while you were away 2",
-            "after the reconnect",
-        ]
+        frank.wait_texts(
+            [
+                "before the restart",
+                "while you were away 0",
+                "while you were away 1",
+                "while you were away 2",
+                "after the reconnect",
+            ]
+        )
         shot(frank, "chat-after-restart.png")
         other.close()
     finally:

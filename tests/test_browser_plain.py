@@ -9,6 +9,8 @@ from tools.daemon import REPO, Daemon
 
 pytestmark = pytest.mark.browser
 
+WAIT_MS = 30_000  # generous: a deadline costs nothing when the page is quick
+
 
 @pytest.fixture
 def page(browser, chatd: Daemon):
@@ -26,7 +28,7 @@ def page(browser, chatd: Daemon):
 
 def wait_line(pg, text: str) -> None:
     """Wait for a log line that is exactly ``text`` (locators: no eval under the page's CSP)."""
-    pg.locator("#log > div").get_by_text(text, exact=True).first.wait_for(timeout=5000)
+    pg.locator("#log > div").get_by_text(text, exact=True).first.wait_for(timeout=WAIT_MS)
 
 
 def log_lines(pg) -> list[str]:
@@ -38,7 +40,7 @@ def test_connect_send_and_see_own_message(page, chatd: Daemon) -> None:
     assert page.input_value("#port") == str(chatd.port)
     assert page.is_disabled("#send")
     page.click("#connect")
-    page.wait_for_selector('#state[data-state="open"]')
+    page.wait_for_selector('#state[data-state="open"]', timeout=WAIT_MS)
     other = Client(chatd.port, "/")
     page.fill("#text", "hello from the page")
     page.press("#text", "Enter")  # Enter sends
@@ -52,13 +54,13 @@ def test_connect_send_and_see_own_message(page, chatd: Daemon) -> None:
     page.screenshot(path=str(screenshot("page-chat.png")))
     other.close()
     page.click("#connect")  # now "Disconnect"
-    page.wait_for_selector('#state[data-state="closed"]')
+    page.wait_for_selector('#state[data-state="closed"]', timeout=WAIT_MS)
     assert page.is_disabled("#text")
 
 
 def test_html_payload_shown_as_text_never_run(page, chatd: Daemon) -> None:
     page.click("#connect")
-    page.wait_for_selector('#state[data-state="open"]')
+    page.wait_for_selector('#state[data-state="open"]', timeout=WAIT_MS)
     evil = Client(chatd.port, "/")
     payload = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>bold</b>'
     evil.send(payload)
@@ -72,7 +74,7 @@ def test_html_payload_shown_as_text_never_run(page, chatd: Daemon) -> None:
 def test_relay_room_from_the_page(page, chatd: Daemon) -> None:
     page.fill("#room", "lounge")
     page.click("#connect")
-    page.wait_for_selector('#state[data-state="open"]')
+    page.wait_for_selector('#state[data-state="open"]', timeout=WAIT_MS)
     peer = Client(chatd.port, "/relay/lounge")
     peer.send(b"\x00\x01\x02")
     peer.send("text in the room")
@@ -91,9 +93,10 @@ def test_server_going_away_is_shown(browser, daemon) -> None:
     pg = browser.new_page()
     pg.goto(f"http://127.0.0.1:{d.port}/plain.html")
     pg.click("#connect")
-    pg.wait_for_selector('#state[data-state="open"]')
+    pg.wait_for_selector('#state[data-state="open"]', timeout=WAIT_MS)
     d.stop()
-    pg.wait_for_selector('#state[data-state="closed"]')
+    pg.wait_for_selector('#state[data-state="closed"]', timeout=WAIT_MS)
+    pg.locator("#log > div").filter(has_text="disconnected").first.wait_for(timeout=WAIT_MS)
     assert any(line.startswith("disconnected") for line in log_lines(pg))
     pg.close()
 

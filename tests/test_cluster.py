@@ -49,7 +49,7 @@ def node(redis: RedisServer) -> Iterator[Callable[..., Daemon]]:
         d = Daemon("--redis", url or redis.url, "--ping-interval", "0", "--cluster-ttl", TTL, *args)
         started.append(d)
         if wait:
-            d.wait_for_log(r"redis redis://\S+ connected", 10)
+            d.wait_for_log(r"redis redis://\S+ connected", 30)
         return d
 
     yield start
@@ -100,6 +100,16 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
     raise AssertionError(f"not within {timeout}s: {what}")
 
 
+def wait_relay_subscribed(redis: RedisServer, room: str, nodes: int) -> None:
+    """Wait (bounded) until ``nodes`` nodes have subscribed to the relay room's channel:
+    a node's subscription is confirmed asynchronously, after its client's handshake."""
+
+    def subscribers() -> int:
+        return int(redis.command("PUBSUB", "NUMSUB", f"chatd:r:{{{room}}}").split()[-1])
+
+    wait_until(lambda: subscribers() >= nodes, 30, f"{nodes} nodes subscribed to relay {room}")
+
+
 # -- chat across nodes -------------------------------------------------------
 
 
@@ -118,7 +128,8 @@ def test_three_nodes_one_order_ids_cluster_wide(node) -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a sender is stuck"
     total = per_sender * len(clients)
     seen = [[(m["id"], m["text"]) for m in messages(c, total)] for c in clients]
     # Every node delivered every message once, in the same order, ids 1..N.
@@ -262,11 +273,11 @@ def test_history_retention_in_redis_and_truncated(node, redis) -> None:
     assert redis.command("XLEN", "chatd:c:{r}:log") == b"5"
 
 
-def test_relay_across_nodes_byte_exact(node) -> None:
+def test_relay_across_nodes_byte_exact(node, redis) -> None:
     a, b = node(), node()
     x = Client(a.port, "/relay/game")
     y = Client(b.port, "/relay/game")
-    time.sleep(0.3)  # the relay subscription is confirmed asynchronously
+    wait_relay_subscribed(redis, "game", 2)
     blob = bytes(range(256)) * 40
     x.send_frame(BINARY, blob)
     assert y.recv_message() == (BINARY, blob)
@@ -278,14 +289,17 @@ def test_relay_across_nodes_byte_exact(node) -> None:
     assert y.recv_message() == (TEXT, b"again")
 
 
-def test_push_api_on_one_node_reaches_another(node) -> None:
+def test_push_api_on_one_node_reaches_another(node, redis) -> None:
     a = node("--api-token", TOKEN)
     b = node()
     v = V1(b.port, "vera")
     v.join("lobby")
     p = Client(b.port, "/")  # the seed's plain chat, in lobby
+    p.send("here")  # its own line back: p is in the room now
+    assert p.recv() == f"ID{p.local_port}: here"
+    assert messages(v, 1)[0]["text"] == "here"
     relay = Client(b.port, "/relay/quotes")
-    time.sleep(0.3)
+    wait_relay_subscribed(redis, "quotes", 1)
     auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     status, _, body = request(
         a.port,
@@ -340,7 +354,7 @@ def test_redis_down_then_back(node, redis) -> None:
     assert messages(ann, 1)[0]["id"] == 1 and messages(bob, 1)[0]["id"] == 1
 
     redis.stop()
-    wait_until(lambda: healthz(a)[0] == 503, 10, "node a degraded")
+    wait_until(lambda: healthz(a)[0] == 503, 30, "node a degraded")
     _, body = healthz(a)
     assert body["status"] == "degraded" and "redis" in body["problems"]
     assert metric(a, "chatd_redis_up") == 0
@@ -357,8 +371,8 @@ def test_redis_down_then_back(node, redis) -> None:
 
     started = time.monotonic()
     redis.start()
-    took = wait_until(lambda: healthz(a)[0] == 200 and healthz(b)[0] == 200, 15, "back")
-    assert took < 6, took  # the backoff is at most 2 s
+    took = wait_until(lambda: healthz(a)[0] == 200 and healthz(b)[0] == 200, 30, "back")
+    assert took < 10, took  # the backoff is at most 2 s (slack for a loaded machine)
     assert metric(a, "chatd_redis_up") == 1
     assert metric(a, "chatd_redis_reconnects_total") >= 1
     # Resumed by itself: same members, ids go on (Redis kept its data).
@@ -366,10 +380,10 @@ def test_redis_down_then_back(node, redis) -> None:
     assert [m["id"] for m in messages(ann, 1)] == [2]
     assert [m["id"] for m in messages(bob, 1)] == [2]
     late.join("r")
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 45
 
 
-def frames_until(c: V1, done: Callable[[dict], bool], timeout: float = 10.0) -> list[dict]:
+def frames_until(c: V1, done: Callable[[dict], bool], timeout: float = 30.0) -> list[dict]:
     """Every frame up to and including the first for which ``done`` is true."""
     c.sock.settimeout(timeout)
     out: list[dict] = []
@@ -414,12 +428,12 @@ def test_redis_loses_its_data_new_epoch_no_reused_ids_no_silence(node) -> None:
         assert volatile.command("GET", "chatd:c:{r}:epoch").decode() == old_epoch
 
         volatile.stop()
-        wait_until(lambda: healthz(a)[0] == 503 and healthz(b)[0] == 503, 10, "degraded")
+        wait_until(lambda: healthz(a)[0] == 503 and healthz(b)[0] == 503, 30, "degraded")
         ann.say("r", "during", ref="d")  # answered while Redis is down too
         assert frames_until(ann, lambda f: f.get("ref") == "d")[-1]["code"] == "unavailable"
         volatile.start()  # same port, no data
         assert volatile.command("EXISTS", "chatd:c:{r}:seq") == b"0"
-        wait_until(lambda: healthz(a)[0] == 200 and healthz(b)[0] == 200, 15, "back")
+        wait_until(lambda: healthz(a)[0] == 200 and healthz(b)[0] == 200, 30, "back")
 
         # A send on each node is answered, and members on both nodes get the
         # reset first, then the new epoch's messages, in order.
@@ -473,7 +487,7 @@ def test_epoch_for_rooms_from_before_epochs_and_for_a_lost_counter(node, redis) 
         ann.say("old", f"m{k}")
     messages(ann, 3)
     ann.close()  # the room is empty again: node a forgets it
-    wait_until(lambda: redis.command("HLEN", "chatd:c:{old}:m") == b"0", 10, "ann left")
+    wait_until(lambda: redis.command("HLEN", "chatd:c:{old}:m") == b"0", 30, "ann left")
     assert redis.command("DEL", "chatd:c:{old}:epoch") == b"1"  # as a Redis from before epochs
     bob = V1(a.port, "bob")
     joined = bob.join("old", since=1, epoch="from-another-time")
@@ -506,7 +520,7 @@ def test_a_new_epoch_met_while_reading_back_a_gap(node, redis) -> None:
     texts = [f"new {k}" for k in range(20)]
     for t in texts:  # some while b's channel is down: b reads them from the new stream
         send_answered(ann, t, t)
-    seen = frames_until(bob, lambda f: f.get("text") == texts[-1], timeout=15)
+    seen = frames_until(bob, lambda f: f.get("text") == texts[-1], timeout=30)
     events = [f for f in seen if f["type"] in ("reset", "message")]
     assert events[0]["type"] == "reset" and events[0]["last_id"] == 0, events
     assert [(m["id"], m["text"]) for m in events[1:]] == list(enumerate(texts, 1))
@@ -572,7 +586,7 @@ def test_node_starts_without_redis_and_joins_when_it_appears(node, redis) -> Non
     c.req("join", room="r")
     assert c.next("error")["code"] == "unavailable"
     redis.start()
-    wait_until(lambda: healthz(a)[0] == 200, 15, "node up")
+    wait_until(lambda: healthz(a)[0] == 200, 30, "node up")
     assert c.join("r")["members"] == ["ann"]
 
 
@@ -598,9 +612,9 @@ def test_node_given_up_for_dead_comes_back_and_writes_its_members_back(node) -> 
         assert (left["nick"], left["event"]) == ("bob", "leave")
     finally:
         os.kill(b.pid, signal.SIGCONT)
-    back = next_presence(ann, timeout=15)
+    back = next_presence(ann, timeout=30)
     assert (back["nick"], back["event"]) == ("bob", "join")
-    b.wait_for_log("given up for dead; re-registering", 5)
+    b.wait_for_log("given up for dead; re-registering", 30)
     bob.say("r", "still here")
     assert messages(ann, 1)[0]["text"] == "still here"
     carl = V1(a.port, "carl")
@@ -616,13 +630,15 @@ def test_the_page_on_two_nodes(node, browser) -> None:
     try:
         alice.join("alice", "tea")
         bob.join("bob", "tea")
-        alice.page.locator("#members li").get_by_text("bob", exact=True).wait_for()
-        assert sorted(bob.members()) == ["alice", "bob"]
+        # Each page sees what it asserts only once it came back through Redis: wait for it.
+        alice.wait_members(["alice", "bob"])
+        bob.wait_members(["alice", "bob"])
         alice.say("hello from node a")
         bob.wait_text("hello from node a")
         bob.say("hello from node b")
-        alice.wait_text("hello from node b")
-        assert alice.texts() == bob.texts() == ["hello from node a", "hello from node b"]
+        both = ["hello from node a", "hello from node b"]
+        alice.wait_texts(both)
+        bob.wait_texts(both)  # Bob's own copy too, not just Alice's
     finally:
         alice.close()
         bob.close()
@@ -684,7 +700,7 @@ def test_replay_trimmed_under_a_slow_reader_is_never_a_silent_gap(node) -> None:
     except (Closed, OSError) as e:
         print(f"dropped mid-replay after {len(msgs)} messages: {e!r}")
         assert [m["id"] for m in msgs] == list(range(1, len(msgs) + 1))
-        a.wait_for_log(r"close v1 .* code=1006", 10)
+        a.wait_for_log(r"close v1 .* code=1006", 30)
     else:
         print(f"all {len(msgs)} read before the trim reached them")
         assert [m["id"] for m in msgs] == list(range(1, 301))

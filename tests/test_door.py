@@ -213,7 +213,8 @@ def test_bodies_refused_on_their_head(daemon) -> None:
         answer = exchange(d.port, data)
         assert status_of(answer) == status, (data, answer)
         assert b"100 Continue" not in answer
-        assert time.monotonic() - started < 2, data  # the answer did not wait for a body
+        # the answer did not wait for a body (which never comes: exchange's 5 s would run out)
+        assert time.monotonic() - started < 4, data
         if b"/api/" in data:
             assert answer.rstrip().endswith(b"}"), answer  # the API's JSON answer
     # a body within the limit, with the token, is still read and published
@@ -425,8 +426,8 @@ def test_per_ip_cap(daemon) -> None:
     other.send("still here")
     assert other.recv() == "still here"
     held.pop().close()
-    deadline = time.monotonic() + 5
-    while dropped(d.port, "127.0.0.2", wait=1):  # until the server has seen the close
+    deadline = time.monotonic() + 30
+    while dropped(d.port, "127.0.0.2", wait=10):  # until the server has seen the close
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert metric(d.port, 'chatd_connections_refused_total{reason="per_ip"}') >= 1
@@ -436,12 +437,12 @@ def test_per_ip_cap(daemon) -> None:
 
 def test_pending_cap_drops_the_oldest_not_the_newcomer(daemon) -> None:
     d = daemon("--max-pending", "50", "--metrics-endpoint", "tcp:0:interface=127.0.0.1")
-    ops = d.port_of("metrics")
+    ops = d.port_of("metrics", timeout=30)
     flood = [
         socket.create_connection(("127.0.0.1", d.port), timeout=5, source_address=("127.0.0.2", 0))
         for _ in range(200)
     ]
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while metric(ops, 'chatd_connections_refused_total{reason="pending"}') < 150:
         assert time.monotonic() < deadline
         time.sleep(0.02)
@@ -454,7 +455,7 @@ def test_pending_cap_drops_the_oldest_not_the_newcomer(daemon) -> None:
     v.close()
     # the first of the flood were the ones dropped
     first = flood[0]
-    first.settimeout(2)
+    first.settimeout(10)
     with contextlib.suppress(ConnectionResetError):
         assert first.recv(1) == b""
     for s in flood:
@@ -471,11 +472,12 @@ def test_slowloris_does_not_lock_out_and_is_cut_at_the_deadline(daemon) -> None:
     closed: dict[socket.socket, float] = {}
     trickle = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"z" * 100
     for i in range(n):
+        before = time.monotonic()  # before connect: the server's clock cannot start earlier
         s = socket.create_connection(
-            ("127.0.0.1", d.port), timeout=5, source_address=(f"127.0.0.{2 + i % 4}", 0)
+            ("127.0.0.1", d.port), timeout=10, source_address=(f"127.0.0.{2 + i % 4}", 0)
         )
         s.setblocking(False)
-        opened[s] = time.monotonic()
+        opened[s] = before
         sel.register(s, selectors.EVENT_READ, i)
     # a new client still gets in and chats while all of them are held
     v = V1(d.port, "through", host="127.0.0.1")
@@ -483,7 +485,7 @@ def test_slowloris_does_not_lock_out_and_is_cut_at_the_deadline(daemon) -> None:
     v.say("slow", "not locked out")
     assert v.next("message")["text"] == "not locked out"
     position = dict.fromkeys(opened, 0)  # of each trickling socket in ``trickle``
-    deadline = time.monotonic() + timeout + 5
+    deadline = time.monotonic() + timeout + 30  # ends as soon as all are closed
     while len(closed) < n and time.monotonic() < deadline:
         # half of them send nothing; the other half a byte a round (~50 ms)
         for s, at in position.items():

@@ -270,7 +270,7 @@ def test_sigterm_closes_1001_keeps_everything_and_exits_0(tmp_path) -> None:
         "tcp:0:interface=127.0.0.1",
         cwd=str(tmp_path),
     )
-    ops_port = d.port_of("metrics")
+    ops_port = d.port_of("metrics", timeout=30)
     listener = V1(d.port, "listener")
     listener.join("bye")
     sender = V1(d.port, "sender")
@@ -301,8 +301,8 @@ def test_sigterm_closes_1001_keeps_everything_and_exits_0(tmp_path) -> None:
     assert status == 503 and json.loads(body)["status"] == "stopping"
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", d.port), timeout=1).close()  # not accepting
-    assert d.proc.wait(15) == 0
-    assert time.monotonic() - started < 3 + 5
+    assert d.proc.wait(30) == 0
+    assert time.monotonic() - started < 3 + 12  # the 3 s drain deadline, plus slack for load
     stubborn.sock.close()
     d2 = Daemon(cwd=str(tmp_path))
     try:
@@ -315,6 +315,17 @@ def test_sigterm_closes_1001_keeps_everything_and_exits_0(tmp_path) -> None:
 
 
 # -- health, metrics, logs ------------------------------------------------------
+
+
+def metrics_until(port: int, lines: list[str], timeout: float = 30.0) -> tuple[int, dict, str]:
+    """GET /metrics until every one of ``lines`` is in it (bounded); the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, headers, body = request(port, "GET", "/metrics")
+        text = body.decode()
+        if all(line in text for line in lines) or time.monotonic() > deadline:
+            return status, headers, text
+        time.sleep(0.05)
 
 
 def test_healthz_and_metrics(daemon) -> None:
@@ -334,11 +345,7 @@ def test_healthz_and_metrics(daemon) -> None:
     bad.send(b"\x00")
     assert bad.expect_close() == 1003
     bad.sock.close()
-    time.sleep(0.3)
-    status, headers, body = request(d.port, "GET", "/metrics")
-    assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    text = body.decode()
-    for line in [
+    expected = [
         'chatd_connections{kind="v1"} 1.0',
         'chatd_connections{kind="plain"} 1.0',
         'chatd_connections{kind="relay"} 1.0',
@@ -348,17 +355,21 @@ def test_healthz_and_metrics(daemon) -> None:
         'chatd_received_bytes_total{kind="relay"} 4.0',
         'chatd_messages_sent_total{room_kind="relay"} 1.0',
         "chatd_up 1.0",
-    ]:
+        "chatd_history_commit_seconds_count 1.0",
+        'chatd_messages_received_total{kind="v1"} 3.0',  # hello, join, send
+    ]
+    # The close is counted when the daemon sees the TCP connection go: poll for it.
+    status, headers, text = metrics_until(d.port, expected)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    for line in expected:
         assert line in text, (line, text)
-    assert "chatd_history_commit_seconds_count 1.0" in text
-    assert 'chatd_messages_received_total{kind="v1"} 3.0' in text  # hello, join, send
     for c in (v, p, r):
         c.close()
 
 
 def test_metrics_on_a_separate_endpoint_only(daemon) -> None:
     d = daemon("--metrics-endpoint", "tcp:0:interface=127.0.0.1")
-    ops = d.port_of("metrics")
+    ops = d.port_of("metrics", timeout=30)
     assert request(ops, "GET", "/metrics")[0] == 200
     assert request(ops, "GET", "/healthz")[0] == 200
     assert request(d.port, "GET", "/metrics")[0] == 404
@@ -376,7 +387,7 @@ def test_json_logs_one_line_per_connection_and_no_message_text(daemon) -> None:
     r.recv()
     v.close()
     r.close()
-    d.wait_for_log(r'"kind": "relay".*"code": 1000|"code": 1000.*"kind": "relay"')
+    d.wait_for_log(r'"kind": "relay".*"code": 1000|"code": 1000.*"kind": "relay"', timeout=30)
     records = [json.loads(line) for line in d.lines if line.startswith("{")]
     assert records and all({"time", "level", "namespace", "msg"} <= set(x) for x in records)
     opens = [x for x in records if x["msg"].startswith("open ")]
@@ -498,17 +509,13 @@ def test_client_close_codes_do_not_grow_the_metric_labels(daemon) -> None:
     codes = (3000, 3999, 4000, 4321, 4999, 1000)
     for code in codes:
         Client(d.port, "/relay/codes").close(code)
-    deadline = time.monotonic() + 10
-    while True:
-        text = request(d.port, "GET", "/metrics")[2].decode()
-        if 'chatd_closes_total{code="4xxx"} 3.0' in text or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    for line in (
+    expected = [
         'chatd_closes_total{code="3xxx"} 2.0',
         'chatd_closes_total{code="4xxx"} 3.0',
         'chatd_closes_total{code="1000"} 1.0',
-    ):
+    ]
+    text = metrics_until(d.port, expected)[2]
+    for line in expected:
         assert line in text, (line, text)
     for code in codes[:-1]:
         assert f'code="{code}"' not in text

@@ -97,22 +97,22 @@ def test_allowed_origin_list_and_any() -> None:
     assert anyone.route(handshake("/", "Origin: https://evil.example")) is not None
 
 
-def raw_exchange(port: int, data: bytes, wait: float = 5.0) -> bytes:
-    """Send ``data``; return what the server sends until it closes or goes quiet."""
+def raw_exchange(port: int, data: bytes, wait: float = 30.0) -> bytes:
+    """Send ``data``; return what the server sends until its head is complete (or it closes).
+
+    (Every caller looks at the head only; waiting for "quiet" instead could cut a
+    head that a loaded server sends in pieces.)
+    """
     s = socket.create_connection(("127.0.0.1", port), timeout=wait)
     try:
         s.sendall(data)
         got = b""
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                break
+        while b"\r\n\r\n" not in got and time.monotonic() < deadline:
+            chunk = s.recv(65536)
             if not chunk:
                 break
             got += chunk
-            s.settimeout(0.5)  # once something came, stop when it goes quiet
         return got
     finally:
         s.close()

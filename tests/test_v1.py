@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -114,9 +113,17 @@ def test_nick_unique_within_a_room(chatd: Daemon) -> None:
         "ref": 1,
     }
     assert b.join("elsewhere")["members"] == ["carol"]
+    witness = V1(chatd.port, "dora")  # sees Carol leave: then (and only then) the nick is free
+    witness.join("uniq")
     a.close()
-    time.sleep(0.2)
-    assert b.join("uniq")["members"] == ["carol"]  # free again once Carol left
+    assert witness.next("presence") == {
+        "type": "presence",
+        "room": "uniq",
+        "nick": "Carol",
+        "event": "leave",
+    }
+    assert sorted(b.join("uniq")["members"]) == ["carol", "dora"]  # free again once Carol left
+    witness.close()
     b.close()
 
 
@@ -402,8 +409,17 @@ def test_v1_handshake_without_offer_is_plain(chatd: Daemon) -> None:
         Client(chatd.port, "/relay/bad room")
 
 
-def run_slow_consumer(d: Daemon, count: int, size: int):
-    """One v1 member never reads, one reads everything, one sends; returns (got, growth MiB)."""
+def run_slow_consumer(d: Daemon, count: int, size: int, code: int):
+    """One v1 member never reads, one reads everything, one sends.
+
+    Returns the close code the silent one read (``code`` expected), what the
+    healthy one got, and the daemon's RSS growth in MiB.
+
+    The sender paces itself by its readers (the healthy one and its own echoes), so
+    on a loaded machine neither can fall behind into a bound meant for the slow one.
+    """
+    from test_backpressure import CloseWatch, PeakRss, Readers
+
     slow = V1(d.port, "slow", rcvbuf=4096)
     slow.join("busy")
     healthy = V1(d.port, "healthy")
@@ -411,39 +427,26 @@ def run_slow_consumer(d: Daemon, count: int, size: int):
     sender = V1(d.port, "sender")
     sender.join("busy")
     healthy.next("presence")
-    baseline = d.rss_kib()
-    peak = [baseline]
+    closed = CloseWatch(d, slow, code)
+    rss = PeakRss(d)
     got: list[int] = []
-    stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], d.rss_kib())
-            time.sleep(0.01)
+    def read_healthy() -> bool:
+        m = healthy.next()
+        if m["type"] != "message":
+            return False
+        got.append(m["id"])
+        return True
 
-    def read() -> None:
-        while len(got) < count:
-            m = healthy.next()
-            if m["type"] == "message":
-                got.append(m["id"])
-        stop.set()
-
-    def drain() -> None:
-        n = 0
-        while n < count:
-            if sender.next()["type"] == "message":
-                n += 1
-
-    threads = [threading.Thread(target=f) for f in (sample, read, drain)]
-    for t in threads:
-        t.start()
+    readers = Readers()
+    readers.start("healthy", count, read_healthy)
+    readers.start("sender", count, lambda: sender.next()["type"] == "message")
     text = "x" * (size - 40)
     for i in range(count):
+        readers.wait_behind(i)
         sender.say("busy", f"{i:08d}{text}")
-    for t in threads:
-        t.join(60)
-    stop.set()
-    return slow, got, (peak[0] - baseline) / 1024
+    readers.join()
+    return closed.code(), got, rss.stop()
 
 
 def test_v1_slow_consumer_dropped_1008_others_get_everything(daemon) -> None:
@@ -459,11 +462,10 @@ def test_v1_slow_consumer_dropped_1008_others_get_everything(daemon) -> None:
         "--join-history",
         "0",
     )
-    slow, got, growth = run_slow_consumer(d, count=3000, size=16 * 1024)  # ~48 MiB sent
+    code, got, growth = run_slow_consumer(d, count=3000, size=16 * 1024, code=1008)  # ~48 MiB
     print(f"v1 slow consumer: daemon RSS growth {growth:.1f} MiB for ~48 MiB sent")
     assert got == list(range(got[0], got[0] + 3000))
-    d.wait_for_log(r"code=1008", timeout=20)
-    assert slow.expect_close() == 1008
+    assert code == 1008
     assert growth < 24
 
 
@@ -478,7 +480,6 @@ def test_overloaded_server_closes_slow_consumers_1013(daemon) -> None:
         "--history-size",
         "100",
     )
-    slow, got, _ = run_slow_consumer(d, count=500, size=16 * 1024)
+    code, got, _ = run_slow_consumer(d, count=500, size=16 * 1024, code=1013)
     assert len(got) == 500
-    d.wait_for_log(r"code=1013", timeout=20)
-    assert slow.expect_close() == 1013
+    assert code == 1013
