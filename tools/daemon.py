@@ -111,7 +111,7 @@ class Daemon:
     def url(self, path: str = "/", scheme: str = "ws") -> str:
         return f"{scheme}://127.0.0.1:{self.port}{path}"
 
-    def port_of(self, what: str, timeout: float = 5.0) -> int:
+    def port_of(self, what: str, timeout: float = 30.0) -> int:
         """The port of another listener ("metrics"), once it has said so."""
         line = self.wait_for_log(rf"chatd \S+ {what} listening on", timeout)
         m = _LISTENING.search(line)
@@ -129,7 +129,7 @@ class Daemon:
                     return int(line.split()[1])
         raise RuntimeError("no VmRSS")
 
-    def wait_for_log(self, pattern: str, timeout: float = 5.0) -> str:
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> str:
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
