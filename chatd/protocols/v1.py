@@ -1,224 +1,60 @@
-"""chatd.v1: the JSON chat protocol on "/" (docs/PROTOCOL.md says every detail).
+"""chatd.v1 over Autobahn: the WebSocket side of ``chatd.session.ChatSession``.
 
-Chosen by the WebSocket subprotocol ``chatd.v1``. Every frame is one JSON
-object whose ``type`` names it. This module only parses, checks and answers;
-rooms, ids, history and presence are the hub's.
+Chosen by the WebSocket subprotocol ``chatd.v1`` (docs/PROTOCOL.md says
+every detail). Everything the protocol decides (parsing, checks, the rate
+limit's verdicts, frames waiting behind a join, errors, history pages) is
+the session's, which has no I/O; this class only carries it:
 
-History goes out in pages (``HistoryPages``): ``joined`` carries the first,
-``history`` frames the rest, each at most ``PAGE_BYTES`` of JSON unless one
-message alone is bigger. Only ``joined`` is rendered at once; the link then
-holds (``fanout.Link.hold``) and writes the next page each time its transport
-drains, reading it from the hub's cursor then: a 16 MiB replay costs about a
-page of memory at a time, and whatever else is sent to the connection
-meanwhile (live messages, presence, answers to later requests) waits behind
-the last page, counted against ``--max-backlog``.
+- the connection opens (``attach``): a ``ChatSession`` with this
+  connection's link, the settings' limits and ``time.monotonic()``;
+- a whole text message (``received``): ``session.receive(payload, now)``;
+  a binary one is refused here, at its first frame (close 1003);
+- the close handshake starts or the connection is lost (``detach``):
+  ``session.close()``.
+
+The connection is the session's ``Output``: ``send_payload`` (straight to
+the socket, or behind the history pages the link holds), ``send_pages``
+(the link holds, and writes a page each time its transport drains),
+``fail`` (a close code) and ``writable``. Live messages and presence do not
+pass through here: the hub fans them out to the link (``fanout.broadcast``).
 """
 
 from __future__ import annotations
 
-import json
-import secrets
 import time
-from collections import deque
-from collections.abc import Callable
-from typing import Any
 
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.defer import Deferred
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from chatd import jsonin, limits
-from chatd.fanout import Link
-from chatd.history import Message
-from chatd.hub import Joined, NickTaken, Reset, Unavailable
+from chatd import limits
 from chatd.protocols.base import Connection
+from chatd.session import (  # (re-exported: what chatd.web and tests import from here)
+    PAGE_BYTES,
+    ChatSession,
+    HistoryPages,
+    ProtocolError,
+    V1Renderer,
+    encode,
+    message_obj,
+)
+
+__all__ = [
+    "PAGE_BYTES",
+    "SUBPROTOCOL",
+    "ChatSession",
+    "HistoryPages",
+    "ProtocolError",
+    "V1Chat",
+    "V1Renderer",
+    "encode",
+    "message_obj",
+]
 
 SUBPROTOCOL = "chatd.v1"
-REF_MAX = 64
-PAGE_BYTES = 64 * 1024  # a joined or history frame, unless one message alone is bigger
-# Integers a client sends (ids in "since", "ref") are below this: every JSON
-# implementation reads them exactly, and SQLite stores them.
-INT_LIMIT = 2**53
-
-_log = Logger(namespace="chatd.v1")
-
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-def encode(obj: object) -> bytes:
-    return _dumps(obj).encode("utf-8")
-
-
-def message_obj(msg: Message) -> dict[str, Any]:
-    obj: dict[str, Any] = {
-        "type": "message",
-        "room": msg.room,
-        "id": msg.id,
-        "ts": msg.ts,
-        "from": msg.sender,
-        "text": msg.text,
-    }
-    if msg.ref is not None:
-        obj["ref"] = msg.ref
-    return obj
-
-
-class HistoryPages:
-    """A join's answer: ``joined`` with the first page, then ``history`` frames.
-
-    ``first`` is the ``joined`` payload; iterating gives each ``history``
-    frame's payload, rendered when asked for, with messages read from the
-    hub's cursor (``joined.more``) only as pages need them. A cursor that
-    answers later (a Deferred: Redis) makes the iterator give ``b""`` (wait)
-    until the batch is here, then call ``wake``. ``done``: nothing follows.
-    """
-
-    __slots__ = ("buf", "cursor", "done", "error", "first", "nxt", "reading", "room", "wake")
-
-    def __init__(self, j: Joined, tail: dict[str, Any], head: dict[str, Any]) -> None:
-        self.room = j.room
-        self.buf: deque[Message] = deque(j.history)
-        self.cursor = j.more
-        self.nxt: bytes | None = None  # the next message, rendered
-        self.reading = False  # a read is on its way
-        self.error: Failure | None = None
-        self.wake: Callable[[], object] | None = None
-        self.done = False
-        self.first = self._frame(encode(head)[:-1] + b',"history":[', tail)
-
-    def _left(self) -> bool:
-        c = self.cursor
-        return self.nxt is not None or bool(self.buf) or (c is not None and c.after < c.until)
-
-    def _peek(self) -> bytes | None:
-        """The next message's JSON, reading a batch if one is at hand; None: none yet."""
-        if self.nxt is None:
-            if not self.buf and not self.reading and self._left():
-                batch = self.cursor.read()  # type: ignore[union-attr]
-                if isinstance(batch, Deferred):
-                    self.reading = True
-                    batch.addCallbacks(self._arrived, self._failed)
-                else:
-                    self.buf.extend(batch)
-            if self.buf:
-                self.nxt = encode(message_obj(self.buf.popleft()))
-        return self.nxt
-
-    def _arrived(self, batch: list[Message]) -> None:
-        self.reading = False
-        self.buf.extend(batch)
-        if self.wake is not None:
-            self.wake()
-
-    def _failed(self, failure: Failure) -> None:
-        self.reading = False
-        self.error = failure
-        if self.wake is not None:
-            self.wake()
-
-    def _frame(self, head: bytes, tail: dict[str, Any]) -> bytes:
-        tail["more"] = False
-        size = len(head) + len(encode(tail)) + 1
-        parts: list[bytes] = []
-        while (part := self._peek()) is not None:
-            if parts and size + len(part) + 1 > PAGE_BYTES:
-                break
-            parts.append(part)
-            size += len(part) + 1
-            self.nxt = None
-        tail["more"] = more = self._left()
-        self.done = not more
-        if not more and "last_id" in tail:  # joined says "more" only when pages follow
-            del tail["more"]
-        return head + b",".join(parts) + b"]," + encode(tail)[1:]
-
-    def __iter__(self) -> HistoryPages:
-        return self
-
-    def __next__(self) -> bytes:
-        if self.done:
-            raise StopIteration
-        if self.error is not None:
-            self.error.raiseException()  # (the link gives up on the connection)
-        if self._peek() is None:
-            if self.reading:
-                return b""  # wait: _arrived wakes the link
-            raise Unavailable("history messages vanished during the replay")
-        return self._frame(b'{"type":"history","room":' + encode(self.room) + b',"messages":[', {})
-
-
-class V1Renderer:
-    def message(self, msg: Message) -> bytes:
-        return encode(message_obj(msg))
-
-    def presence(self, room: str, nick: str, event: str) -> bytes:
-        return encode({"type": "presence", "room": room, "nick": nick, "event": event})
-
-    def reset(self, e: Reset) -> bytes:
-        return encode({"type": "reset", "room": e.room, "epoch": e.epoch, "last_id": e.last_id})
-
-
-class ProtocolError(Exception):
-    """A request chatd refuses: becomes an ``error`` frame, the connection stays."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _encodable(text: str) -> bool:
-    """False for strings with lone surrogates (JSON allows them, UTF-8 does not)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True):
-    value = obj.get(name)
-    if value is None:
-        if required:
-            raise ProtocolError("bad_field", f"'{name}' is required")
-        return None
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ProtocolError("bad_field", f"'{name}' has the wrong type")
-    if isinstance(value, int) and not -INT_LIMIT < value < INT_LIMIT:
-        raise ProtocolError("bad_field", f"'{name}' is out of range (integers are below 2**53)")
-    return value
-
-
-def _room(obj: dict[str, Any]) -> str:
-    room = _field(obj, "room", str)
-    if not limits.valid_room_name(room):
-        raise ProtocolError(
-            "bad_room", "a room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -"
-        )
-    return room
-
-
-def _unknown(kind: object) -> str:
-    if kind is None:
-        return "'type' is missing"
-    if not isinstance(kind, str):
-        return "'type' must be a string"
-    shown = kind if len(kind) <= 32 else kind[:32] + "..."
-    return f"unknown type {shown!r}"
-
-
-def _type_name(payload: bytes) -> str:
-    """The frame's ``type`` for a log line, if it has a plain one."""
-    try:
-        kind = json.loads(payload).get("type")
-    except Exception:
-        return "?"
-    return kind if isinstance(kind, str) and kind in V1Chat.HANDLERS else "?"
 
 
 class V1Chat(Connection):
     kind = "v1"
-    nick: str | None = None
+    chat: ChatSession | None = None
 
     def onConnect(self, request):
         if SUBPROTOCOL not in request.protocols:  # web.py routes only offers of it here
@@ -227,22 +63,37 @@ class V1Chat(Connection):
 
     def attach(self) -> None:
         s = self.factory.settings
-        self.bucket = limits.TokenBucket(s.rate, s.rate_burst, s.rate_flood, time.monotonic())
-        self.joined: set[str] = set()
-        self.joining: str | None = None  # the room of a join the hub has not answered
-        self.waiting: deque[tuple[bytes, int]] = deque()  # frames that came meanwhile
-        self.session = secrets.token_urlsafe(12)
+        assert self.link is not None
+        self.chat = ChatSession(
+            self.hub,
+            self.link,
+            self,
+            time.monotonic(),
+            rate=s.rate,
+            rate_burst=s.rate_burst,
+            rate_flood=s.rate_flood,
+            max_text=s.max_text,
+            stats=self.factory.stats,
+        )
 
-    def detach(self, link: Link) -> None:
-        for room in self.joined:
-            self.hub.chat_leave(room, link)
-        if self.joining is not None:
-            self.hub.chat_leave(self.joining, link)
-        self.joined = set()
-        self.waiting.clear()
+    def detach(self, link) -> None:
+        if self.chat is not None:
+            self.chat.close()
 
-    def reply(self, obj: dict[str, Any]) -> None:
-        self.send_payload(encode(obj))
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        if isBinary:
+            self.fail(limits.CLOSE_UNSUPPORTED_DATA, "chatd.v1 frames are JSON text")
+
+    def received(self, payload: bytes, isBinary: bool) -> None:
+        if self.chat is not None:
+            self.chat.receive(payload, time.monotonic())
+
+    # -- the session's Output ----------------------------------------------
+    @property
+    def writable(self) -> bool:
+        link = self.link
+        return link is not None and link.open
 
     def send_payload(self, payload: bytes) -> None:
         """One frame to this client, behind a paged history still going out."""
@@ -256,140 +107,11 @@ class V1Chat(Connection):
         if reason is not None:
             self._dropped(reason)
 
-    def error(self, code: str, message: str, ref: object = None) -> None:
-        obj: dict[str, Any] = {"type": "error", "code": code, "message": message}
-        if ref is not None:
-            obj["ref"] = ref
-        self.reply(obj)
-
-    def onMessageBegin(self, isBinary: bool) -> None:
-        super().onMessageBegin(isBinary)
-        if isBinary:
-            self.fail(limits.CLOSE_UNSUPPORTED_DATA, "chatd.v1 frames are JSON text")
-
-    def received(self, payload: bytes, isBinary: bool) -> None:
-        verdict = self.bucket.take(time.monotonic())
-        if verdict != limits.TokenBucket.OK:
-            self.factory.stats.rate_limited[self.kind] += 1
-        if verdict == limits.TokenBucket.FLOOD:
-            self.fail(limits.CLOSE_POLICY_VIOLATION, "rate limit: sustained flood")
-            return
-        if self.joining is not None:
-            # Requests are answered in order: what follows a join waits for it
-            # (a cluster hub answers a join only after Redis has).
-            if len(self.waiting) >= limits.MAX_WAITING_REQUESTS:
-                self.fail(limits.CLOSE_POLICY_VIOLATION, "too many requests behind a join")
-                return
-            self.waiting.append((payload, verdict))
-            return
-        self.handle(payload, verdict)
-
-    def handle(self, payload: bytes, verdict: int) -> None:
-        ref = None
-        try:
-            try:
-                obj = jsonin.loads(payload)
-            except jsonin.BadJSON as e:
-                raise ProtocolError("bad_json", f"not JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise ProtocolError("bad_message", "a frame is a JSON object")
-            ref = obj.get("ref")
-            if ref is not None and not (
-                (isinstance(ref, str) and len(ref) <= REF_MAX and _encodable(ref))
-                or (isinstance(ref, int) and not isinstance(ref, bool) and abs(ref) < INT_LIMIT)
-            ):
-                ref = None
-                raise ProtocolError(
-                    "bad_field",
-                    f"'ref' is a string of at most {REF_MAX} or an integer below 2**53",
-                )
-            if verdict == limits.TokenBucket.LIMITED:
-                raise ProtocolError("rate_limited", "too many messages; slow down")
-            kind = obj.get("type")
-            handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
-            if handler is None:
-                raise ProtocolError("unknown_type", _unknown(kind))
-            handler(self, obj, ref)
-        except ProtocolError as e:
-            self.error(e.code, str(e), ref)
-        except Exception:
-            # A bug, not the client's fault: logged with its traceback, and the
-            # client still gets its answer instead of a dropped connection.
-            _log.failure("chatd.v1: a {kind} frame failed", kind=_type_name(payload))
-            self.error("internal_error", "the server failed on this frame", ref)
-
-    # -- requests ---------------------------------------------------------
-    def on_hello(self, obj: dict[str, Any], ref: object) -> None:
-        if self.nick is not None:
-            raise ProtocolError("already_hello", f"already hello as {self.nick}")
-        nick = obj.get("nick")
-        problem = limits.nick_problem(nick)
-        if problem:
-            raise ProtocolError("bad_nick", problem)
-        self.nick = nick
-        out: dict[str, Any] = {"type": "welcome", "nick": nick, "session": self.session}
-        if ref is not None:
-            out["ref"] = ref
-        self.reply(out)
-
-    def on_join(self, obj: dict[str, Any], ref: object) -> None:
-        if self.nick is None:
-            raise ProtocolError("hello_first", "say hello with a nick first")
-        room = _room(obj)
-        since = _field(obj, "since", int, required=False)
-        if since is not None and since < 0:
-            raise ProtocolError("bad_field", "'since' is an id, 0 <= since < 2**53")
-        epoch = _field(obj, "epoch", str, required=False)
-        if epoch is not None and not (0 < len(epoch) <= 64 and _encodable(epoch)):
-            raise ProtocolError("bad_field", "'epoch' is the string a 'joined' gave")
-        if room not in self.joined and len(self.joined) >= limits.MAX_ROOMS_PER_CONNECTION:
-            raise ProtocolError(
-                "too_many_rooms", f"at most {limits.MAX_ROOMS_PER_CONNECTION} rooms at once"
-            )
-        assert self.link is not None
-        self.joining = room
-        d = self.hub.chat_join(room, self.link, self.nick, "v1", since, epoch=epoch)
-        d.addCallbacks(
-            self._joined, self._join_failed, callbackArgs=(ref,), errbackArgs=(room, ref)
-        )
-        d.addBoth(self._resume, room)
-
-    def _resume(self, result: object, room: str) -> object:
-        """The join is answered: handle what came in meanwhile, in order."""
-        if self.joining != room:
-            return result
-        self.joining = None
-        while self.waiting and self.joining is None and self.link is not None:
-            self.handle(*self.waiting.popleft())
-        return result
-
-    def _join_failed(self, failure, room: str, ref: object) -> None:
-        if failure.check(NickTaken):
-            self.error("nick_taken", f"{self.nick} is already in {room}", ref)
-        elif failure.check(Unavailable):
-            self.error("unavailable", "the room cannot be joined now; try again", ref)
-        else:
-            failure.raiseException()
-
-    def _joined(self, j: Joined, ref: object) -> None:
-        room = j.room
-        self.joined.add(room)
-        head: dict[str, Any] = {"type": "joined", "room": room, "members": j.members}
-        # After "history": "more" (true when history frames follow), then these.
-        out: dict[str, Any] = {"last_id": j.last_id, "more": False, "epoch": j.epoch}
-        if j.truncated:
-            out["truncated"] = True
-        if j.reset:
-            out["reset"] = True
-        if ref is not None:
-            out["ref"] = ref
-        pages = HistoryPages(j, out, head)
-        first, pages.first = pages.first, b""
-        self.send_payload(first)  # as any answer: at once, or behind what is held
+    def send_pages(self, pages: HistoryPages) -> None:
+        """Hold the link: each page as the transport drains, everything else behind."""
         link = self.link
-        if pages.done or link is None or not link.open:
+        if link is None or not link.open:
             return
-        # The rest goes out page by page as the client reads; all else waits behind.
         pages.wake = link.drain
         link.hold()
         reason = link.put(pages, None)
@@ -397,59 +119,3 @@ class V1Chat(Connection):
             self._dropped(reason)
             return
         link.drain()
-
-    def on_leave(self, obj: dict[str, Any], ref: object) -> None:
-        room = _room(obj)
-        if room not in self.joined:
-            raise ProtocolError("not_joined", f"not in {room}")
-        assert self.link is not None
-        # (Still in self.joined while the hub delivers what was posted before: that
-        # reached this link with the rest, see _posted.)
-        self.hub.chat_leave(room, self.link)
-        self.joined.discard(room)
-        out: dict[str, Any] = {"type": "left", "room": room}
-        if ref is not None:
-            out["ref"] = ref
-        self.reply(out)
-
-    def on_send(self, obj: dict[str, Any], ref: object) -> None:
-        room = _room(obj)
-        text = _field(obj, "text", str)
-        if room not in self.joined:
-            raise ProtocolError("not_joined", f"join {room} first")
-        if not text.strip():
-            raise ProtocolError("bad_field", "'text' is empty")
-        if not _encodable(text):
-            raise ProtocolError("bad_field", "'text' is not valid Unicode (lone surrogate)")
-        max_text = self.factory.settings.max_text
-        if len(text.encode("utf-8")) > max_text:
-            raise ProtocolError("too_long", f"a message is at most {max_text} bytes of UTF-8")
-        assert self.nick is not None
-        d = self.hub.post(room, self.nick, text, ref)  # type: ignore[arg-type]
-        d.addCallbacks(self._posted, self._unavailable, errbackArgs=(ref,))
-
-    def _posted(self, msg: Message) -> None:
-        """Stored and sent to the room: the sender's copy is its acknowledgement.
-
-        The hub delivered it to the room's members; if this connection left
-        the room meanwhile (a cluster stores in Redis first), the copy goes to
-        it alone, so a send is always answered.
-        """
-        link = self.link
-        if msg.room not in self.joined and link is not None and link.open:
-            payload = encode(message_obj(msg))
-            stats = self.factory.stats
-            stats.deliveries["chat"] += 1
-            stats.bytes_out["chat"] += len(payload)
-            self.send_payload(payload)
-
-    def _unavailable(self, failure, ref: object) -> None:
-        failure.trap(Unavailable)
-        self.error("unavailable", "the message could not be stored and was not sent", ref)
-
-    HANDLERS: dict[str, Callable[[V1Chat, dict[str, Any], object], None]] = {
-        "hello": on_hello,
-        "join": on_join,
-        "leave": on_leave,
-        "send": on_send,
-    }
