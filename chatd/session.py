@@ -39,8 +39,10 @@ What the session sends goes to its ``Output`` (the adapter implements it):
 - ``writable``: False once nothing more reaches the client (closing, or
   given up on by the fan-out): answers are then not rendered at all.
 
-After ``close`` the session writes to nothing (its output is dropped) and
-leaves every room it joined or was joining.
+After ``close`` the session leaves every room it joined or was joining,
+lets go of its output and its link (no reference cycle outlives the
+connection) and writes to nothing: hub answers that come later (a join, a
+post) are dropped, and so are frames.
 
 Dependencies, and why: ``chatd.limits`` (the limits, the token bucket),
 ``chatd.jsonin`` (strict JSON), ``chatd.hub`` (its answer and exception
@@ -332,7 +334,7 @@ class ChatSession:
         stats: Stats | None = None,
     ) -> None:
         self.hub = hub
-        self.link = link
+        self.link: Link | None = link
         self.output: Output = output
         self.bucket = limits.TokenBucket(rate, rate_burst, rate_flood, now)
         self.max_text = max_text
@@ -377,6 +379,7 @@ class ChatSession:
             self.hub.chat_leave(self.joining, self.link)
         self.joined = set()
         self.waiting.clear()
+        self.link = None  # (the link's on_drop holds the connection, which holds this)
 
     # -- answers ------------------------------------------------------------
     def reply(self, obj: dict[str, Any]) -> None:
@@ -450,6 +453,7 @@ class ChatSession:
             raise ProtocolError(
                 "too_many_rooms", f"at most {limits.MAX_ROOMS_PER_CONNECTION} rooms at once"
             )
+        assert self.link is not None
         self.joining = room
         d = self.hub.chat_join(room, self.link, self.nick, "v1", since, epoch=epoch)
         d.addCallbacks(
@@ -499,6 +503,7 @@ class ChatSession:
         room = _room(obj)
         if room not in self.joined:
             raise ProtocolError("not_joined", f"not in {room}")
+        assert self.link is not None
         # (Still in self.joined while the hub delivers what was posted before: that
         # reached this link with the rest, see _posted.)
         self.hub.chat_leave(room, self.link)

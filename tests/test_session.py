@@ -472,6 +472,7 @@ def test_close_leaves_every_room_and_a_late_join_writes_nothing() -> None:
     ann.out.writable = False  # as the adapter's, once closing (send_payload asserts it)
     ann.session.close()
     ann.session.close()  # once is enough
+    assert ann.session.link is None and ann.session.output is not ann.out  # no cycle left
     assert hub.hub.members("tea") == ["bob"]
     hub.answer()  # pot answers after the close: nothing is written, nothing waits
     assert ann.out.sent == [] and not ann.session.waiting

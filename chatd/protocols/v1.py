@@ -77,8 +77,9 @@ class V1Chat(Connection):
         )
 
     def detach(self, link) -> None:
-        if self.chat is not None:
-            self.chat.close()
+        chat, self.chat = self.chat, None
+        if chat is not None:
+            chat.close()
 
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
