@@ -3,11 +3,18 @@
 Each setting is declared once, as a ``Setting`` in ``SETTINGS``: its name
 (the TOML key), kind (size, seconds, count, rate, text, flag or list: how it
 is read and written), default, bounds, short option and help text. From
-that come the ``Settings`` dataclass (a field and default per setting),
-``COERCE``, the per-setting range checks of ``Settings.check`` (checks across
-settings follow them as code), and chatd.tap's options and ``--help``. The
-README's options table and etc/chatd.toml are written by hand and checked
-against ``SETTINGS`` by tests/test_settings.py.
+that come ``COERCE``, the per-setting range checks of ``Settings.check``
+(checks across settings follow them as code), and chatd.tap's options and
+``--help``.
+
+``Settings`` itself is written out, a typed field per setting, so that type
+checkers (mypy) know ``settings.max_backlog`` is an int; ``check_declarations``
+runs at import and fails, naming each mismatch, unless its fields are
+SETTINGS' names in SETTINGS' order, each typed as its kind says (``| None``
+when the default is None) with the declared default. A setting is added in
+both places, or chatd does not start. The README's options table and
+etc/chatd.toml are written by hand too and checked against ``SETTINGS`` by
+tests/test_settings.py.
 
 Settings come from three places, later ones winning: a TOML file
 (``--config``, keys named as the settings), the environment
@@ -21,9 +28,9 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, get_type_hints
 
 from chatd import limits
 
@@ -192,8 +199,9 @@ class Setting:
         return f"{self.name} must be {bound}{unit}, not {value}"
 
 
-# Every setting, in the order of the Settings fields. The README's options table (under
-# "Running it") and etc/chatd.toml are checked against this by tests/test_settings.py.
+# Every setting, in the order of the Settings fields (check_declarations sees to it). The
+# README's options table (under "Running it") and etc/chatd.toml are checked against this
+# by tests/test_settings.py.
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "port",
@@ -452,10 +460,46 @@ assert len(BY_NAME) == len(SETTINGS), "a setting declared twice"
 COERCE: dict[str, Callable[[Any], Any]] = {s.name: s.coerce for s in SETTINGS}
 
 
-class _Settings:
-    """What ``Settings`` does besides holding the values (its fields come from SETTINGS)."""
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The daemon's settings: one immutable value, a field per setting (see SETTINGS).
 
-    __slots__ = ()
+    Written out so type checkers see each field's type; check_declarations,
+    run below at import, keeps it to SETTINGS: the same names in the same order,
+    each type the kind's (``| None`` when the default is None), the same defaults.
+    """
+
+    port: int = 9000
+    interface: str = "127.0.0.1"
+    endpoint: str | None = None
+    static: str = PAGE_DIR
+    max_message_size: int = limits.MAX_MESSAGE_SIZE
+    relay_max_size: int = limits.RELAY_MAX_SIZE
+    max_backlog: int = limits.MAX_BACKLOG
+    max_total_backlog: int = limits.MAX_TOTAL_BACKLOG
+    max_total_inbound: int = limits.MAX_TOTAL_INBOUND
+    listen_backlog: int = limits.LISTEN_BACKLOG
+    ping_interval: float = limits.PING_INTERVAL
+    ping_timeout: float = limits.PING_TIMEOUT
+    compression: bool = True
+    db: str = "chatd.sqlite3"
+    db_sync: str = "normal"
+    history_size: int = limits.HISTORY_SIZE
+    join_history: int = limits.JOIN_HISTORY
+    max_text: int = limits.MAX_TEXT
+    rate: float = limits.RATE
+    rate_burst: int = limits.RATE_BURST
+    rate_flood: int = limits.RATE_FLOOD
+    allowed_origins: tuple[str, ...] = ()  # empty: the page's own host only
+    api_token: str | None = None  # the push API is off without one
+    metrics_endpoint: str | None = None  # /healthz and /metrics there instead
+    log_format: str = "text"
+    shutdown_timeout: float = 10.0
+    redis: str | None = None  # redis://host:port/db: a cluster node; None: one process
+    cluster_ttl: float = limits.CLUSTER_TTL
+    handshake_timeout: float = limits.OPEN_HANDSHAKE_TIMEOUT
+    max_pending: int = limits.MAX_PENDING
+    max_connections_per_ip: int = limits.MAX_CONNECTIONS_PER_IP
 
     def check(self) -> None:
         """Raise ConfigError naming the first setting that is out of range (TOML key names)."""
@@ -464,55 +508,93 @@ class _Settings:
             if problem:
                 raise ConfigError(problem)
         # What one setting's declaration cannot say: checks across settings, and forms.
-        v: Any = self
-        if v.max_total_inbound < max(v.max_message_size, v.relay_max_size):
+        if self.max_total_inbound < max(self.max_message_size, self.relay_max_size):
             raise ConfigError(
                 "max_total_inbound must be at least max_message_size and relay_max_size "
-                f"(else a largest message could never arrive), not {v.max_total_inbound}"
+                f"(else a largest message could never arrive), not {self.max_total_inbound}"
             )
-        if v.api_token is not None and len(v.api_token) < 16:
+        if self.api_token is not None and len(self.api_token) < 16:
             raise ConfigError("api_token must be at least 16 characters")
-        if v.api_token == EXAMPLE_API_TOKEN:
+        if self.api_token == EXAMPLE_API_TOKEN:
             raise ConfigError(
                 "api_token is still the example's placeholder: set a random one "
                 "(openssl rand -hex 24)"
             )
-        for origin in v.allowed_origins:
+        for origin in self.allowed_origins:
             if origin != "*" and "://" not in origin:
                 raise ConfigError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
-        if v.redis is not None:
+        if self.redis is not None:
             from chatd.broker import parse_url
 
             try:
-                parse_url(v.redis)
+                parse_url(self.redis)
             except ValueError as e:
                 raise ConfigError(f"redis {e}") from None
-        if not os.path.isfile(os.path.join(v.static, "index.html")):
-            raise ConfigError(f"static: {v.static!r} has no index.html")
+        if not os.path.isfile(os.path.join(self.static, "index.html")):
+            raise ConfigError(f"static: {self.static!r} has no index.html")
 
     def endpoint_description(self) -> str:
         """The strports description to listen on: --endpoint, else tcp on port/interface."""
-        v: Any = self
-        if v.endpoint:
-            return v.endpoint
-        interface = v.interface.replace(":", "\\:")  # IPv6 literals
-        return f"tcp:{v.port}:interface={interface}:backlog={v.listen_backlog}"
+        if self.endpoint:
+            return self.endpoint
+        interface = self.interface.replace(":", "\\:")  # IPv6 literals
+        return f"tcp:{self.port}:interface={interface}:backlog={self.listen_backlog}"
 
 
-def _field_type(s: Setting) -> Any:
+def _type_name(t: Any) -> str:
+    return t.__name__ if isinstance(t, type) else str(t)  # int; int | None; tuple[str, ...]
+
+
+def field_type(s: Setting) -> Any:
+    """The type of ``s``'s Settings field: its kind's type, ``| None`` if the default is None."""
     t = KINDS[s.kind].type
     return t | None if s.default is None else t
 
 
-# One immutable value, a field per setting (e.g. Settings(ping_interval=0)).
-Settings = make_dataclass(
-    "Settings",
-    [(s.name, _field_type(s), field(default=s.default)) for s in SETTINGS],
-    bases=(_Settings,),
-    namespace={"__module__": __name__, "__doc__": "The daemon's settings; see SETTINGS."},
-    frozen=True,
-    slots=True,
-)
+def check_declarations(cls: type[Any], settings: Sequence[Setting] = SETTINGS) -> None:
+    """Raise AssertionError naming every way ``cls`` (a dataclass) differs from ``settings``.
+
+    ``cls`` must be a frozen, slotted dataclass with a field per setting, in the
+    same order, of type ``field_type(setting)``, whose default is the declared
+    one (equal and of the same type). Run on ``Settings`` at import.
+    """
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None:
+        raise AssertionError(f"{cls.__name__} is not a dataclass")
+    problems: list[str] = []
+    if not params.frozen:
+        problems.append("it is not frozen")
+    if "__slots__" not in cls.__dict__:
+        problems.append("it is not slotted")
+    declared = {s.name: s for s in settings}
+    have = {f.name: f for f in fields(cls)}
+    problems += [f"field {n} is not in SETTINGS" for n in have if n not in declared]
+    problems += [f"setting {n} has no field" for n in declared if n not in have]
+    both = [n for n in have if n in declared]
+    if both != [n for n in declared if n in have]:
+        problems.append(f"the fields are not in SETTINGS' order: {', '.join(both)}")
+    hints = get_type_hints(cls)
+    for s in settings:
+        f = have.get(s.name)
+        if f is None:
+            continue
+        want = field_type(s)
+        if hints[s.name] != want:
+            problems.append(
+                f"{s.name} is {_type_name(hints[s.name])}, but a {s.kind} setting "
+                f"{'with no default ' if s.default is None else ''}is {_type_name(want)}"
+            )
+        if f.default is MISSING:
+            problems.append(f"{s.name} has no default; SETTINGS says {s.default!r}")
+        elif type(f.default) is not type(s.default) or f.default != s.default:
+            problems.append(f"{s.name} defaults to {f.default!r}; SETTINGS says {s.default!r}")
+    if problems:
+        lines = "".join(f"\n  - {p}" for p in problems)
+        raise AssertionError(f"{cls.__name__} does not agree with SETTINGS:{lines}")
+
+
+# Raised, not asserted: python -O does not skip it.
+check_declarations(Settings)
 
 
 def from_mapping(

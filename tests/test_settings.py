@@ -6,7 +6,9 @@ and from a TOML file, every bound is enforced with a message naming the
 option as it was given, ``--help`` shows every default as the README writes
 it, and the README's options table and etc/chatd.toml agree with the
 declarations (the drift check: a setting added, renamed or given a new
-default fails here until both are updated).
+default fails here until both are updated). ``Settings``, written out for
+type checkers, is checked against them at import; the check is tried here
+on classes that differ.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import pytest
 
@@ -108,13 +111,78 @@ def refused(capfd, argv: list[str]) -> str:
 # -- the declarations -----------------------------------------------------------
 
 
-def test_settings_is_made_from_the_declarations() -> None:
+def test_settings_agrees_with_the_declarations() -> None:
+    config.check_declarations(Settings)  # as at import
     d = Settings()
     assert [f for f in Settings.__dataclass_fields__] == [s.name for s in SETTINGS]
     for s in SETTINGS:
         assert getattr(d, s.name) == s.default, s.name
     assert {s.name: s.coerce for s in SETTINGS} == config.COERCE
     d.check()  # the defaults are valid
+
+
+def variant(
+    drop: str = "", add: str = "", retype: tuple[str, Any] | None = None, **defaults: Any
+) -> type:
+    """A copy of Settings with one thing wrong: a field dropped, added, retyped or re-defaulted."""
+    hints = get_type_hints(Settings)
+    spec: list[tuple[str, Any, Any]] = []
+    for f in fields(Settings):
+        if f.name == drop:
+            continue
+        t = retype[1] if retype and retype[0] == f.name else hints[f.name]
+        spec.append((f.name, t, field(default=defaults.get(f.name, f.default))))
+    if add:
+        spec.append((add, int, field(default=0)))
+    return make_dataclass("Wrong", spec, frozen=True, slots=True)
+
+
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        (variant(drop="max_backlog"), "setting max_backlog has no field"),
+        (variant(add="max_backlogg"), "field max_backlogg is not in SETTINGS"),
+        (variant(max_backlog=1), "max_backlog defaults to 1; SETTINGS says 4194304"),
+        (variant(rate=20), "rate defaults to 20; SETTINGS says 20.0"),  # an int for a float
+        (variant(port=None), "port defaults to None; SETTINGS says 9000"),
+        (variant(retype=("rate", int)), "rate is int, but a rate setting is float"),
+        (variant(retype=("port", int | None)), "port is int | None, but a count setting is int"),
+        (
+            variant(retype=("api_token", str)),
+            "api_token is str, but a text setting with no default is str | None",
+        ),
+        (
+            variant(retype=("allowed_origins", list[str])),
+            "allowed_origins is list[str], but a list setting is tuple[str, ...]",
+        ),
+    ],
+)
+def test_a_settings_class_that_differs_from_the_declarations_is_refused(
+    wrong: type, message: str
+) -> None:
+    with pytest.raises(AssertionError) as e:
+        config.check_declarations(wrong)
+    assert str(e.value) == f"Wrong does not agree with SETTINGS:\n  - {message}"
+
+
+def test_a_hand_written_settings_class_is_checked_for_order_frozen_and_slots() -> None:
+    @dataclass
+    class Loose:
+        interface: str = "127.0.0.1"
+        port: int = 9000
+
+    with pytest.raises(AssertionError) as e:
+        config.check_declarations(Loose, SETTINGS[:2])
+    assert str(e.value).splitlines() == [
+        "Loose does not agree with SETTINGS:",
+        "  - it is not frozen",
+        "  - it is not slotted",
+        "  - the fields are not in SETTINGS' order: interface, port",
+    ]
+    with pytest.raises(AssertionError, match="Loose does not agree"):
+        config.check_declarations(Loose)  # and 29 settings without a field
+    with pytest.raises(AssertionError, match="int is not a dataclass"):
+        config.check_declarations(int)
 
 
 def test_every_text_setting_without_choices_has_a_sample() -> None:
