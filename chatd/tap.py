@@ -1,4 +1,9 @@
-"""``twistd chatd``: command-line options and the service they make."""
+"""``twistd chatd``: command-line options and the service they make.
+
+The options, their short forms and their ``--help`` text are made from
+chatd.config.SETTINGS (one declaration per setting); only ``--config`` and
+``--version`` are declared here.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,15 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from chatd import __version__, limits
-from chatd.config import ConfigError, Settings, format_size, from_mapping, load_file
+from chatd.config import (
+    BY_NAME,
+    SETTINGS,
+    ConfigError,
+    Setting,
+    Settings,
+    from_mapping,
+    load_file,
+)
 from chatd.history import History
 from chatd.hub import Hub, InMemoryHub
 from chatd.logs import JsonLines
@@ -27,7 +40,6 @@ from chatd.stats import Stats
 from chatd.web import Web, make_web
 
 _log = Logger()
-_d = Settings()
 
 
 def fail(message: str) -> NoReturn:
@@ -37,134 +49,20 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-# (option, short, help). The setting is the option with "-" as "_"; the
-# default shown is the Settings default (None means: not given, so a config
-# file or the default decides).
-_PARAMETERS = [
-    ("port", "p", f"TCP port to listen on (0: any free port). [default: {_d.port}]"),
-    ("interface", "i", f"Address to listen on. [default: {_d.interface}]"),
-    (
-        "endpoint",
-        "e",
-        "A Twisted strports description to listen on, overriding --port and "
-        "--interface: tcp:9000:interface=0.0.0.0, ssl:9443:privateKey=key.pem:certKey=cert.pem, "
-        "systemd:domain=INET:index=0.",
-    ),
-    ("static", None, "Directory of the page served on '/' (needs index.html)."),
-    (
-        "max-message-size",
-        None,
-        "Largest message on '/', bytes (K/M suffixes); larger: close "
-        f"1009. [default: {format_size(_d.max_message_size)}]",
-    ),
-    (
-        "relay-max-size",
-        None,
-        f"Largest relay message; larger: close 1009. [default: {format_size(_d.relay_max_size)}]",
-    ),
-    (
-        "max-backlog",
-        None,
-        "Unsent bytes allowed for a client that stopped reading; past it: "
-        f"close 1008. [default: {format_size(_d.max_backlog)}]",
-    ),
-    (
-        "max-total-backlog",
-        None,
-        "Unsent bytes over all slow clients; past it a client that is "
-        f"behind gets close 1013. [default: {format_size(_d.max_total_backlog)}]",
-    ),
-    (
-        "max-total-inbound",
-        None,
-        "Bytes of messages being received (partly arrived or inflated) over all "
-        "clients; past it the client adding to them gets close 1013. "
-        f"[default: {format_size(_d.max_total_inbound)}]",
-    ),
-    (
-        "listen-backlog",
-        None,
-        f"The kernel's queue of connections not yet accepted. [default: {_d.listen_backlog}]",
-    ),
-    (
-        "ping-interval",
-        None,
-        f"Seconds between pings to each client (0: none). [default: {_d.ping_interval}]",
-    ),
-    ("ping-timeout", None, f"Seconds to wait for a pong. [default: {_d.ping_timeout}]"),
-    (
-        "db",
-        None,
-        "SQLite file for chat history, or :memory:. [default: chatd.sqlite3 in the "
-        "working directory]",
-    ),
-    (
-        "db-sync",
-        None,
-        "normal: history survives a crash of chatd; full: also a power loss. "
-        f"[default: {_d.db_sync}]",
-    ),
-    ("history-size", None, f"Chat messages kept per room (0: none). [default: {_d.history_size}]"),
-    (
-        "join-history",
-        None,
-        f"Messages sent with 'joined' when no 'since' is given. [default: {_d.join_history}]",
-    ),
-    ("max-text", None, f"Longest chat text, bytes of UTF-8. [default: {format_size(_d.max_text)}]"),
-    ("rate", None, f"Chat frames per second per connection. [default: {_d.rate}]"),
-    ("rate-burst", None, f"... and at once. [default: {_d.rate_burst}]"),
-    ("rate-flood", None, f"Frames refused for rate before close 1008. [default: {_d.rate_flood}]"),
-    (
-        "api-token",
-        None,
-        "Bearer token of the HTTP push API (or CHATD_API_TOKEN); the API is off without one.",
-    ),
-    (
-        "metrics-endpoint",
-        None,
-        "Serve /healthz and /metrics on this strports endpoint only "
-        "(e.g. tcp:9100:interface=127.0.0.1) instead of the main port.",
-    ),
-    ("log-format", None, "text, or json: one JSON object per line. [default: text]"),
-    (
-        "shutdown-timeout",
-        None,
-        f"Seconds clients get to finish closing on SIGTERM. [default: {_d.shutdown_timeout}]",
-    ),
-    (
-        "redis",
-        None,
-        "redis://[[user]:password@]host[:port][/db]: run as one node of a cluster sharing "
-        "rooms, presence and history in Redis (docs/SCALING.md). Without it: one process, "
-        "history in --db.",
-    ),
-    (
-        "cluster-ttl",
-        None,
-        "Seconds after which a silent cluster node's members are removed. "
-        f"[default: {_d.cluster_ttl}]",
-    ),
-    (
-        "handshake-timeout",
-        None,
-        "Seconds a connection gets to send a whole request head (and finish the "
-        "WebSocket upgrade); an idle HTTP connection is closed as late. "
-        f"[default: {_d.handshake_timeout}]",
-    ),
-    (
-        "max-pending",
-        None,
-        "Connections waiting for a request head, at most; past it the one waiting "
-        "longest is dropped. "
-        f"[default: {_d.max_pending}]",
-    ),
-    (
-        "max-connections-per-ip",
-        None,
-        "Connections from one IP address, at most (0: no cap; behind a proxy every "
-        f"client has its address). [default: {_d.max_connections_per_ip}]",
-    ),
-]
+def _appender(setting: Setting):
+    """The handler of a repeatable option (a list setting): each use adds a value."""
+
+    def opt(self: Options, value: str) -> None:
+        self[setting.option].append(value)
+
+    opt.__doc__ = setting.option_help
+    return opt
+
+
+def _option(key: str) -> str:
+    """A setting's command-line option, without the dashes."""
+    setting = BY_NAME.get(key)
+    return setting.option if setting else key.replace("_", "-")
 
 
 class Options(usage.Options):
@@ -174,20 +72,23 @@ class Options(usage.Options):
         "chatd.v1) and relay rooms (/relay/<room>) are all on one port. Settings "
         "come from --config (TOML), then CHATD_API_TOKEN, then these options."
     )
+    # From chatd.config.SETTINGS: a value option per setting, a flag for a
+    # flag setting, a repeatable option (an opt_ method, below) for a list.
     optParameters = [
         ["config", "c", None, "A TOML file of settings (see etc/chatd.toml)."],
-        *([name, short, None, doc] for name, short, doc in _PARAMETERS),
+        *(
+            [s.option, s.short, None, s.option_help]
+            for s in SETTINGS
+            if s.kind not in ("flag", "list")
+        ),
     ]
-    optFlags = [["no-compression", None, "Decline permessage-deflate."]]
+    optFlags = [[s.option, s.short, s.option_help] for s in SETTINGS if s.kind == "flag"]
 
     def __init__(self) -> None:
         super().__init__()
-        self["allowed-origin"] = []
-
-    def opt_allowed_origin(self, origin: str) -> None:
-        """A page origin (scheme://host[:port]) that may open WebSockets, or * for any.
-        Repeatable. [default: the page's own host]"""
-        self["allowed-origin"].append(origin)
+        for s in SETTINGS:
+            if s.kind == "list":
+                self[s.option] = []
 
     def opt_version(self) -> None:
         print(f"chatd {__version__}")
@@ -202,11 +103,11 @@ class Options(usage.Options):
 
     def label(self, key: str) -> str:
         """A setting as the user gave it: ``--port``, ``port in chatd.toml``, or ``--port``."""
-        return self.sources.get(key, "--" + key.replace("_", "-"))
+        return self.sources.get(key, "--" + _option(key))
 
     def relabel(self, message: str) -> str:
         """A check's message starts with the setting's key: name it as the user gave it."""
-        key = message.split(" ", 1)[0]
+        key = message.split(" ", 1)[0].removesuffix(":")
         source = self.sources.get(key, "")
         if source.startswith("--"):
             return source + message[len(key) :]
@@ -228,19 +129,19 @@ class Options(usage.Options):
                 env = {"api_token": os.environ["CHATD_API_TOKEN"]}
                 settings = from_mapping(env, "CHATD_API_TOKEN: ", settings)
                 self.sources["api_token"] = "CHATD_API_TOKEN"
-            given: dict[str, Any] = {
-                name.replace("-", "_"): self[name]
-                for name, _, _ in _PARAMETERS
-                if self[name] is not None
-            }
-            if self["no-compression"]:
-                given["compression"] = False
-            if self["allowed-origin"]:
-                given["allowed_origins"] = self["allowed-origin"]
-            settings = from_mapping(
-                given, "", settings, label=lambda key: "--" + key.replace("_", "-")
-            )
-            self.sources.update({k: "--" + k.replace("_", "-") for k in given})
+            given: dict[str, Any] = {}
+            for s in SETTINGS:
+                value = self[s.option]
+                if s.kind == "flag":
+                    if value:  # a flag option sets the opposite of the default
+                        given[s.name] = not s.default
+                elif s.kind == "list":
+                    if value:
+                        given[s.name] = value
+                elif value is not None:  # "" too: given, though empty
+                    given[s.name] = value
+            settings = from_mapping(given, "", settings, label=lambda key: "--" + _option(key))
+            self.sources.update({k: "--" + _option(k) for k in given})
             settings.check()
         except ConfigError as e:
             raise usage.UsageError(self.relabel(str(e))) from None
@@ -277,6 +178,12 @@ class Options(usage.Options):
                     f"{self.label(key)} {desc!r} is not a valid endpoint: {e}"
                 ) from None
         self.settings = settings
+
+
+for _s in SETTINGS:
+    if _s.kind == "list":
+        setattr(Options, "opt_" + _s.option.replace("-", "_"), _appender(_s))
+del _s
 
 
 _LISTEN_HINTS = {
