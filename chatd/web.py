@@ -1,9 +1,19 @@
 """The one port: the page, WebSocket upgrades on "/" and "/relay/<room>".
 
-Routing is by path, by the ``Upgrade`` header and by the offered subprotocol:
-``GET /`` in a browser gets the page, a WebSocket handshake on ``/`` offering
-``chatd.v1`` gets the JSON chat, any other handshake on ``/`` the seed's
-plain chat; all on the same reactor and the same listening socket.
+Where a request goes is decided in one place, ``route``: a pure function of
+the path (percent-encoded, without the query), the ``Upgrade``, ``Origin``,
+``Host`` and ``Sec-WebSocket-Protocol`` headers and whether the connection
+is TLS, to a ``Route``: the JSON chat (a handshake on ``/`` offering
+``chatd.v1``), the seed's plain chat (any other handshake on ``/``), a relay
+room (a handshake on a valid ``/relay/<room>``), a refusal with its status
+and message (400 bad room name, 403 origin, 404 no such relay path, 426
+upgrade required), or ``NOT_WEBSOCKET``: the page (``GET /`` in a browser),
+/healthz, /metrics, /api, served by twisted.web's resources. Both ways in
+ask it: the fast upgrade path (``Upgrades.route``, on the raw bytes of a
+complete handshake, which takes only the well-formed WebSocket outcomes and
+leaves refusals and odd requests to twisted.web) and twisted.web's root
+resource (``Root``, which answers every outcome). All on the same reactor
+and the same listening socket.
 
 Before any of that, the door (``Gate``, ``FrontDoor``, ``ChatdChannel``)
 bounds what a client can hold without sending a request: connections still
@@ -19,7 +29,9 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
@@ -56,19 +68,6 @@ SECURITY_HEADERS = {
         b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
     ),
 }
-
-
-def is_upgrade(request: Request) -> bool:
-    value = request.getHeader(b"upgrade")
-    return value is not None and value.strip().lower() == b"websocket"
-
-
-def offers(request: Request, subprotocol: bytes) -> bool:
-    """Whether the handshake lists ``subprotocol`` in Sec-WebSocket-Protocol."""
-    for header in request.requestHeaders.getRawHeaders(b"sec-websocket-protocol", []):
-        if subprotocol in (p.strip() for p in header.split(b",")):
-            return True
-    return False
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -121,15 +120,6 @@ class Origins:
         return target == key
 
 
-class Forbidden(Resource):
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        request.setResponseCode(403)
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        return b"403 Forbidden: this page's origin may not open WebSockets here\n"
-
-
 class Page(File):
     """The page's directory: files only, no listings, nothing outside it."""
 
@@ -172,44 +162,144 @@ class Page(File):
         return super().render(request)
 
 
-class UpgradeRequired(Resource):
+# -- the routing decision --------------------------------------------------------
+
+
+class Route(NamedTuple):
+    """Where a request goes: a WebSocket endpoint, a refusal, or twisted.web's other resources.
+
+    ``kind`` is one of ``V1``, ``PLAIN``, ``RELAY``, ``REFUSED``, ``OTHER``
+    (compare with ``is``); ``room``: a relay room's name; ``status``,
+    ``reason``, ``detail``: a refusal's HTTP status, reason phrase and message.
+    """
+
+    kind: str
+    room: str = ""
+    status: int = 0
+    reason: str = ""
+    detail: str = ""
+
+
+V1, PLAIN, RELAY, REFUSED, OTHER = "v1", "plain", "relay", "refused", "other"
+V1_CHAT = Route(V1)
+PLAIN_CHAT = Route(PLAIN)
+NOT_WEBSOCKET = Route(OTHER)  # the page, /healthz, /metrics, /api: twisted.web's resources
+NO_SUCH_RELAY = Route(REFUSED, "", 404, "No Such Relay Room", "Relay rooms are at /relay/<room>.")
+BAD_ROOM_NAME = Route(
+    REFUSED,
+    "",
+    400,
+    "Bad Request",
+    "A room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -, not all dots.",
+)
+UPGRADE_REQUIRED = Route(
+    REFUSED, "", 426, "Upgrade Required", "426 Upgrade Required: this is a WebSocket endpoint"
+)
+ORIGIN_REFUSED = Route(
+    REFUSED,
+    "",
+    403,
+    "Forbidden",
+    "403 Forbidden: this page's origin may not open WebSockets here",
+)
+_V1 = SUBPROTOCOL.encode()
+
+
+def _is_websocket(upgrade: bytes | None) -> bool:
+    return upgrade is not None and upgrade.strip().lower() == b"websocket"
+
+
+def route(
+    path: bytes, headers: Mapping[bytes, bytes | None], secure: bool, origins: Origins
+) -> Route:
+    """Where a request for ``path`` goes: the one routing decision of the main port.
+
+    ``path``: the request target's path, still percent-encoded, without the
+    query (twisted.web's ``Request.path``); it is cut into segments and each
+    decoded as twisted.web does. ``headers``: lower-case name to value (None
+    or absent: not sent) for ``upgrade``, ``origin``, ``host`` and
+    ``sec-websocket-protocol`` (repeats joined with ", "; for the others the
+    last one); ``secure``: the connection is TLS. Checks come in the order
+    twisted.web's resources always made them: for ``/relay...``, the path's
+    shape (404), the room name (400), the Upgrade header (426), the origin
+    (403); for a handshake on ``/``, the origin (403), then the subprotocol.
+    Everything else (including ``/`` without Upgrade) is ``NOT_WEBSOCKET``.
+    """
+    first, slash, rest = path[1:].partition(b"/")
+    if b"%" in first:
+        first = unquote_to_bytes(first)
+    if first == b"relay":
+        raw, more, _ = rest.partition(b"/")
+        if not slash or not raw or more:
+            return NO_SUCH_RELAY
+        name = unquote_to_bytes(raw).decode("utf-8", "replace")
+        if not valid_room_name(name):
+            return BAD_ROOM_NAME
+        if not _is_websocket(headers.get(b"upgrade")):
+            return UPGRADE_REQUIRED
+        if not origins.permit_values(headers.get(b"origin"), headers.get(b"host"), secure):
+            return ORIGIN_REFUSED
+        return Route(RELAY, name)
+    if first or not _is_websocket(headers.get(b"upgrade")):
+        return NOT_WEBSOCKET
+    if not origins.permit_values(headers.get(b"origin"), headers.get(b"host"), secure):
+        return ORIGIN_REFUSED
+    offered = headers.get(b"sec-websocket-protocol")
+    if offered and _V1 in (p.strip() for p in offered.split(b",")):
+        return V1_CHAT
+    return PLAIN_CHAT
+
+
+class RequestHead:
+    """The headers ``route`` reads, from a twisted.web ``Request``, read when asked."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+
+    def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
+        values = self.request.requestHeaders.getRawHeaders(name)
+        if not values:
+            return default
+        if name == b"sec-websocket-protocol":
+            return b", ".join(values)
+        return values[-1]  # as Request.getHeader
+
+
+def route_request(request: Request, origins: Origins) -> Route:
+    """``route`` for a request twisted.web has parsed."""
+    return route(request.path, RequestHead(request), request.isSecure(), origins)
+
+
+class Refusal(Resource):
+    """A plain-text refusal (403, 426) of a ``Route``."""
+
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
-        request.setResponseCode(426, b"Upgrade Required")
-        request.setHeader(b"Upgrade", b"websocket")
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        return b"426 Upgrade Required: this is a WebSocket endpoint\n"
-
-
-class RelayRooms(Resource):
-    """``/relay/<room>``: checks the name, then hands the upgrade to Autobahn."""
-
-    def __init__(self, ws: IResource, origins: Origins) -> None:
+    def __init__(self, refusal: Route) -> None:
         super().__init__()
-        self.ws = ws
-        self.origins = origins
-
-    def getChildWithDefault(self, name: bytes, request: Request) -> IResource:
-        if not name or request.postpath:
-            return notFound("No Such Relay Room", "Relay rooms are at /relay/<room>.")
-        if not valid_room_name(name.decode("utf-8", "replace")):
-            return errorPage(
-                400,
-                "Bad Request",
-                "A room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -, not all dots.",
-            )
-        if not is_upgrade(request):
-            return UpgradeRequired()
-        if not self.origins.permit(request):
-            return Forbidden()
-        return self.ws
+        self.refusal = refusal
 
     def render(self, request: Request) -> bytes:
-        return notFound("No Such Relay Room", "Relay rooms are at /relay/<room>.").render(request)
+        refusal = self.refusal
+        request.setResponseCode(refusal.status, refusal.reason.encode())
+        if refusal.status == 426:
+            request.setHeader(b"Upgrade", b"websocket")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return refusal.detail.encode() + b"\n"
+
+
+def refusal_page(refusal: Route) -> IResource:
+    """The resource answering a refusal: an HTML error page (400, 404) or plain text (403, 426)."""
+    if refusal.status in (400, 404):
+        return errorPage(refusal.status, refusal.reason, refusal.detail)
+    return Refusal(refusal)
 
 
 class Root(Resource):
+    """The main port's resources, chosen by ``route``."""
+
     def __init__(
         self,
         page: Page,
@@ -221,22 +311,23 @@ class Root(Resource):
     ) -> None:
         super().__init__()
         self.page = page
-        self.plain = plain
-        self.v1 = v1
         self.origins = origins
-        self.relay = RelayRooms(relay, origins)
+        self.endpoints = {V1: v1, PLAIN: plain, RELAY: relay}
+        self.refusals = {
+            r: refusal_page(r)
+            for r in (NO_SUCH_RELAY, BAD_ROOM_NAME, UPGRADE_REQUIRED, ORIGIN_REFUSED)
+        }
         self.extra = extra  # /healthz, /metrics, /api: whichever are served here
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
-        if path == b"relay":
-            return self.relay
-        if path == b"" and is_upgrade(request):
-            if not self.origins.permit(request):
-                return Forbidden()
-            return self.v1 if offers(request, SUBPROTOCOL.encode()) else self.plain
-        if path in self.extra:
-            return self.extra[path]
-        return self.page.getChildWithDefault(path, request)
+        where = route_request(request, self.origins)
+        if where.kind is OTHER:
+            if path in self.extra:
+                return self.extra[path]
+            return self.page.getChildWithDefault(path, request)
+        if where.kind is REFUSED:
+            return self.refusals[where]
+        return self.endpoints[where.kind]
 
     def render(self, request: Request) -> bytes | int:
         return self.page.render(request)
@@ -257,7 +348,6 @@ _SINGLE = frozenset(
     )
 )
 _NO_BODY = frozenset((b"content-length", b"transfer-encoding"))
-_V1 = SUBPROTOCOL.encode()
 
 
 class Upgrades:
@@ -267,10 +357,11 @@ class Upgrades:
     with one ``Upgrade: websocket`` header, for ``/`` or a valid
     ``/relay/<room>``, from an allowed origin. For it, twisted.web's parse
     and ``Request`` would only be thrown away (Autobahn parses the handshake
-    again anyway). Everything else (other paths, a refused origin or room
-    name, a body, repeated or odd headers, a request split over several
-    reads) gets None and goes through twisted.web and ``Root``, which
-    answer exactly as they always have (400, 403, 404, 426, the page...).
+    again anyway). Where it goes is ``route``'s decision, as for ``Root``.
+    Everything else (other paths, a refusal from ``route``, a body, repeated
+    or odd headers, a request split over several reads) gets None and goes
+    through twisted.web and ``Root``, which answer exactly as they always
+    have (400, 403, 404, 426, the page...).
     """
 
     def __init__(
@@ -322,24 +413,17 @@ class Upgrades:
         if b"#" in target:
             return None
         path = target.partition(b"?")[0]
-        if path == b"/":
-            factory = (
-                self.v1
-                if _V1
-                in (p.strip() for p in headers.get(b"sec-websocket-protocol", b"").split(b","))
-                else self.plain
-            )
-        elif path.startswith(b"/relay/"):
-            name = path[7:]
-            if not name or b"/" in name:
-                return None
-            if not valid_room_name(unquote_to_bytes(name).decode("utf-8", "replace")):
-                return None
+        if path != b"/" and not path.startswith(b"/relay/"):
+            return None  # the rest (and "/rel%61y/...", "//") as it always went: twisted.web
+        kind = route(path, headers, secure, self.origins).kind
+        if kind is RELAY:
             factory = self.relay
+        elif kind is PLAIN:
+            factory = self.plain
+        elif kind is V1:
+            factory = self.v1
         else:
-            return None
-        if not self.origins.permit_values(headers.get(b"origin"), headers.get(b"host"), secure):
-            return None
+            return None  # a refusal: twisted.web answers it
         return factory, target, headers
 
 
