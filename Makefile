@@ -55,6 +55,7 @@ conformance: deps
 lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: deps
 	$(VENV)/bin/ruff format .

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
+from typing import IO, Any, cast
 
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -71,7 +71,9 @@ class PushAPI(Resource):
         if not self.token:
             raise ApiError(404, "the push API is off: set api_token")
         self._authorize(request)
-        path = [p.decode("utf-8", "replace") for p in request.postpath]
+        postpath = request.postpath
+        assert postpath is not None  # set by the Site as it found this resource
+        path = [p.decode("utf-8", "replace") for p in postpath]
         method = request.method
         if path == ["rooms"]:
             self._method(method, b"GET")
@@ -128,7 +130,9 @@ class PushAPI(Resource):
         length = request.getHeader(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise ApiError(413, f"the body is over {limit} bytes")
-        body = request.content.read(limit + 1)
+        # (twisted.web types Request.content by its class default, None; the
+        # channel sets it to the body's file before the request is handled)
+        body = cast(IO[bytes], request.content).read(limit + 1)
         if len(body) > limit:
             raise ApiError(413, f"the body is over {limit} bytes")
         return body

@@ -24,11 +24,13 @@ import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, endpoints, task
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -219,7 +221,10 @@ class Broker:
 
         return self._named(p, "cmd").addCallback(ready)
 
-    def _subscriber_ready(self, p: _Subscriber) -> defer.Deferred:
+    def _subscriber_ready(self, proxy: IProtocol) -> defer.Deferred:
+        # (ClientService hands over a proxy of the _Subscriber its _Factory built)
+        p = cast(_Subscriber, proxy)
+
         def ready(_):
             self.subscriber = p
             p.whenDisconnected().addCallback(lambda _: self._subscriber_lost(p))

@@ -55,9 +55,12 @@ from twisted.python.failure import Failure
 from chatd import limits
 from chatd.broker import Broker, BrokerDown
 from chatd.fanout import OUTBOX, Link, Outbox
-from chatd.history import PAGE_BYTES, PAGE_ROWS, Message, new_epoch
+from chatd.history import PAGE_BYTES, PAGE_ROWS, Message, Ref, new_epoch
 from chatd.hub import Joined, Local, Member, NickTaken, Renderer, Reset, Unavailable
 from chatd.stats import Stats
+
+# an event held for a joiner, with its renders by format (hub.Local.send_to)
+_Held = tuple[Message | Reset | tuple[str, str, str], dict[str, bytes | None]]
 
 _log = Logger()
 _tail = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -262,7 +265,7 @@ class _Joining:
     d: defer.Deferred = field(default_factory=defer.Deferred)
     reply: list | None = None  # the join script's answer
     marked: bool = False  # its marker came through the room's channel
-    held: list = field(default_factory=list)  # (event, renders by format) after the marker
+    held: list[_Held] = field(default_factory=list)  # what came after the marker
     cancelled: bool = False
 
 
@@ -596,7 +599,7 @@ class RedisHub:
                 [mid, r.name, r.base, last],
             ).addErrback(lambda f: None)
 
-    def post(self, room: str, sender: str, text: str, ref: object = None) -> defer.Deferred:
+    def post(self, room: str, sender: str, text: str, ref: Ref = None) -> defer.Deferred:
         """Id, store and publish in Redis; every node (this one too) delivers from there."""
         if not self.broker.up:
             return defer.fail(Unavailable("redis is unreachable"))
@@ -611,7 +614,7 @@ class RedisHub:
         )
 
         def stored(reply: list) -> Message:
-            return Message(room, int(reply[0]), int(reply[1]), sender, text, ref)  # type: ignore[arg-type]
+            return Message(room, int(reply[0]), int(reply[1]), sender, text, ref)
 
         return d.addCallbacks(stored, self._unavailable)
 
@@ -663,9 +666,9 @@ class RedisHub:
         mid = mid_b.decode()
         ours = mid.startswith(self.node)
         if r.marked and kind in (b"j", b"l") and not (ours and kind == b"l"):
-            item = ((r.name, _nick(rest), "join" if kind == b"j" else "leave"), {})
-            for j in r.marked:
-                j.held.append(item)
+            item: _Held = ((r.name, _nick(rest), "join" if kind == b"j" else "leave"), {})
+            for marked in r.marked:
+                marked.held.append(item)
         # The members here are told before a joiner of this node goes live, whether
         # the join script's reply came before its marker or not: the joiner never
         # gets its own join. (A member live here already, written back by a resync,
@@ -683,7 +686,7 @@ class RedisHub:
     def _deliver(self, r: _Room, msg: Message) -> None:
         r.last_id = msg.id
         if r.marked:
-            item = (msg, {})  # rendered at most once per format for all joiners
+            item: _Held = (msg, {})  # rendered at most once per format for all joiners
             for j in r.marked:
                 j.held.append(item)
         self.local.deliver(msg)
@@ -767,7 +770,7 @@ class RedisHub:
         _log.warn("cluster: room {room} has a new history epoch (Redis lost its data)", room=r.name)
         self.stats.cluster_events["reset"] += 1
         if r.marked:
-            item = (event, {})
+            item: _Held = (event, {})
             for j in r.marked:
                 j.held.append(item)
         self.local.reset(event)

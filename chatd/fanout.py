@@ -57,6 +57,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from struct import pack
+from typing import cast
 
 from twisted.internet.interfaces import IPushProducer, ITransport
 from zope.interface import implementer
@@ -149,7 +150,8 @@ class Link:
         # the transport since it paused us, plus what is held.
         self.backlog = 0
         self.pending: list[bytes] | None = None  # queued this reactor turn
-        self.held: deque | None = None  # while holding: (payload, binary) or (pager, None)
+        self.held: deque[tuple[bytes | Iterator[bytes], bool | None]] | None = None
+        # ^ while holding: (payload, binary) or (pager, None)
         self.held_bytes = 0
         self.draining = False
         self.sock = direct_socket(transport)
@@ -203,7 +205,8 @@ class Link:
 
     def _hold(self, payload: bytes, binary: bool) -> None:
         # From broadcast, which has counted it already (a holding link is "paused").
-        self.held.append((payload, binary))  # type: ignore[union-attr]
+        assert self.held is not None  # _hold is send_message only while holding
+        self.held.append((payload, binary))
         self.held_bytes += len(payload)
 
     def put(self, item: bytes | Iterator[bytes], binary: bool | None = False) -> str | None:
@@ -212,11 +215,12 @@ class Link:
         Returns a reason ("backlog", "overload") if that passed a bound: the
         link is then closed and the caller must tell its owner.
         """
-        size = self.pager_charge() if binary is None else len(item)  # type: ignore[arg-type]
+        size = self.pager_charge() if binary is None else len(cast(bytes, item))
         reason = self.charge(size)
         if reason is not None:
             return reason
-        self.held.append((item, binary))  # type: ignore[union-attr]
+        assert self.held is not None  # put is for a holding link
+        self.held.append((item, binary))
         self.held_bytes += size
         return None
 
@@ -243,7 +247,7 @@ class Link:
                 item, binary = held[0]
                 if binary is None:  # a pager: its next page, or it is done
                     try:
-                        payload = next(item, None)
+                        payload = next(cast(Iterator[bytes], item), None)
                     except Exception:  # e.g. its database read failed: give up on the link
                         self.close()
                         self.on_drop("error")
@@ -256,9 +260,9 @@ class Link:
                         return
                     binary = False
                 else:
+                    payload = cast(bytes, item)
                     held.popleft()
-                    self._unhold(len(item))
-                    payload = item
+                    self._unhold(len(payload))
                 left -= len(payload)
                 if self.own_send is not None:
                     self.own_send(payload, binary)
@@ -293,6 +297,7 @@ class Link:
         # internals.write(self.transport, self.sock, data), inline: this is the hot
         # path. Its reach into the transport is listed and checked in chatd.internals;
         # self.sock is None (so this is transport.write) unless DIRECT_WRITE_OK.
+        # (The ignores: these are tcp.Connection's, which ITransport does not declare.)
         t = self.transport
         sock = self.sock
         if (

@@ -69,6 +69,10 @@ PAGE_ROWS = 16  # rows of a first read (at most 256 KiB of text); later ones aim
 PAGE_BYTES = 64 * 1024
 
 
+# A client's tag for a request, echoed back: a string or an integer (chatd.session checks it).
+Ref = str | int | None
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     room: str
@@ -76,7 +80,7 @@ class Message:
     ts: int
     sender: str
     text: str
-    ref: str | None = None
+    ref: Ref = None
 
 
 class History:
@@ -143,7 +147,7 @@ class History:
         self._epochs[room] = epoch
         return epoch
 
-    def append(self, room: str, sender: str, text: str, ref: str | None = None) -> Message:
+    def append(self, room: str, sender: str, text: str, ref: Ref = None) -> Message:
         """Assign the next id and write the message (committed by ``commit``)."""
         msg = Message(room, self.last_id(room) + 1, int(time.time() * 1000), sender, text, ref)
         if self.retention:

@@ -37,7 +37,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from chatd import limits
 from chatd.fanout import OUTBOX, Link, Outbox, broadcast
-from chatd.history import History, Message
+from chatd.history import History, Message, Ref
 from chatd.stats import Stats
 
 
@@ -88,7 +88,7 @@ class HistoryCursor(Protocol):
     after: int
     until: int
 
-    def read(self) -> list[Message] | Deferred:
+    def read(self) -> list[Message] | Deferred[list[Message]]:
         """The next batch, oldest first (or a Deferred of it); fails if some are gone."""
         ...
 
@@ -125,14 +125,14 @@ class Hub(Protocol):
         unique: bool = True,
         snapshot: bool = True,
         epoch: str | None = None,  # the epoch ``since`` belongs to, if the client said
-    ) -> Deferred: ...  # fires with Joined; fails with NickTaken or Unavailable
+    ) -> Deferred[Joined]: ...  # fires with Joined; fails with NickTaken or Unavailable
     def chat_leave(self, room: str, link: Link) -> bool: ...
-    def post(self, room: str, sender: str, text: str, ref: object = None) -> Deferred: ...
+    def post(self, room: str, sender: str, text: str, ref: Ref = None) -> Deferred[Message]: ...
     def flush(self) -> None: ...
 
     def rooms(self) -> dict[str, int]: ...
     def room_counts(self) -> dict[str, int]: ...  # {"chat": n, "relay": n}, in O(1)
-    def close(self) -> Deferred | None: ...
+    def close(self) -> Deferred[None] | None: ...
 
 
 class Local:
@@ -297,7 +297,7 @@ class InMemoryHub:
         self.local = Local(self.stats, outbox)
         self.join_history = join_history
         self._call_soon = call_soon
-        self._pending: list[tuple[Message, Deferred]] = []
+        self._pending: list[tuple[Message, Deferred[Message]]] = []
 
     # -- relay rooms ------------------------------------------------------
     def join(self, room: str, link: Link) -> None:
@@ -323,7 +323,7 @@ class InMemoryHub:
         unique: bool = True,
         snapshot: bool = True,
         epoch: str | None = None,
-    ) -> Deferred:
+    ) -> Deferred[Joined]:
         """Join (or re-join) ``room``; the history and the live stream meet exactly.
 
         Everything accepted before the join is committed and sent first, so
@@ -379,7 +379,7 @@ class InMemoryHub:
         r = self.local.chat.get(room)
         return [m.nick for m in r.members.values()] if r else []
 
-    def post(self, room: str, sender: str, text: str, ref: object = None) -> Deferred:
+    def post(self, room: str, sender: str, text: str, ref: Ref = None) -> Deferred[Message]:
         """Store a message and send it to the room's members (there may be none).
 
         The message is written at once and committed with everything else
@@ -388,12 +388,12 @@ class InMemoryHub:
         Deferred fails with Unavailable. Who may post is the caller's check.
         """
         try:
-            msg = self.history.append(room, sender, text, ref)  # type: ignore[arg-type]
+            msg = self.history.append(room, sender, text, ref)
         except sqlite3.Error as e:
             # Nothing of this batch can be trusted now: fail it all, send none.
             self._fail_pending(e)
             return fail(Unavailable(str(e)))
-        d: Deferred = Deferred()
+        d: Deferred[Message] = Deferred()
         if not self._pending:
             self._call_soon(self.flush)
         self._pending.append((msg, d))

@@ -164,6 +164,7 @@ def _probe_direct_write() -> str | None:
 
     a, b = socket.socketpair()
     try:
+        # (no protocol, and a stand-in reactor: the probe only writes to the buffer)
         t = tcp.Connection(a, None, _Reactor())  # type: ignore[arg-type]
         if t.socket is not a or t.TLS is not False:
             return "tcp.Connection has no plain socket, or TLS is not False"
@@ -283,7 +284,7 @@ def lazy_hlval(val: Any, color: str = "white", bold: bool = True) -> LazyText:
 
 LAZY_MODULES = (_ab_protocol, _ab_twisted)  # Autobahn modules whose hltype/hlval are lazy
 LAZY_NAMES = ("hltype", "hlval")
-for _module in LAZY_MODULES:
+for _module in LAZY_MODULES:  # (a bare ModuleType to mypy: it knows no names in it)
     _module.hltype = lazy_hltype  # type: ignore[attr-defined]
     _module.hlval = lazy_hlval  # type: ignore[attr-defined]
 
@@ -324,7 +325,17 @@ class ServerInternals(WebSocketServerProtocol):
 
     _options_in_class = False  # set by options_as_class_attributes
     _perMessageCompress = None
-    _wskey = None
+    _wskey: Any = None  # Autobahn's type is inferred from its handshake value (str)
+
+    # Options Autobahn copies from the factory (here class attributes:
+    # options_as_class_attributes) and declares nowhere; those chatd reads.
+    openHandshakeTimeout: float
+    trustXForwardedFor: int
+    maxConnections: int
+    versions: list[int]
+    allowedOriginsPatterns: list[Any]
+    autoFragmentSize: int
+    logOctets: bool
 
     def _connectionMade(self) -> None:
         """Autobahn's WebSocketServerProtocol._connectionMade, less the per-connection state.
@@ -358,7 +369,9 @@ class ServerInternals(WebSocketServerProtocol):
         self._fail_connection(code, reason)
 
 
-def options_as_class_attributes(factory: Any, protocol: type) -> dict[str, Any]:
+def options_as_class_attributes(
+    factory: Any, protocol: type[WebSocketServerProtocol]
+) -> dict[str, Any]:
     """The factory's protocol options as class attributes for a subclass of ``protocol``.
 
     Autobahn copies every option from the factory onto each connection
@@ -367,7 +380,7 @@ def options_as_class_attributes(factory: Any, protocol: type) -> dict[str, Any]:
     """
     options = {
         a: staticmethod(v) if isinstance(v, FunctionType) else v
-        for a in protocol.CONFIG_ATTRS  # type: ignore[attr-defined]
+        for a in protocol.CONFIG_ATTRS
         for v in (getattr(factory, a),)
     }
     options["_options_in_class"] = True

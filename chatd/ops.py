@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    Metric,
 )
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -68,15 +69,17 @@ class Collector:
     def __init__(self, stats: Stats, hub: Hub, health: Health) -> None:
         self.stats, self.hub, self.health = stats, hub, health
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         s = self.stats
 
-        def labelled(family, label: str, values: dict[str, int] | object) -> object:
-            for key, value in sorted(values.items()):  # type: ignore[attr-defined]
+        def labelled(
+            family: CounterMetricFamily | GaugeMetricFamily, label: str, values: Mapping[str, int]
+        ) -> Metric:
+            for key, value in sorted(values.items()):
                 family.add_metric([key], value)
             return family
 
-        def counter(name: str, doc: str, label: str, values) -> object:
+        def counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> Metric:
             return labelled(CounterMetricFamily(name, doc, labels=[label]), label, values)
 
         yield labelled(
@@ -179,7 +182,7 @@ class MetricsResource(Resource):
     def __init__(self, collector: Collector) -> None:
         super().__init__()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(collector)  # type: ignore[arg-type]
+        self.registry.register(collector)
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())

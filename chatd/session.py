@@ -76,7 +76,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import jsonin, limits
-from chatd.history import Message
+from chatd.history import Message, Ref
 from chatd.hub import Hub, Joined, NickTaken, Reset, Unavailable
 from chatd.stats import Stats
 
@@ -143,7 +143,9 @@ class HistoryPages:
         """The next message's JSON, reading a batch if one is at hand; None: none yet."""
         if self.nxt is None:
             if not self.buf and not self.reading and self._left():
-                batch = self.cursor.read()  # type: ignore[union-attr]
+                cursor = self.cursor
+                assert cursor is not None  # _left() with nothing next nor buffered
+                batch = cursor.read()
                 if isinstance(batch, Deferred):
                     self.reading = True
                     batch.addCallbacks(self._arrived, self._failed)
@@ -226,7 +228,9 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True):
+def _field(
+    obj: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True
+) -> Any:
     value = obj.get(name)
     if value is None:
         if required:
@@ -240,7 +244,7 @@ def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], requir
 
 
 def _room(obj: dict[str, Any]) -> str:
-    room = _field(obj, "room", str)
+    room: str = _field(obj, "room", str)
     if not limits.valid_room_name(room):
         raise ProtocolError(
             "bad_room", "a room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -"
@@ -373,10 +377,12 @@ class ChatSession:
             return
         self.closed = True
         self.output = _CLOSED
+        link = self.link
+        assert link is not None  # let go of only below, once closed
         for room in self.joined:
-            self.hub.chat_leave(room, self.link)
+            self.hub.chat_leave(room, link)
         if self.joining is not None:
-            self.hub.chat_leave(self.joining, self.link)
+            self.hub.chat_leave(self.joining, link)
         self.joined = set()
         self.waiting.clear()
         self.link = None  # (the link's on_drop holds the connection, which holds this)
@@ -385,14 +391,14 @@ class ChatSession:
     def reply(self, obj: dict[str, Any]) -> None:
         self.output.send_payload(encode(obj))
 
-    def error(self, code: str, message: str, ref: object = None) -> None:
+    def error(self, code: str, message: str, ref: Ref = None) -> None:
         obj: dict[str, Any] = {"type": "error", "code": code, "message": message}
         if ref is not None:
             obj["ref"] = ref
         self.reply(obj)
 
     def handle(self, payload: bytes, verdict: int) -> None:
-        ref = None
+        ref: Ref = None
         try:
             try:
                 obj = jsonin.loads(payload)
@@ -426,7 +432,7 @@ class ChatSession:
             self.error("internal_error", "the server failed on this frame", ref)
 
     # -- requests -----------------------------------------------------------
-    def on_hello(self, obj: dict[str, Any], ref: object) -> None:
+    def on_hello(self, obj: dict[str, Any], ref: Ref) -> None:
         if self.nick is not None:
             raise ProtocolError("already_hello", f"already hello as {self.nick}")
         nick = obj.get("nick")
@@ -439,7 +445,7 @@ class ChatSession:
             out["ref"] = ref
         self.reply(out)
 
-    def on_join(self, obj: dict[str, Any], ref: object) -> None:
+    def on_join(self, obj: dict[str, Any], ref: Ref) -> None:
         if self.nick is None:
             raise ProtocolError("hello_first", "say hello with a nick first")
         room = _room(obj)
@@ -470,15 +476,16 @@ class ChatSession:
             self.handle(*self.waiting.popleft())
         return result
 
-    def _join_failed(self, failure: Failure, room: str, ref: object) -> None:
-        if failure.check(NickTaken):
+    def _join_failed(self, failure: Failure, room: str, ref: Ref) -> None:
+        # (Twisted's Failure.check and .trap have no annotations)
+        if failure.check(NickTaken):  # type: ignore[no-untyped-call]
             self.error("nick_taken", f"{self.nick} is already in {room}", ref)
-        elif failure.check(Unavailable):
+        elif failure.check(Unavailable):  # type: ignore[no-untyped-call]
             self.error("unavailable", "the room cannot be joined now; try again", ref)
         else:
             failure.raiseException()
 
-    def _joined(self, j: Joined, ref: object) -> None:
+    def _joined(self, j: Joined, ref: Ref) -> None:
         room = j.room
         self.joined.add(room)
         head: dict[str, Any] = {"type": "joined", "room": room, "members": j.members}
@@ -499,7 +506,7 @@ class ChatSession:
         # The rest goes out page by page as the client reads; all else waits behind.
         output.send_pages(pages)
 
-    def on_leave(self, obj: dict[str, Any], ref: object) -> None:
+    def on_leave(self, obj: dict[str, Any], ref: Ref) -> None:
         room = _room(obj)
         if room not in self.joined:
             raise ProtocolError("not_joined", f"not in {room}")
@@ -513,7 +520,7 @@ class ChatSession:
             out["ref"] = ref
         self.reply(out)
 
-    def on_send(self, obj: dict[str, Any], ref: object) -> None:
+    def on_send(self, obj: dict[str, Any], ref: Ref) -> None:
         room = _room(obj)
         text = _field(obj, "text", str)
         if room not in self.joined:
@@ -544,11 +551,11 @@ class ChatSession:
             stats.bytes_out["chat"] += len(payload)
             output.send_payload(payload)
 
-    def _unavailable(self, failure: Failure, ref: object) -> None:
-        failure.trap(Unavailable)
+    def _unavailable(self, failure: Failure, ref: Ref) -> None:
+        failure.trap(Unavailable)  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self.error("unavailable", "the message could not be stored and was not sent", ref)
 
-    HANDLERS: dict[str, Callable[[ChatSession, dict[str, Any], object], None]] = {
+    HANDLERS: dict[str, Callable[[ChatSession, dict[str, Any], Ref], None]] = {
         "hello": on_hello,
         "join": on_join,
         "leave": on_leave,

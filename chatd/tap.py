@@ -14,11 +14,12 @@ import signal
 import socket
 import sqlite3
 import sys
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
@@ -215,8 +216,8 @@ class ListeningService(service.Service):
         failed: list = []
         try:
             d = self.endpoint.listen(self.factory)
-        except Exception as e:  # an endpoint that raises rather than failing its Deferred
-            d = defer.fail(e)
+        except Exception as exc:  # an endpoint that raises rather than failing its Deferred
+            d = defer.fail(exc)
         d.addCallbacks(self._listening, failed.append)
         self.listening = d
         if failed:
@@ -341,8 +342,9 @@ class ChatdService(service.MultiService):
 
         # Twisted's own SIGTERM handler makes twistd exit with the signal;
         # a graceful stop is a success, so stop the reactor ourselves.
+        threads = cast(IReactorFromThreads, reactor)  # every reactor is one
         reactor.callWhenRunning(
-            signal.signal, signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop)
+            signal.signal, signal.SIGTERM, lambda *_: threads.callFromThread(reactor.stop)
         )
 
     @defer.inlineCallbacks
@@ -375,8 +377,9 @@ def _cluster_hub(settings: Settings, stats: Stats, health: Health) -> Hub:
             health.problems["redis"] = "unreachable; chat sends and joins refused"
 
     state(False)  # until connected
+    assert settings.redis is not None  # called for --redis only
     hub = RedisHub(
-        settings.redis,  # type: ignore[arg-type]
+        settings.redis,
         retention=settings.history_size,
         join_history=settings.join_history,
         ttl=settings.cluster_ttl,

@@ -29,15 +29,15 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
+from typing import Protocol as Interface
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory
-from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IProtocol, ISSLTransport, ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.web.pages import errorPage, forbidden, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -51,7 +51,7 @@ from chatd.hub import Hub
 from chatd.internals import HTTPChannelInternals, hand_over
 from chatd.limits import valid_room_name
 from chatd.ops import Health, ops_children
-from chatd.protocols.base import ChatdFactory, Clients
+from chatd.protocols.base import ChatdFactory, Clients, Connection
 from chatd.protocols.plain import PlainChat, PlainRenderer
 from chatd.protocols.relay import Relay
 from chatd.protocols.v1 import SUBPROTOCOL, V1Chat, V1Renderer
@@ -134,8 +134,9 @@ class Page(File):
         ".svg": "image/svg+xml",
     }
 
-    childNotFound = notFound()
-    forbidden = forbidden()
+    # (File types these as its own deprecated defaults' classes; any IResource serves)
+    childNotFound = notFound()  # type: ignore[assignment]
+    forbidden = forbidden()  # type: ignore[assignment]
 
     def directoryListing(self) -> IResource:
         return notFound()
@@ -205,13 +206,17 @@ ORIGIN_REFUSED = Route(
 _V1 = SUBPROTOCOL.encode()
 
 
+class Headers(Interface):
+    """Request headers by lower-case name: a dict, or ``RequestHead`` over a request."""
+
+    def get(self, name: bytes, default: None = None, /) -> bytes | None: ...
+
+
 def _is_websocket(upgrade: bytes | None) -> bool:
     return upgrade is not None and upgrade.strip().lower() == b"websocket"
 
 
-def route(
-    path: bytes, headers: Mapping[bytes, bytes | None], secure: bool, origins: Origins
-) -> Route:
+def route(path: bytes, headers: Headers, secure: bool, origins: Origins) -> Route:
     """Where a request for ``path`` goes: the one routing decision of the main port.
 
     ``path``: the request target's path, still percent-encoded, without the
@@ -258,7 +263,7 @@ class RequestHead:
     def __init__(self, request: Request) -> None:
         self.request = request
 
-    def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
+    def get(self, name: bytes, default: None = None, /) -> bytes | None:
         values = self.request.requestHeaders.getRawHeaders(name)
         if not values:
             return default
@@ -366,16 +371,16 @@ class Upgrades:
 
     def __init__(
         self,
-        plain: WebSocketServerFactory,
-        v1: WebSocketServerFactory,
-        relay: WebSocketServerFactory,
+        plain: ChatdFactory,
+        v1: ChatdFactory,
+        relay: ChatdFactory,
         origins: Origins,
     ) -> None:
         self.plain, self.v1, self.relay, self.origins = plain, v1, relay, origins
 
     def route(
         self, data: bytes, secure: bool = False
-    ) -> tuple[WebSocketServerFactory, bytes, dict[bytes, bytes]] | None:
+    ) -> tuple[ChatdFactory, bytes, dict[bytes, bytes]] | None:
         """(factory, request target, headers by lower-case name) of a handshake to take, or None.
 
         ``secure``: the connection is TLS (for the origin check).
@@ -510,6 +515,7 @@ _HEAD_TOO_LARGE = (
 class ChatdRequest(Request):
     """A request whose body may be refused on its head, or cut at its limit."""
 
+    channel: ChatdChannel
     body_limit = 0  # a chunked body is cut once it passes this many bytes
     body_seen = 0
 
@@ -554,6 +560,7 @@ class ChatdChannel(HTTPChannelInternals):
     maxHeaders = limits.MAX_HEADERS
     totalHeadersSize = limits.MAX_HEAD_SIZE
     MAX_LENGTH = limits.MAX_HEAD_SIZE
+    site: ChatdSite  # set by Site.buildProtocol
     head_call = None  # the deadline of the request head being waited for
     cut_body = False  # a chunked body passed its limit
     linger_on_close = False  # the client may still be sending: drain before closing
@@ -569,6 +576,7 @@ class ChatdChannel(HTTPChannelInternals):
 
     def _head_too_large(self) -> None:
         self._disarm()
+        assert self.transport is not None  # connected
         self.transport.write(_HEAD_TOO_LARGE)
         self.linger_on_close = True
         self.loseConnection()
@@ -632,6 +640,7 @@ class ChatdChannel(HTTPChannelInternals):
 
     def _end_linger(self) -> None:
         self._linger_call = None
+        assert self.transport is not None  # connectionLost cancels the call
         self.transport.loseConnection()
 
     def _drop(self, data: bytes) -> None:
@@ -639,7 +648,7 @@ class ChatdChannel(HTTPChannelInternals):
         if self._linger_left < 0 and self._linger_call is not None:
             self._linger_call.cancel()
             self._linger_call = None
-            self.transport.abortConnection()
+            cast(ITCPTransport, self.transport).abortConnection()  # TCP or TLS
 
     def dataReceived(self, data: bytes) -> None:
         if self._lingering:
@@ -664,7 +673,7 @@ class ChatdChannel(HTTPChannelInternals):
             self.head_call = self.site.gate.arm(self.transport)
         super().requestDone(request)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._disarm()
         if self._linger_call is not None:
@@ -700,23 +709,25 @@ class FrontDoor(Protocol):
         timer, self.timer = self.timer, None
         upgrades = self.site.upgrades
         route = upgrades.route(data, _is_secure(self.transport)) if upgrades else None
-        protocol = None
+        protocol: IProtocol | None = None
         if route is not None:
             factory, target, headers = route
-            protocol = factory.buildProtocol(self.addr)
-            if protocol is not None:
+            connection = cast("Connection | None", factory.buildProtocol(self.addr))
+            if connection is not None:
                 # what this door parsed, so the handshake is not parsed again
-                protocol.parsed_request = (target, headers)
+                connection.parsed_request = (target, headers)
                 # The head is whole; Autobahn's own timeout covers the upgrade.
                 self.site.gate.disarm(timer)
+                protocol = connection
         if protocol is None:
-            protocol = Site.buildProtocol(self.site, self.addr)
-            protocol.head_call = timer
+            channel = cast(ChatdChannel, Site.buildProtocol(self.site, self.addr))
+            channel.head_call = timer
+            protocol = channel
         transport, self.transport = self.transport, None
         hand_over(transport, protocol)
         protocol.dataReceived(data)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         timer, self.timer = self.timer, None
         self.site.gate.disarm(timer)
         self.site.gate.release(self.transport)
@@ -759,10 +770,13 @@ class ChatdSite(Site):
     upgrades: Upgrades | None = None
     api: PushAPI | None = None
     gate: Gate
-    protocol = ChatdChannel
+    # (Twisted types ``protocol`` and what buildProtocol returns as its
+    # HTTP/1.1-or-2 channel wrapper; here a connection starts at a FrontDoor, or
+    # _Refused, and the door builds a ChatdChannel, HTTP/1.1 only, when it needs one)
+    protocol = ChatdChannel  # type: ignore[assignment]
     requestFactory = ChatdRequest
 
-    def buildProtocol(self, addr) -> Protocol:
+    def buildProtocol(self, addr) -> Protocol:  # type: ignore[override]
         if not self.gate.admit(addr):
             return _Refused()
         return FrontDoor(self, addr)

@@ -13,17 +13,20 @@ from __future__ import annotations
 import time
 from collections import deque
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import parse_qs
 
 from autobahn.exception import Disconnected
-from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatd import fanout, limits
 from chatd.config import Settings
@@ -32,12 +35,17 @@ from chatd.hub import Hub
 from chatd.internals import (
     HANDSHAKE_PRIVATE,
     ServerInternals,
+    direct_socket,
     is_same_origin,
     options_as_class_attributes,
     url_to_origin,
+    write,
 )
 from chatd.logs import ConnectionLog
 from chatd.stats import Stats
+
+if TYPE_CHECKING:
+    from chatd.web import Gate
 
 _log = ConnectionLog("chatd.connection")
 _log_failure = Logger(namespace="chatd.connection")
@@ -141,8 +149,10 @@ class Connection(ServerInternals):
     # on first use, the traffic counters are shared (nobody reads them), and
     # the handshake is dropped once the connection is open: about 2.5 KiB
     # less per idle connection. (Autobahn's private starting values, and how the
-    # options become class attributes, are in chatd.internals.)
-    trackedTimings = None
+    # options become class attributes, are in chatd.internals.) Autobahn's types
+    # for these are inferred from the values the handshake gives them (str,
+    # Timings, dict, list), though it starts them at None too: Any here.
+    trackedTimings: Any = None
     trafficStats = TrafficStats()  # shared by all connections, never read
     state = WebSocketProtocol.STATE_CONNECTING
     send_state = WebSocketProtocol.SEND_STATE_GROUND
@@ -156,7 +166,7 @@ class Connection(ServerInternals):
     failedByMe = False
     droppedByMe = False
     wasClean = False
-    wasNotCleanReason = None
+    wasNotCleanReason: Any = None
     wasServerConnectionDropTimeout = False
     wasOpenHandshakeTimeout = False
     wasCloseHandshakeTimeout = False
@@ -172,17 +182,17 @@ class Connection(ServerInternals):
     autoPingPendingCall = None
     autoPingPendingSeq = 0
     autoPingPendingSent = None
-    http_request_data = None
-    http_response_data = None
-    http_status_line = None
-    http_headers = MappingProxyType({})
-    http_request_params = MappingProxyType({})
-    http_request_uri = None
-    http_request_path = None
-    http_request_host = None
-    websocket_origin = None
-    websocket_protocols = ()
-    websocket_extensions = ()
+    http_request_data: Any = None
+    http_response_data: Any = None
+    http_status_line: Any = None
+    http_headers: Any = MappingProxyType({})
+    http_request_params: Any = MappingProxyType({})
+    http_request_uri: Any = None
+    http_request_path: Any = None
+    http_request_host: Any = None
+    websocket_origin: Any = None
+    websocket_protocols: Any = ()
+    websocket_extensions: Any = ()
     # (request target, {lower-case name: value}) when chatd.web parsed the handshake
     parsed_request: tuple[bytes, dict[bytes, bytes]] | None = None
 
@@ -219,10 +229,10 @@ class Connection(ServerInternals):
         key = raw.get(b"sec-websocket-key", b"")
         if len(key) != 24 or key[-2:] != b"==" or not _KEY_CHARS.issuperset(key[:-2]):
             return False
-        host = raw.get(b"host")
-        if host is None:
+        host_b = raw.get(b"host")
+        if host_b is None:
             return False
-        host = host.decode("latin-1")
+        host = host_b.decode("latin-1")
         if ":" in host and not host.endswith("]"):
             host, port = host.rsplit(":", 1)
             try:
@@ -294,7 +304,7 @@ class Connection(ServerInternals):
             self.succeedHandshake(accepted)
         return True
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         gate = self.factory.gate
         if gate is not None:
@@ -316,8 +326,10 @@ class Connection(ServerInternals):
     def onOpen(self) -> None:
         self._forget_handshake()
         compressing = self.compressor is not None
+        transport = self.transport
+        assert transport is not None  # connected
         self.link = Link(
-            self.transport,
+            transport,
             self.factory.settings.max_backlog,
             self._dropped,
             self.sendMessage if compressing else None,
@@ -326,8 +338,9 @@ class Connection(ServerInternals):
         # After the upgrade the transport still has twisted.web's HTTPChannel
         # as its producer; from now on the link is, so the transport tells
         # it when the client stops reading.
-        self.transport.unregisterProducer()
-        self.transport.registerProducer(self.link, True)
+        consumer = cast(IConsumer, transport)  # a TCP or TLS transport is one
+        consumer.unregisterProducer()
+        consumer.registerProducer(self.link, True)
         self.opened_at = time.monotonic()
         self.factory.clients.add(self)
         deflate = " (permessage-deflate)" if compressing else ""
@@ -433,7 +446,7 @@ class Connection(ServerInternals):
             # Autobahn would (transport.write), but to the socket at once when
             # the transport holds nothing (no epoll_ctl, no extra reactor turn).
             transport = self.transport
-            fanout.write(transport, fanout.direct_socket(transport), data)
+            write(transport, direct_socket(transport), data)
 
     # -- receiving -------------------------------------------------------
     frames = 0  # data frames of the message being received
@@ -547,7 +560,7 @@ class Connection(ServerInternals):
 class ChatdFactory(WebSocketServerFactory):
     """One per kind of endpoint; holds the hub that holds the clients."""
 
-    gate = None  # chatd.web.Gate: told when a connection it admitted is gone
+    gate: Gate | None = None  # told when a connection it admitted is gone
     inbound = fanout.UNLIMITED  # messages being received, over all factories (make_web)
 
     def __init__(
@@ -590,4 +603,6 @@ class ChatdFactory(WebSocketServerFactory):
         # A subclass carrying the options as class attributes saves each
         # connection ~40 dictionary entries (chatd.internals, reach 3).
         options = options_as_class_attributes(self, protocol)
-        self.protocol = type(protocol.__name__, (protocol,), options)
+        self.protocol = cast(
+            type[WebSocketServerProtocol], type(protocol.__name__, (protocol,), options)
+        )

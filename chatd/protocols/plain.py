@@ -75,7 +75,9 @@ class PlainChat(Connection):
         assert self.link is not None
         s = self.factory.settings
         self.bucket = limits.TokenBucket(s.rate, s.rate_burst, 0, time.monotonic())
-        self.nick = sender_id(self.transport.getPeer(), id(self) & 0xFFFF)
+        transport = self.transport
+        assert transport is not None  # attached once open
+        self.nick = sender_id(transport.getPeer(), id(self) & 0xFFFF)
         # Ports can repeat across client hosts, so plain names need not be unique.
         # Until the hub has answered the join (at once in one process, after
         # Redis in a cluster), what the client sends waits, so it sees its own.
