@@ -1,337 +1,409 @@
-"""Redis connections of a cluster node: commands, pub/sub, reconnects, scripts.
+"""The broker seam: what differs between one process and a cluster, and nothing else.
 
-Two connections, each a txredisapi protocol kept up by Twisted's
-``ClientService`` (exponential backoff from 0.2 s to 2 s, plus jitter): one for commands
-and Lua scripts, pipelined; one subscribed to the channels of the rooms this
-node holds members of. Both are PINGed every 2 s; one whose PING has gone
-unanswered for 10 s is aborted, so a hung Redis or a half-open connection
-counts as down. (Not a per-command timeout: behind a burst of pipelined
-commands a late reply is not a dead server.)
+``chatd.hub.Hub`` holds everything about chat once: rooms, the links of this
+process and their members, the join that meets the live stream exactly,
+epochs and resets, gap filling, rendering per wire format and the fan-out.
+Below it, a ``Broker`` stores and orders: it gives a message its id and
+appends it to the room's history in the same atomic step as it publishes
+it, it keeps presence, and it tells the hub (through ``BrokerEvents``)
+what was published, in order. Two brokers implement the contract:
 
-With ``hiredis`` installed, txredisapi parses replies in C and hands every
-complete reply of a read over at once; its pure-Python parser delivers one
-bulk reply per reactor turn, which made each message its own write to every
-member (a sixth of the throughput; bench/RESULTS-cluster.md).
-The broker knows nothing of chat. It says when Redis is up or down, runs
-scripts (EVALSHA, falling back to EVAL), and keeps the wanted channels
-subscribed across reconnects, telling the caller each time one is
-confirmed, since messages published before that are not seen here.
+- ``MemoryBroker`` (here): one process; history in SQLite
+  (``chatd.history.History``), presence in dicts, publications delivered
+  synchronously once their batch is committed. The default.
+- ``chatd.cluster.RedisBroker``: several nodes; ids, history (a stream),
+  presence (a hash per room, expiry by node heartbeat) and publication
+  (pub/sub) in Redis, each step one Lua script.
+
+tests/test_broker.py runs one body of contract tests against both (the Redis
+one against a real redis-server), so a feature written in the hub (per-user
+presence, edits, read markers) is written once and holds on both.
+
+The contract
+------------
+
+**Atomic.** ``publish`` assigns the room's next id, appends the message to
+the history and publishes it as one step: a message either has an id, is in
+the history and reaches every subscriber, or none of these (the Deferred
+fails with ``Unavailable``). ``join`` records the member (claiming its nick
+key if ``unique``), reads the snapshot (member list, last id, the first page
+of history) and publishes the member's marker (``presence`` ``join``, or
+``mark`` for a member that was there already) as one step: so the marker
+splits the room's stream exactly, events before it are in the snapshot,
+events after it are not.
+
+**Ordered.** A room's events (messages, presence, markers) reach
+``BrokerEvents`` in the one order the broker applied them, messages in id
+order, from the moment ``subscribed(room)`` was called for the room until
+``unsubscribe`` or ``channels_lost``. Different rooms are not ordered
+relative to each other.
+
+**Ids and epochs.** Ids count 1, 2, 3... within a room's epoch (a random
+string created with the room's first id; ``chatd.history``). If the broker
+loses a room's data, the room starts again at id 1 under a new epoch: every
+message event carries its epoch so the hub can tell.
+
+**What may fail, and how.** Every Deferred fails with ``Unavailable`` when
+the broker cannot do the step (storage error, Redis down); nothing was done
+then, except that a ``join`` whose reply was lost may have recorded the
+member (the hub calls ``leave`` for it). ``join`` fails with ``NickTaken``
+when another member id holds the nick key. While ``up`` is False the hub
+refuses joins and posts itself. ``leave`` and the relay methods never fail:
+they are best effort (a cluster's presence expires with its node;
+relay rooms are at-most-once, as a relay is).
+
+**Presence expiry.** Presence belongs to the process that added it. A
+broker whose presence outlives a process (Redis) expires a node's members
+when the node is silent for its TTL, publishing their ``leave``; after a
+reconnect it asks ``BrokerEvents.live_members`` and makes its record match.
+``MemoryBroker``'s presence lives and dies with the process.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import cast
-from urllib.parse import unquote, urlsplit
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
 
-import txredisapi
-from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, endpoints, task
-from twisted.internet.interfaces import IProtocol
-from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred, fail, succeed
 
-_log = Logger()
+from chatd import limits
+from chatd.history import History, Message, Ref
+from chatd.stats import Stats
 
-KEEPALIVE = 2.0  # seconds between PINGs on each connection
-DEAD_AFTER = 10.0  # seconds a PING may go unanswered before the connection is aborted
+__all__ = [
+    "Broker",
+    "BrokerEvents",
+    "HistoryCursor",
+    "Joined",
+    "MemoryBroker",
+    "NickTaken",
+    "Reset",
+    "Unavailable",
+]
 
 
-class BrokerDown(Exception):
-    """Redis is not connected (or the connection went away during the call)."""
+class NickTaken(Exception):
+    """Another member of the room has this nick."""
+
+
+class Unavailable(Exception):
+    """The message could not be stored (or the join recorded), so nothing was done."""
+
+
+class HistoryCursor(Protocol):
+    """Messages after ``after`` up to ``until``, a batch per ``read``."""
+
+    after: int
+    until: int
+
+    def read(self) -> list[Message] | Deferred[list[Message]]:
+        """The next batch, oldest first (or a Deferred of it); fails if some are gone."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
-class RedisURL:
-    host: str
-    port: int
-    db: int | None
-    username: str | None
-    password: str | None
+class Joined:
+    """A join's snapshot: the room as it was at the member's marker."""
 
-    def __str__(self) -> str:  # never the password
-        return f"redis://{self.host}:{self.port}/{self.db or 0}"
-
-
-def parse_url(url: str) -> RedisURL:
-    """``redis://[[user]:password@]host[:port][/db]``; ValueError saying what is wrong."""
-    parts = urlsplit(url)
-    if parts.scheme != "redis":
-        raise ValueError("must be a redis://host[:port][/db] URL")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError("has a bad port") from None
-    if not parts.hostname:
-        raise ValueError("has no host")
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ValueError("has a database that is not a number")
-    return RedisURL(
-        parts.hostname,
-        port,
-        int(path) if path else None,
-        unquote(parts.username) if parts.username else None,
-        unquote(parts.password) if parts.password else None,
-    )
+    room: str
+    members: list[str]
+    history: list[Message]
+    last_id: int
+    truncated: bool  # messages after ``since`` were lost to retention
+    epoch: str | None = None  # the room's history epoch; None while it has no message
+    reset: bool = False  # the join named another epoch: ``since`` was not used
+    # The rest of the history after ``history``, read as the client takes it
+    # (None: ``history`` is all of it).
+    more: HistoryCursor | None = None
 
 
-class _Factory(Factory):
-    """Builds txredisapi protocols that return bytes, as chatd wants them."""
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The room's history starts again as ``epoch``: what follows has ids above ``last_id``."""
 
-    noisy = False
-
-    def __init__(
-        self, protocol: type, url: RedisURL, reply_timeout: float | None, broker: Broker
-    ) -> None:
-        self.protocol = protocol
-        self.url, self.reply_timeout, self.broker = url, reply_timeout, broker
-
-    def buildProtocol(self, addr):
-        p = self.protocol(
-            charset=None,
-            replyTimeout=self.reply_timeout,
-            password=self.url.password,
-            dbid=self.url.db,
-            convertNumbers=False,
-            username=self.url.username,
-        )
-        p.factory = self
-        p.broker = self.broker  # ClientService hands out a proxy; set it on the real one
-        return p
-
-    # txredisapi calls these when AUTH or SELECT fails.
-    def stopTrying(self) -> None:
-        _log.error("redis: authentication or database selection failed")
-
-    def connectionError(self, why: str) -> None:
-        _log.error("redis: {why}", why=why)
+    room: str
+    epoch: str
+    last_id: int
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):
-    broker: Broker | None = None
+class BrokerEvents(Protocol):
+    """What a broker tells its hub, on the reactor thread, in each room's order."""
 
-    def messageReceived(self, pattern, channel, message) -> None:
-        broker = self.broker
-        if broker is not None and broker.subscriber is not None:
-            broker.on_message(channel, message)
+    def message(self, room: str, msg: Message, epoch: str | None) -> None:
+        """A message was published (``epoch`` None: a publisher older than epochs)."""
+
+    def presence(self, room: str, mid: str, nick: str, kind: str) -> None:
+        """Member ``mid`` joined (``join``), left (``leave``) or joined again (``mark``,
+        with ``nick`` empty: nothing changed but the marker)."""
+
+    def relay(self, room: str, payload: bytes, binary: bool) -> None:
+        """Another process published to a relay room this process subscribed to."""
+
+    def subscribed(self, room: str) -> None:
+        """The room's events reach this process from now on (again, after a loss)."""
+
+    def channels_lost(self) -> None:
+        """Every subscription is lost until ``subscribed`` says otherwise (events missed)."""
+
+    def state(self, up: bool) -> None:
+        """The broker can (True) or cannot (False) store and publish now."""
+
+    def live_members(self) -> Iterable[tuple[str, str, str, bool]]:
+        """(room, member id, nick, unique) of every live member of this process."""
 
 
-class Broker:
-    """One node's link to Redis. ``up`` is True while both connections are."""
+class Broker(Protocol):
+    """Ids, history, presence and publication for a hub (see the module docstring)."""
+
+    node: str  # this process's id: member ids are ``f"{node}.{n}"``
+    retention: int  # messages kept per room
+
+    @property
+    def up(self) -> bool: ...
+
+    def attach(self, events: BrokerEvents) -> None:
+        """The hub that gets the events; called once, before ``start``."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> Deferred[None] | None:
+        """Commit what is pending, take this process's members out, let go."""
+
+    # -- the streams of chat rooms ------------------------------------------------
+    def subscribe(self, room: str) -> None:
+        """Deliver ``room``'s events from when ``BrokerEvents.subscribed(room)`` is called."""
+
+    def unsubscribe(self, room: str) -> None: ...
+
+    def publish(self, room: str, sender: str, text: str, ref: Ref = None) -> Deferred[Message]:
+        """Id, append and publish, atomically; fires with the stored Message."""
+
+    def flush(self) -> None:
+        """Complete what ``publish`` has accepted so far (a batch), now."""
+
+    def read_after(
+        self, room: str, epoch: str | None, after: int
+    ) -> Deferred[tuple[str | None, list[Message]]]:
+        """The room's epoch and its messages after ``after`` (all of them if the
+        epoch is not ``epoch``): how a gap in the stream is filled."""
+
+    # -- presence ---------------------------------------------------------------
+    def join(
+        self,
+        room: str,
+        mid: str,
+        nick: str,
+        unique: bool,
+        since: int | None,
+        snapshot: bool,
+        count: int,
+        epoch: str | None,
+    ) -> Deferred[Joined]:
+        """Record member ``mid``, publish its marker, read the snapshot, atomically.
+
+        ``since``: history after this id (None: the last ``count`` messages);
+        ``snapshot`` False: no member list and no history; ``epoch``: the epoch
+        ``since`` counts in (another epoch: as if ``since`` were None, ``reset``).
+        """
+
+    def leave(self, room: str, mid: str, last: bool) -> None:
+        """Remove member ``mid`` and publish its ``leave``; ``last``: no member of
+        the room is left in this process."""
+
+    # -- relay rooms (best effort) -----------------------------------------------
+    def relay_subscribe(self, room: str) -> None: ...
+
+    def relay_unsubscribe(self, room: str) -> None: ...
+
+    def relay_publish(self, room: str, payload: bytes, binary: bool) -> None:
+        """For the other processes' members (this process has delivered already)."""
+
+
+def _later(f: Callable[[], object]) -> None:
+    from twisted.internet import reactor
+
+    reactor.callLater(0, f)
+
+
+@dataclass(slots=True)
+class _Presence:
+    members: dict[str, tuple[str, str]] = field(default_factory=dict)  # mid -> (key, nick)
+    nicks: dict[str, str] = field(default_factory=dict)  # nick key -> mid
+
+
+class MemoryBroker:
+    """One process: history in SQLite, presence in memory.
+
+    ``publish`` writes at once and commits everything accepted in one reactor
+    turn together (``flush``, which ``call_soon`` schedules): only then are
+    the messages published (``BrokerEvents.message``, in id order) and their
+    Deferreds fired. If the commit fails none of the batch is published and
+    every Deferred of it fails with ``Unavailable``. ``join`` and ``leave``
+    flush first, so a joiner's snapshot holds everything accepted before it,
+    and a leaver's own messages reach it before it goes. Everything else
+    happens in the call: ``subscribed`` is called from ``subscribe``, a
+    marker or a leave is published from ``join`` or ``leave``.
+    """
+
+    up = True
 
     def __init__(
         self,
-        url: str,
-        on_message: Callable[[bytes, bytes], None],
-        on_subscribed: Callable[[bytes], None],
-        on_channels_lost: Callable[[], None],
-        on_state: Callable[[bool], None],
-        reactor=None,
-        name: str = "chatd",
+        history: History | None = None,
+        call_soon: Callable[[Callable[[], object]], object] = _later,
+        stats: Stats | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self.url = parse_url(url)
-        if getattr(txredisapi, "hiredis", None) is None:
-            _log.warn("redis: hiredis is not installed; replies are parsed slowly")
-        self.on_message, self.on_subscribed, self.on_state = on_message, on_subscribed, on_state
-        self.on_channels_lost = on_channels_lost
-        self.reactor = reactor
-        self.name = name  # CLIENT SETNAME: <name>:cmd and <name>:sub, for CLIENT LIST
-        self.commands: txredisapi.RedisProtocol | None = None
-        self.subscriber: _Subscriber | None = None
-        self.channels: dict[bytes, int] = {}  # wanted -> which subscribe call counts
-        self._calls = 0
-        self.up = False
-        self.reconnects = 0
-        self.calls_failed = 0
-        self._ever_up = False
-        self._scripts: dict[str, tuple[str, bytes]] = {}  # name -> sha1, source
-        endpoint = endpoints.HostnameEndpoint(reactor, self.url.host, self.url.port, timeout=5)
-        policy = backoffPolicy(initialDelay=0.2, maxDelay=2.0, factor=2.0)
-        self._services = [
-            ClientService(
-                endpoint,
-                _Factory(txredisapi.RedisProtocol, self.url, None, self),
-                retryPolicy=policy,
-                prepareConnection=self._commands_ready,
-            ),
-            ClientService(
-                endpoint,
-                _Factory(_Subscriber, self.url, None, self),
-                retryPolicy=policy,
-                prepareConnection=self._subscriber_ready,
-            ),
-        ]
+        self.history = history if history is not None else History(":memory:", 0)
+        self.retention = self.history.retention
+        self.stats = stats if stats is not None else Stats()
+        self.node = "local"
+        self._call_soon = call_soon
+        self._pending: list[tuple[Message, Deferred[Message]]] = []
+        self._presence: dict[str, _Presence] = {}
+        self.events: BrokerEvents | None = None
 
-        self.stopping = False
-        self._pings: dict[object, float] = {}  # protocol -> when its PING went out
-        self._keepalive = task.LoopingCall(self._ping)
-        self._keepalive.clock = reactor
+    def attach(self, events: BrokerEvents) -> None:
+        self.events = events
 
-    # -- life ---------------------------------------------------------------
     def start(self) -> None:
-        for s in self._services:
-            s.startService()
-        self._keepalive.start(KEEPALIVE, now=False)
+        pass
 
-    def stop(self) -> defer.Deferred:
-        self.stopping = True
-        self.channels.clear()
-        if self._keepalive.running:
-            self._keepalive.stop()
-        return defer.gatherResults([s.stopService() for s in self._services], consumeErrors=True)
+    def close(self) -> None:
+        self.flush()
+        self.history.close()
 
-    def _ping(self) -> None:
-        now = self.reactor.seconds()
-        for p in (self.commands, self.subscriber):
-            if p is None:
-                continue
-            sent = self._pings.get(p)
-            if sent is not None:
-                if now - sent > DEAD_AFTER:
-                    _log.warn("redis: no answer to PING in {s:.0f} s; reconnecting", s=now - sent)
-                    self._pings.pop(p, None)
-                    p.transport.abortConnection()
-                continue
-            self._pings[p] = now
-            try:
-                d = p.execute_command("PING")
-            except txredisapi.ConnectionError:
-                self._pings.pop(p, None)
-                continue
-            d.addBoth(lambda _, p=p: self._pings.pop(p, None))
+    # -- streams ----------------------------------------------------------------
+    def subscribe(self, room: str) -> None:
+        assert self.events is not None
+        self.events.subscribed(room)
 
-    def _named(self, p, suffix: str) -> defer.Deferred:
-        d = p.whenConnected()
-        return d.addCallback(
-            lambda _: p.execute_command("CLIENT", "SETNAME", f"{self.name}:{suffix}")
-        )
+    def unsubscribe(self, room: str) -> None:
+        pass
 
-    def _commands_ready(self, p) -> defer.Deferred:
-        def ready(_):
-            self.commands = p
-            # (whenDisconnected fires with the protocol, not ClientService's proxy of it)
-            p.whenDisconnected().addCallback(lambda _: self._commands_lost(p))
-            self._update()
-
-        return self._named(p, "cmd").addCallback(ready)
-
-    def _subscriber_ready(self, proxy: IProtocol) -> defer.Deferred:
-        # (ClientService hands over a proxy of the _Subscriber its _Factory built)
-        p = cast(_Subscriber, proxy)
-
-        def ready(_):
-            self.subscriber = p
-            p.whenDisconnected().addCallback(lambda _: self._subscriber_lost(p))
-            for channel in sorted(self.channels):
-                self._subscribe(channel)
-            self._update()
-
-        return self._named(p, "sub").addCallback(ready)
-
-    def _commands_lost(self, p) -> None:
-        if self.stopping:
-            return
-        _log.warn("redis: the command connection was lost")
-        if self.commands is p:
-            self.commands = None
-            self._update()
-
-    def _subscriber_lost(self, p: _Subscriber) -> None:
-        if self.stopping:
-            return
-        _log.warn("redis: the pub/sub connection was lost")
-        if self.subscriber is p:
-            self.subscriber = None
-            self.on_channels_lost()
-            self._update()
-
-    def _update(self) -> None:
-        up = self.commands is not None and self.subscriber is not None
-        if up == self.up:
-            return
-        self.up = up
-        if up:
-            if self._ever_up:
-                self.reconnects += 1
-            self._ever_up = True
-            _log.info("redis {url} connected", url=str(self.url))
-        else:
-            _log.warn("redis {url} unreachable; reconnecting", url=str(self.url))
-        self.on_state(up)
-
-    # -- commands -------------------------------------------------------------
-    def call(self, *args: object) -> defer.Deferred:
-        """One command; fails with BrokerDown if Redis is not connected."""
-        p = self.commands
-        if p is None:
-            return defer.fail(BrokerDown("redis is not connected"))
+    def publish(self, room: str, sender: str, text: str, ref: Ref = None) -> Deferred[Message]:
         try:
-            d = p.execute_command(*args)
-        except txredisapi.ConnectionError as e:
-            return defer.fail(BrokerDown(str(e)))
-        return d.addErrback(self._failed)
+            msg = self.history.append(room, sender, text, ref)
+        except sqlite3.Error as e:
+            # Nothing of this batch can be trusted now: fail it all, publish none.
+            self._fail_pending(e)
+            return fail(Unavailable(str(e)))
+        d: Deferred[Message] = Deferred()
+        if not self._pending:
+            self._call_soon(self.flush)
+        self._pending.append((msg, d))
+        return d
 
-    def _failed(self, failure):
-        self.calls_failed += 1
-        if failure.check(txredisapi.ConnectionError):  # includes TimeoutError
-            raise BrokerDown(failure.getErrorMessage())
-        return failure
-
-    def add_script(self, name: str, source: str) -> None:
-        body = source.encode()
-        self._scripts[name] = (hashlib.sha1(body).hexdigest(), body)
-
-    def script(self, name: str, keys: Sequence[object], args: Sequence[object]) -> defer.Deferred:
-        """Run a script added with ``add_script``; loaded into Redis on first use."""
-        sha, body = self._scripts[name]
-        d = self.call("EVALSHA", sha, len(keys), *keys, *args)
-
-        def noscript(failure):
-            failure.trap(txredisapi.ResponseError)
-            if not str(failure.value).startswith("NOSCRIPT"):
-                return failure
-            return self.call("EVAL", body, len(keys), *keys, *args)
-
-        return d.addErrback(noscript)
-
-    def publish(self, channel: bytes, payload: bytes) -> None:
-        """Fire and forget (relay rooms): lost while Redis is down."""
-        self.call("PUBLISH", channel, payload).addErrback(lambda f: None)
-
-    # -- subscriptions ------------------------------------------------------
-    def subscribe(self, channel: bytes) -> None:
-        """Keep ``channel`` subscribed; ``on_subscribed`` says when it is, each time."""
-        if channel in self.channels:
+    def flush(self) -> None:
+        """Commit what was published, then deliver it, in id order."""
+        if not self._pending:
             return
-        self.channels[channel] = 0
-        if self.subscriber is not None:
-            self._subscribe(channel)
-
-    def unsubscribe(self, channel: bytes) -> None:
-        if channel not in self.channels:
+        started = time.perf_counter()
+        try:
+            self.history.commit()
+        except sqlite3.Error as e:
+            self._fail_pending(e)
             return
-        del self.channels[channel]
-        p = self.subscriber
-        if p is not None:
-            with contextlib.suppress(txredisapi.ConnectionError):
-                p.unsubscribe([channel]).addErrback(lambda f: None)
+        self.stats.history_commit.observe(time.perf_counter() - started)
+        pending, self._pending = self._pending, []
+        events, epoch = self.events, self.history.epoch
+        assert events is not None
+        for msg, d in pending:
+            events.message(msg.room, msg, epoch(msg.room))
+            d.callback(msg)
 
-    def _subscribe(self, channel: bytes) -> None:
-        p = self.subscriber
-        assert p is not None
-        self._calls += 1
-        call = self.channels[channel] = self._calls
+    def _fail_pending(self, error: Exception) -> None:
+        """Roll back the uncommitted batch: none of it is sent, every sender is told."""
+        self.history.rollback()
+        pending, self._pending = self._pending, []
+        for _, d in pending:
+            d.errback(Unavailable(str(error)))
 
-        def confirmed(_):
-            # Only the newest SUBSCRIBE counts: an UNSUBSCRIBE may sit between.
-            if self.channels.get(channel) == call and self.subscriber is p:
-                self.on_subscribed(channel)
+    def read_after(
+        self, room: str, epoch: str | None, after: int
+    ) -> Deferred[tuple[str | None, list[Message]]]:
+        self.flush()
+        try:
+            current = self.history.epoch(room)
+            if epoch is not None and current != epoch:
+                after = 0
+            msgs, _, _ = self.history.page(room, after, None)
+        except sqlite3.Error as e:
+            return fail(Unavailable(str(e)))
+        return succeed((current, msgs))
 
-        with contextlib.suppress(txredisapi.ConnectionError):  # lost: resubscribed later
-            p.subscribe([channel]).addCallbacks(confirmed, lambda f: None)
+    # -- presence ---------------------------------------------------------------
+    def join(
+        self,
+        room: str,
+        mid: str,
+        nick: str,
+        unique: bool,
+        since: int | None,
+        snapshot: bool,
+        count: int,
+        epoch: str | None,
+    ) -> Deferred[Joined]:
+        self.flush()
+        history = self.history
+        try:
+            current = history.epoch(room)
+            last_id = history.last_id(room)
+        except sqlite3.Error as e:
+            return fail(Unavailable(str(e)))
+        key = limits.nick_key(nick) if unique else ""
+        p = self._presence.get(room)
+        if p is None:
+            p = self._presence[room] = _Presence()
+        elif key:
+            holder = p.nicks.get(key)
+            if holder is not None and holder != mid:
+                return fail(NickTaken(nick))
+        if key:
+            p.nicks[key] = mid
+        new = mid not in p.members
+        p.members[mid] = (key, nick)
+        assert self.events is not None
+        self.events.presence(room, mid, nick if new else "", "join" if new else "mark")
+        reset = epoch is not None and epoch != current
+        if reset:
+            since = None
+        if not snapshot:
+            return succeed(Joined(room, [], [], last_id, False, current, reset))
+        try:
+            if since is None:
+                after = max(0, last_id - min(count, history.retention))
+                msgs, _, cursor = history.page(room, after)
+                truncated = False
+            else:
+                msgs, truncated, cursor = history.page(room, since)
+        except sqlite3.Error as e:
+            return fail(Unavailable(str(e)))
+        members = [n for _, n in p.members.values()]
+        return succeed(Joined(room, members, msgs, last_id, truncated, current, reset, cursor))
+
+    def leave(self, room: str, mid: str, last: bool) -> None:
+        self.flush()
+        p = self._presence.get(room)
+        value = p.members.pop(mid, None) if p is not None else None
+        if p is None or value is None:
+            return
+        key, nick = value
+        if key and p.nicks.get(key) == mid:
+            del p.nicks[key]
+        if not p.members:
+            del self._presence[room]
+        assert self.events is not None
+        self.events.presence(room, mid, nick, "leave")
+
+    # -- relay rooms: one process has no one else to tell -------------------------
+    def relay_subscribe(self, room: str) -> None:
+        pass
+
+    def relay_unsubscribe(self, room: str) -> None:
+        pass
+
+    def relay_publish(self, room: str, payload: bytes, binary: bool) -> None:
+        pass

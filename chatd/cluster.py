@@ -1,34 +1,33 @@
-"""Several chatd nodes as one chat, over Redis (``--redis URL``): the cluster hub.
+"""Several chatd nodes as one chat, over Redis (``--redis URL``): the cluster broker.
 
-``RedisHub`` has the ``Hub`` methods of ``InMemoryHub``; docs/SCALING.md
-says what Redis holds. How it stays exact:
+``RedisBroker`` is the ``chatd.broker.Broker`` of a cluster node: the hub
+above it (chatd/hub.py) is the same as on one node, and this module only
+stores, orders and publishes. docs/SCALING.md says what Redis holds. How
+it keeps the broker contract:
 
 - **One order.** A chat message gets its id, is stored and is published by
   one Lua script (INCR, XADD, PUBLISH). Redis runs scripts one at a time, so
   every node receives a room's messages in id order, and a message is in
   Redis before any node delivers it: an acknowledged message (the sender
   sees it come back) survives any node dying.
-- **Joins meet the live stream exactly.** A node subscribes to the room's
-  channel first; once Redis confirms it, the join script records the member,
-  reads history and member list, and publishes a marker (the presence
-  ``join``). Events before the marker are in the snapshot; the ones after it
-  are held for the joiner until the script's reply is here, then sent
-  after ``joined``. No ids are compared; presence is covered too.
+- **The join marker.** The join script records the member, reads history
+  and member list, and publishes the member's marker (``j``, or ``k`` for
+  one there already) in one step; the hub holds what comes after the
+  marker until the reply is here.
 - **History is read a page at a time.** The join script reads the first
   page of a ``since`` replay; ``_StreamCursor`` reads the rest with XRANGE
   as the client takes the pages. A replay that the stream's trimming
   overtakes fails (the connection is dropped) rather than skip messages.
-- **Gaps are filled.** When the pub/sub connection comes back, each room's
-  messages after the last id delivered here are read from the stream
-  before the live ones (held meanwhile), so nothing is lost or doubled.
+- **Gaps are filled.** When the pub/sub connection comes back, the hub
+  reads each room's messages after the last id delivered here (the
+  ``fill`` script, ``read_after``) before the live ones, so nothing is
+  lost or doubled.
 - **Epochs: data loss is detected, not papered over.** Each room's history
   has an epoch, a random id the post script creates with the room's first id
   (or when its counter is gone) and publishes with every message. If Redis
-  loses a room's data, the next post starts a new epoch at id 1; a node that
-  sees a message of another epoch than the one it knows reads the new
-  epoch's stream from its start, tells its live members (a ``Reset`` event),
-  then delivers: nothing is dropped as "already seen", so every send is
-  answered, and no id means two texts within one epoch.
+  loses a room's data, the next post starts a new epoch at id 1; the hub
+  (chatd/hub.py) meets it with a ``Reset``: no id means two texts within one
+  epoch.
 - **Dead nodes expire.** Each node scores itself in a sorted set every
   ``ttl/4`` seconds; any node's heartbeat script removes the members of
   nodes silent for ``ttl`` and publishes their ``leave``. A node that finds
@@ -38,29 +37,26 @@ says what Redis holds. How it stays exact:
   at once, published for the other nodes while Redis is up.
 
 While Redis is unreachable: chat sends and joins get ``unavailable``, relay
-rooms keep working on this node, /healthz says ``degraded``, and the broker
-reconnects with backoff; everything resumes by itself.
+rooms keep working on this node, /healthz says ``degraded``, and the connection
+(chatd/redisconn.py) reconnects with backoff; everything resumes by itself.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import limits
-from chatd.broker import Broker, BrokerDown
-from chatd.fanout import OUTBOX, Link, Outbox
+from chatd.broker import BrokerEvents, Joined, NickTaken, Unavailable
 from chatd.history import PAGE_BYTES, PAGE_ROWS, Message, Ref, new_epoch
-from chatd.hub import Joined, Local, Member, NickTaken, Renderer, Reset, Unavailable
+from chatd.redisconn import RedisConnection, RedisDown
 from chatd.stats import Stats
-
-# an event held for a joiner, with its renders by format (hub.Local.send_to)
-_Held = tuple[Message | Reset | tuple[str, str, str], dict[str, bytes | None]]
 
 _log = Logger()
 _tail = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -252,45 +248,6 @@ return n
 }
 
 
-@dataclass(eq=False, slots=True)
-class _Joining:
-    """A member between its join request and going live."""
-
-    link: Link
-    mid: str
-    member: Member
-    since: int | None
-    snapshot: bool = True  # False: no member list and no history wanted
-    epoch: str | None = None  # the epoch ``since`` counts in, if the client said
-    d: defer.Deferred = field(default_factory=defer.Deferred)
-    reply: list | None = None  # the join script's answer
-    marked: bool = False  # its marker came through the room's channel
-    held: list[_Held] = field(default_factory=list)  # what came after the marker
-    cancelled: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class _Room:
-    """This node's view of one chat room (its live members are in ``Local``)."""
-
-    name: str
-    base: str
-    mids: dict[Link, str] = field(default_factory=dict)  # live members here
-    live: dict[str, Link] = field(default_factory=dict)  # the same, by member id
-    joining: dict[Link, _Joining] = field(default_factory=dict)
-    by_mid: dict[str, _Joining] = field(default_factory=dict)  # the same, by member id
-    marked: dict[_Joining, None] = field(default_factory=dict)  # marker seen, reply not yet
-    before_sub: list[_Joining] = field(default_factory=list)  # wait for SUBSCRIBE
-    subscribed: bool = False
-    last_id: int = 0  # every message up to here went to the live members
-    epoch: str | None = None  # the history epoch last_id counts in (None: not known yet)
-    filling: list | None = None  # events held while a gap is read from the stream
-    gap: bool = False  # the channel was lost: read the stream when it is back
-
-    def empty(self) -> bool:
-        return not self.mids and not self.joining
-
-
 def _message(room: str, entry: list) -> Message:
     """A Message from a stream entry ``[b"<id>-0", [field, value, ...]]``."""
     ident, flat = entry
@@ -304,12 +261,6 @@ def _message(room: str, entry: list) -> Message:
     )
 
 
-def _ident_epoch(payload: bytes) -> tuple[int, str | None]:
-    """The id and epoch of a published message ``m <id> <ts> <json>``."""
-    _, ident, _, tail = payload.split(b" ", 3)
-    return int(ident), json.loads(tail).get("e")
-
-
 class _StreamCursor:
     """The rest of a ``since`` replay, read from the room's stream a page at a time.
 
@@ -321,7 +272,9 @@ class _StreamCursor:
 
     __slots__ = ("after", "broker", "key", "room", "rows", "until")
 
-    def __init__(self, broker: Broker, key: str, room: str, after: int, until: int) -> None:
+    def __init__(
+        self, broker: RedisConnection, key: str, room: str, after: int, until: int
+    ) -> None:
         self.broker, self.key, self.room = broker, key, room
         self.after, self.until = after, until
         self.rows = PAGE_ROWS
@@ -346,34 +299,33 @@ def _nick(value: bytes) -> str:
     return value.split(b"\n", 1)[1].decode()
 
 
-class RedisHub:
-    """A cluster node's rooms: local links in ``Local``, the rest in Redis."""
+_KINDS = {b"j": "join", b"l": "leave", b"k": "mark"}
+
+
+class RedisBroker:
+    """The ``Broker`` of a cluster node: ids, history, presence and publication in Redis."""
 
     def __init__(
         self,
         url: str,
         retention: int = limits.HISTORY_SIZE,
-        join_history: int = limits.JOIN_HISTORY,
         ttl: float = limits.CLUSTER_TTL,
         stats: Stats | None = None,
-        outbox: Outbox = OUTBOX,
-        on_state=None,
-        reactor=None,
+        on_state: Callable[[bool], None] | None = None,
+        reactor: Any = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.stats = stats if stats is not None else Stats()
-        self.local = Local(self.stats, outbox)
-        self.retention, self.join_history, self.ttl = retention, join_history, ttl
+        self.retention, self.ttl = retention, ttl
         self.node = secrets.token_hex(6)
         self._node_b = self.node.encode()
-        self._serial = 0
-        self._rooms: dict[str, _Room] = {}
-        self._by_channel: dict[bytes, _Room] = {}
-        self._inflight: set[defer.Deferred] = set()
+        self._by_channel: dict[bytes, str] = {}  # subscribed chat channels -> room
+        self._inflight: set[defer.Deferred[Any]] = set()
         self._on_state = on_state
-        self.broker = Broker(
+        self.events: BrokerEvents | None = None
+        self.conn = RedisConnection(
             url,
             self._received,
             self._subscribed,
@@ -383,225 +335,39 @@ class RedisHub:
             name=f"chatd:{self.node}",
         )
         for name, source in SCRIPTS.items():
-            self.broker.add_script(name, source)
+            self.conn.add_script(name, source)
         self._beat = task.LoopingCall(self._heartbeat)
         self._beat.clock = reactor
         self.stats.redis_up = 0
 
+    @property
+    def up(self) -> bool:
+        return self.conn.up
+
+    def attach(self, events: BrokerEvents) -> None:
+        self.events = events
+
     def start(self) -> None:
-        _log.info("cluster node {node} using {url}", node=self.node, url=str(self.broker.url))
-        self.broker.start()
+        _log.info("cluster node {node} using {url}", node=self.node, url=str(self.conn.url))
+        self.conn.start()
         self._beat.start(max(0.25, self.ttl / 4), now=False)
 
-    # -- relay rooms --------------------------------------------------------
-    def join(self, room: str, link: Link) -> None:
-        if self.local.relay_add(room, link):
-            self.broker.subscribe(relay_channel(room))
+    # -- the streams of chat rooms ------------------------------------------------
+    def subscribe(self, room: str) -> None:
+        channel = chat_base(room).encode()
+        self._by_channel[channel] = room
+        self.conn.subscribe(channel)
 
-    def leave(self, room: str, link: Link) -> None:
-        if self.local.relay_remove(room, link):
-            self.broker.unsubscribe(relay_channel(room))
+    def unsubscribe(self, room: str) -> None:
+        channel = chat_base(room).encode()
+        self._by_channel.pop(channel, None)
+        self.conn.unsubscribe(channel)
 
-    def publish(self, room: str, payload: bytes, binary: bool) -> int:
-        n = self.local.relay_send(room, payload, binary)
-        if self.broker.commands is not None:
-            flag = b"b" if binary else b"t"
-            self.broker.publish(relay_channel(room), self._node_b + flag + payload)
-        return n
-
-    # -- chat rooms ---------------------------------------------------------
-    def add_format(self, name: str, renderer: Renderer) -> None:
-        self.local.renderers[name] = renderer
-
-    def chat_join(
-        self,
-        room: str,
-        link: Link,
-        nick: str,
-        fmt: str,
-        since: int | None = None,
-        unique: bool = True,
-        snapshot: bool = True,
-        epoch: str | None = None,
-    ) -> defer.Deferred:
-        if not self.broker.up:
-            return defer.fail(Unavailable("redis is unreachable"))
-        r = self._room(room)
-        mid = r.mids.get(link)
-        if mid is not None:  # joined already: history again, nothing else changes
-            j = _Joining(link, mid, Member(nick, fmt, unique), since, snapshot, epoch)
-            d = self._run_join(r, j)
-            d.addCallback(lambda reply: self._joined(r, reply))
-            return d
-        if link in r.joining:
-            return defer.fail(Unavailable("a join of this room is in progress"))
-        self._serial += 1
-        j = _Joining(
-            link, f"{self.node}.{self._serial}", Member(nick, fmt, unique), since, snapshot, epoch
-        )
-        r.joining[link] = j
-        r.by_mid[j.mid] = j
-        if r.subscribed:
-            self._start_join(r, j)
-        else:
-            r.before_sub.append(j)
-        return j.d
-
-    def _room(self, name: str) -> _Room:
-        r = self._rooms.get(name)
-        if r is None:
-            base = chat_base(name)
-            r = self._rooms[name] = _Room(name, base)
-            self._by_channel[base.encode()] = r
-            self.broker.subscribe(base.encode())
-        return r
-
-    def _forget_if_empty(self, r: _Room) -> None:
-        if r.empty() and self._rooms.get(r.name) is r:
-            del self._rooms[r.name]
-            del self._by_channel[r.base.encode()]
-            self.broker.unsubscribe(r.base.encode())
-
-    def _run_join(self, r: _Room, j: _Joining) -> defer.Deferred:
-        m = j.member
-        key = limits.nick_key(m.nick) if m.unique else ""
-        if not j.snapshot:
-            mode = "none"
-        elif j.since is None:
-            mode = "recent"
-        else:
-            mode = "since"
-        return self._script(
-            "join",
-            [
-                f"{r.base}:m",
-                f"{r.base}:k",
-                f"chatd:node:{self.node}",
-                f"{r.base}:seq",
-                f"{r.base}:log",
-                f"{r.base}:epoch",
-            ],
-            [
-                j.mid,
-                key,
-                f"{key}\n{m.nick}",
-                r.name,
-                r.base,
-                mode,
-                j.since or 0,
-                min(self.join_history, self.retention),
-                j.epoch or "",
-                new_epoch(),
-                PAGE_ROWS,
-            ],
-        )
-
-    def _start_join(self, r: _Room, j: _Joining) -> None:
-        def answered(reply: list) -> None:
-            if j.cancelled:
-                if reply[0] == b"ok":
-                    self._leave_script(r, j.mid)
-                return
-            if reply[0] != b"ok":
-                self._drop_join(r, j, NickTaken(j.member.nick))
-                return
-            j.reply = reply
-            self._maybe_live(r, j)
-
-        def failed(f: Failure) -> None:
-            if not j.cancelled:
-                self._drop_join(r, j, Unavailable(f.getErrorMessage()))
-
-        self._run_join(r, j).addCallbacks(answered, failed)
-
-    def _unjoin(self, r: _Room, j: _Joining) -> None:
-        if r.joining.get(j.link) is j:
-            del r.joining[j.link]
-        r.by_mid.pop(j.mid, None)
-        r.marked.pop(j, None)
-
-    def _drop_join(self, r: _Room, j: _Joining, error: Exception) -> None:
-        self._unjoin(r, j)
-        self._forget_if_empty(r)
-        j.d.errback(error)
-
-    def _joined(self, r: _Room, reply: list) -> Joined:
-        _, _, last, truncated, values, entries, epoch, reset = reply
-        history = [_message(r.name, e) for e in entries]
-        if history and history[0].id > history[-1].id:  # XREVRANGE
-            history.reverse()
-        last = int(last)
-        more = None
-        if history and history[-1].id < last:  # a since read stopped at its COUNT
-            more = _StreamCursor(self.broker, f"{r.base}:log", r.name, history[-1].id, last)
-        return Joined(
-            r.name,
-            [_nick(v) for v in values],
-            history,
-            last,
-            bool(truncated),
-            epoch.decode() or None,
-            bool(reset),
-            more,
-        )
-
-    def _maybe_live(self, r: _Room, j: _Joining) -> None:
-        """Both the reply and the marker are here: send ``joined``, then what came after."""
-        if j.reply is None or not j.marked or r.joining.get(j.link) is not j:
-            return
-        self._unjoin(r, j)
-        joined = self._joined(r, j.reply)
-        self.local.chat_add(r.name, j.link, j.member)
-        r.mids[j.link] = j.mid
-        r.live[j.mid] = j.link
-        # (held messages went through _event, which already counted them in last_id;
-        # a reply of another epoch is older than what the channel said since)
-        if r.epoch is None:
-            r.epoch = joined.epoch
-        if joined.epoch == r.epoch:
-            r.last_id = max(r.last_id, joined.last_id)
-        j.d.callback(joined)  # the protocol answers, and may handle frames that waited
-        if r.mids.get(j.link) == j.mid:  # (one of which may have left the room again)
-            self.local.send_to(j.link, j.member.fmt, j.held)
-
-    def chat_leave(self, room: str, link: Link) -> bool:
-        r = self._rooms.get(room)
-        if r is None:
-            return False
-        j = r.joining.get(link)
-        if j is not None:
-            self._unjoin(r, j)
-            j.cancelled = True
-            if j in r.before_sub:
-                r.before_sub.remove(j)
-            elif j.reply is not None:
-                self._leave_script(r, j.mid)
-            self._drop_join(r, j, Unavailable("left before the join completed"))
-            return False
-        mid = r.mids.pop(link, None)
-        if mid is None:
-            return False
-        del r.live[mid]
-        member = self.local.chat_remove(room, link)
-        if member is not None:
-            self.local.presence(room, member.nick, "leave")
-        self._leave_script(r, mid)
-        self._forget_if_empty(r)
-        return True
-
-    def _leave_script(self, r: _Room, mid: str) -> None:
-        now = self._rooms.get(r.name)  # the room may have been forgotten and made anew
-        last = "1" if now is None or now.empty() else "0"
-        if self.broker.up:  # else the resync after the reconnect removes it
-            self._script(
-                "leave",
-                [f"{r.base}:m", f"{r.base}:k", f"chatd:node:{self.node}"],
-                [mid, r.name, r.base, last],
-            ).addErrback(lambda f: None)
-
-    def post(self, room: str, sender: str, text: str, ref: Ref = None) -> defer.Deferred:
-        """Id, store and publish in Redis; every node (this one too) delivers from there."""
-        if not self.broker.up:
+    def publish(
+        self, room: str, sender: str, text: str, ref: Ref = None
+    ) -> defer.Deferred[Message]:
+        """Id, store and publish in one script; every node (this one too) delivers from there."""
+        if not self.conn.up:
             return defer.fail(Unavailable("redis is unreachable"))
         tail: dict[str, object] = {"f": sender, "t": text}
         if ref is not None:
@@ -613,200 +379,170 @@ class RedisHub:
             [base, self.retention, sender, text, _tail(tail)[1:], new_epoch()],
         )
 
-        def stored(reply: list) -> Message:
+        def stored(reply: list[bytes]) -> Message:
             return Message(room, int(reply[0]), int(reply[1]), sender, text, ref)
 
-        return d.addCallbacks(stored, self._unavailable)
-
-    @staticmethod
-    def _unavailable(f: Failure) -> None:
-        raise Unavailable(f.getErrorMessage())
+        return d.addCallback(stored)
 
     def flush(self) -> None:
         """Nothing is batched here: every post goes to Redis at once."""
 
-    def rooms(self) -> dict[str, int]:
-        return self.local.counts()
+    def read_after(
+        self, room: str, epoch: str | None, after: int
+    ) -> defer.Deferred[tuple[str | None, list[Message]]]:
+        base = chat_base(room)
+        d = self._script("fill", [f"{base}:epoch", f"{base}:log"], [epoch or "", after])
 
-    def room_counts(self) -> dict[str, int]:
-        return self.local.room_counts()
+        def read(reply: list[Any]) -> tuple[str | None, list[Message]]:
+            return reply[0].decode() or None, [_message(room, e) for e in reply[1]]
+
+        return d.addCallback(read)
+
+    # -- presence ---------------------------------------------------------------
+    def join(
+        self,
+        room: str,
+        mid: str,
+        nick: str,
+        unique: bool,
+        since: int | None,
+        snapshot: bool,
+        count: int,
+        epoch: str | None,
+    ) -> defer.Deferred[Joined]:
+        key = limits.nick_key(nick) if unique else ""
+        if not snapshot:
+            mode = "none"
+        elif since is None:
+            mode = "recent"
+        else:
+            mode = "since"
+        base = chat_base(room)
+        d = self._script(
+            "join",
+            [
+                f"{base}:m",
+                f"{base}:k",
+                f"chatd:node:{self.node}",
+                f"{base}:seq",
+                f"{base}:log",
+                f"{base}:epoch",
+            ],
+            [
+                mid,
+                key,
+                f"{key}\n{nick}",
+                room,
+                base,
+                mode,
+                since or 0,
+                min(count, self.retention),
+                epoch or "",
+                new_epoch(),
+                PAGE_ROWS,
+            ],
+        )
+
+        def answered(reply: list[Any]) -> Joined:
+            if reply[0] != b"ok":
+                raise NickTaken(nick)
+            return self._joined(room, reply)
+
+        return d.addCallback(answered)
+
+    def _joined(self, room: str, reply: list[Any]) -> Joined:
+        _, _, last, truncated, values, entries, epoch, reset = reply
+        history = [_message(room, e) for e in entries]
+        if history and history[0].id > history[-1].id:  # XREVRANGE
+            history.reverse()
+        last = int(last)
+        more = None
+        if history and history[-1].id < last:  # a since read stopped at its COUNT
+            more = _StreamCursor(self.conn, f"{chat_base(room)}:log", room, history[-1].id, last)
+        return Joined(
+            room,
+            [_nick(v) for v in values],
+            history,
+            last,
+            bool(truncated),
+            epoch.decode() or None,
+            bool(reset),
+            more,
+        )
+
+    def leave(self, room: str, mid: str, last: bool) -> None:
+        if self.conn.up:  # else the resync after the reconnect removes it
+            base = chat_base(room)
+            self._script(
+                "leave",
+                [f"{base}:m", f"{base}:k", f"chatd:node:{self.node}"],
+                [mid, room, base, "1" if last else "0"],
+            ).addErrback(lambda f: None)
+
+    # -- relay rooms --------------------------------------------------------
+    def relay_subscribe(self, room: str) -> None:
+        self.conn.subscribe(relay_channel(room))
+
+    def relay_unsubscribe(self, room: str) -> None:
+        self.conn.unsubscribe(relay_channel(room))
+
+    def relay_publish(self, room: str, payload: bytes, binary: bool) -> None:
+        if self.conn.commands is not None:
+            flag = b"b" if binary else b"t"
+            self.conn.publish(relay_channel(room), self._node_b + flag + payload)
 
     # -- from Redis ---------------------------------------------------------
     def _received(self, channel: bytes, payload: bytes) -> None:
+        events = self.events
+        assert events is not None
         if channel.startswith(b"chatd:r:"):
             if payload[:12] != self._node_b:
-                room = channel[9:-1].decode()
-                self.local.relay_send(room, payload[13:], payload[12:13] == b"b")
+                events.relay(channel[9:-1].decode(), payload[13:], payload[12:13] == b"b")
             return
-        r = self._by_channel.get(channel)
-        if r is None:
+        room = self._by_channel.get(channel)
+        if room is None:
             return
-        self.stats.cluster_events[payload[:1].decode()] += 1
-        if r.filling is not None:
-            r.filling.append(payload)
-        else:
-            self._event(r, payload)
-
-    def _event(self, r: _Room, payload: bytes) -> None:
         kind, mid_b, rest = ([*payload.split(b" ", 2), b""])[:3]
+        self.stats.cluster_events[kind.decode()] += 1
         if kind == b"m":
             ts, tail = rest.split(b" ", 1)
             obj = json.loads(tail)
-            epoch = obj.get("e")  # (None from a node older than epochs)
-            if epoch != r.epoch and epoch is not None:
-                if r.epoch is not None:  # Redis lost the room: read the new epoch first
-                    self._fill(r, [payload])
-                    return
-                r.epoch = epoch
-            ident = int(mid_b)
-            if ident <= r.last_id:
-                return  # read from the stream while filling a gap
-            self._deliver(r, Message(r.name, ident, int(ts), obj["f"], obj["t"], obj.get("r")))
-            return
-        mid = mid_b.decode()
-        ours = mid.startswith(self.node)
-        if r.marked and kind in (b"j", b"l") and not (ours and kind == b"l"):
-            item: _Held = ((r.name, _nick(rest), "join" if kind == b"j" else "leave"), {})
-            for marked in r.marked:
-                marked.held.append(item)
-        # The members here are told before a joiner of this node goes live, whether
-        # the join script's reply came before its marker or not: the joiner never
-        # gets its own join. (A member live here already, written back by a resync,
-        # is news to no one here.)
-        if kind == b"j" and mid not in r.live:
-            self.local.presence(r.name, _nick(rest), "join")
-        elif kind == b"l" and not ours:  # this node told its own members at once
-            self.local.presence(r.name, _nick(rest), "leave")
-        j = r.by_mid.get(mid)
-        if j is not None and not j.marked:
-            j.marked = True
-            r.marked[j] = None
-            self._maybe_live(r, j)
-
-    def _deliver(self, r: _Room, msg: Message) -> None:
-        r.last_id = msg.id
-        if r.marked:
-            item: _Held = (msg, {})  # rendered at most once per format for all joiners
-            for j in r.marked:
-                j.held.append(item)
-        self.local.deliver(msg)
+            msg = Message(room, int(mid_b), int(ts), obj["f"], obj["t"], obj.get("r"))
+            events.message(room, msg, obj.get("e"))  # (no "e" from a node older than epochs)
+        elif kind == b"k":
+            events.presence(room, mid_b.decode(), "", "mark")
+        else:
+            events.presence(room, mid_b.decode(), _nick(rest), _KINDS[kind])
 
     def _subscribed(self, channel: bytes) -> None:
-        r = self._by_channel.get(channel)
-        if r is None:
-            return
-        r.subscribed = True
-        waiting, r.before_sub = r.before_sub, []
-        for j in waiting:
-            self._start_join(r, j)
-        if r.gap and r.mids:
-            self._fill(r)
-        elif r.gap:  # no one here needs what was missed; the next join tells anew
-            r.gap, r.epoch, r.last_id = False, None, 0
+        room = self._by_channel.get(channel)
+        if room is not None and self.events is not None:
+            self.events.subscribed(room)
 
-    def _fill(self, r: _Room, held: list | None = None) -> None:
-        """Deliver what was published while the channel was down, then the rest, in order.
-
-        Also how a new epoch is met (``held`` is its first message seen live):
-        ids start again, so the new epoch's stream is read from its start,
-        after a ``Reset`` for the members.
-        """
-        if r.filling is not None:  # one is under way: read again once it is done
-            r.filling.extend(held or ())
-            r.gap = True
-            return
-        r.gap = False
-        r.filling = held or []
-        d = self._script("fill", [f"{r.base}:epoch", f"{r.base}:log"], [r.epoch or "", r.last_id])
-
-        def read(reply: list) -> None:
-            epoch, entries = reply[0].decode() or None, reply[1]
-            held = r.filling or []
-            live = [(p, *_ident_epoch(p)) for p in held if p[:2] == b"m "]
-            if epoch is None:  # none in Redis (lost again since?): the channel's says
-                epoch = next((e for _, _, e in live if e is not None), None)
-            if any(e not in (epoch, None) for _, _, e in live):
-                # Of an epoch Redis no longer has (or, if newer, met again when its
-                # next message comes): never shown as this epoch's.
-                stale = {p for p, _, e in live if e not in (epoch, None)}
-                held[:] = [p for p in held if p not in stale]
-                live = [x for x in live if x[0] not in stale]
-            # The channel's copies come next, and with their refs (the stream
-            # has none): read only what precedes the first of them.
-            first = live[0][1] if live else None
-            if first is not None:
-                entries = [e for e in entries if int(e[0].split(b"-", 1)[0]) < first]
-            if entries:
-                first = _message(r.name, entries[0]).id
-            if epoch is not None and epoch != r.epoch:
-                if r.epoch is not None:
-                    r.last_id = (first or 1) - 1
-                    self._reset(r, Reset(r.name, epoch, r.last_id))
-                r.epoch = epoch
-            for e in entries:
-                msg = _message(r.name, e)
-                if msg.id > r.last_id:
-                    self._deliver(r, msg)
-                    self.stats.cluster_events["gap"] += 1
-
-        def done(result: object) -> None:
-            held, r.filling = r.filling or [], None
-            failed = isinstance(result, Failure)
-            if failed:  # read again when Redis is back; its messages are in the stream
-                r.gap = True
-                held = [p for p in held if p[:1] != b"m"]
-            for i, payload in enumerate(held):
-                if r.filling is not None:  # another epoch began meanwhile
-                    r.filling.extend(held[i:])
-                    return
-                self._event(r, payload)
-            if r.gap and not failed and r.subscribed:
-                self._fill(r)
-
-        d.addCallback(read).addBoth(done)
-
-    def _reset(self, r: _Room, event: Reset) -> None:
-        """The room's history starts again (Redis lost it): members forget the old ids."""
-        _log.warn("cluster: room {room} has a new history epoch (Redis lost its data)", room=r.name)
-        self.stats.cluster_events["reset"] += 1
-        if r.marked:
-            item: _Held = (event, {})
-            for j in r.marked:
-                j.held.append(item)
-        self.local.reset(event)
+    def _channels_lost(self) -> None:
+        if self.events is not None:
+            self.events.channels_lost()
 
     def _state(self, up: bool) -> None:
         self.stats.redis_up = int(up)
+        self.stats.redis_reconnects = self.conn.reconnects
         if up:
             self._resync()
             self._heartbeat()
-            for r in tuple(self._rooms.values()):  # a read that failed while Redis was away
-                if r.gap and r.subscribed and r.mids:
-                    self._fill(r)
-        else:
-            for r in tuple(self._rooms.values()):
-                for j in tuple(r.joining.values()):  # their markers or replies may be lost
-                    j.cancelled = True
-                    self._drop_join(r, j, Unavailable("redis connection lost"))
-                r.before_sub = []
+        if self.events is not None:
+            self.events.state(up)
         if self._on_state is not None:
             self._on_state(up)
 
-    def _channels_lost(self) -> None:
-        """The pub/sub connection is gone: what is published now must be read back later."""
-        for r in self._rooms.values():
-            r.subscribed = False
-            r.gap = r.gap or bool(r.mids)
-
     # -- membership upkeep --------------------------------------------------
     def _heartbeat(self) -> None:
-        if self.broker.commands is None:
+        if self.conn.commands is None:
             return
 
-        def beat(reply: list) -> None:
+        def beat(reply: list[Any]) -> None:
             known, reaped = int(reply[0]), int(reply[1])
             self.stats.cluster_reaped += reaped
-            if not known and any(r.mids for r in self._rooms.values()):
+            if not known and self.events is not None and any(self.events.live_members()):
                 _log.warn("cluster: this node had been given up for dead; re-registering")
                 self._resync()
 
@@ -816,26 +552,25 @@ class RedisHub:
 
     def _resync(self) -> None:
         args: list[object] = [self.node]
-        for r in self._rooms.values():
-            for link, mid in r.mids.items():
-                member = self.local.chat[r.name].members[link]
-                key = limits.nick_key(member.nick) if member.unique else ""
-                args += [r.name, mid, f"{key}\n{member.nick}"]
+        if self.events is not None:
+            for room, mid, nick, unique in self.events.live_members():
+                key = limits.nick_key(nick) if unique else ""
+                args += [room, mid, f"{key}\n{nick}"]
 
-        def done(reply: list) -> None:
+        def done(reply: list[Any]) -> None:
             for mid in reply[2]:
                 _log.warn("cluster: nick of member {mid} was taken during an outage", mid=mid)
 
         self._script("resync", [NODES], args).addCallbacks(done, lambda f: None)
 
-    def _script(self, name: str, keys: list, args: list) -> defer.Deferred:
-        d = self.broker.script(name, keys, args)
+    def _script(self, name: str, keys: list[object], args: list[object]) -> defer.Deferred[Any]:
+        d = self.conn.script(name, keys, args)
         self._inflight.add(d)
 
         def settled(result: object) -> object:
             self._inflight.discard(d)
             if isinstance(result, Failure) and not result.check(Unavailable):
-                if not result.check(BrokerDown):
+                if not result.check(RedisDown):
                     _log.failure("cluster: script {name} failed", result, name=name)
                 return Failure(Unavailable(result.getErrorMessage()))
             return result
@@ -843,7 +578,7 @@ class RedisHub:
         return d.addBoth(settled)
 
     @defer.inlineCallbacks
-    def close(self):
+    def close(self) -> Generator[defer.Deferred[Any], object, None]:
         """Wait for what is in flight, take this node's members out, disconnect."""
         if self._beat.running:
             self._beat.stop()
@@ -851,10 +586,10 @@ class RedisHub:
             if self._inflight:
                 pending = defer.DeferredList(list(self._inflight), consumeErrors=True)
                 yield pending.addTimeout(CLOSE_TIMEOUT, self.reactor)
-            if self.broker.up:
+            if self.conn.up:
                 yield self._script("goodbye", [NODES], [self.node]).addTimeout(
                     CLOSE_TIMEOUT, self.reactor
                 )
         except Exception:  # Redis is slow or gone: the others' reaper cleans up after us
             _log.warn("cluster: could not say goodbye; members expire after cluster_ttl")
-        yield self.broker.stop()
+        yield self.conn.stop()

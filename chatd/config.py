@@ -524,7 +524,7 @@ class Settings:
             if origin != "*" and "://" not in origin:
                 raise ConfigError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
         if self.redis is not None:
-            from chatd.broker import parse_url
+            from chatd.redisconn import parse_url
 
             try:
                 parse_url(self.redis)

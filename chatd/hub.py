@@ -1,11 +1,14 @@
-"""Rooms and their members: the seam a multi-node (Redis) hub plugs into.
+"""Rooms and their members, written once: the hub above the broker seam.
 
 Protocols never loop over clients themselves: they join, leave, publish and
-post through a ``Hub``. ``InMemoryHub`` is the single-process implementation;
-``chatd.cluster.RedisHub`` keeps these methods and does id assignment,
-storage and publication in Redis. Both keep the links they hold in a
-``Local``, which renders each event once per wire format and hands it to
-``fanout.broadcast``: the per-message hot path is there and in fanout.
+post through the ``Hub``. It holds what is the same on one node and in a
+cluster: this process's links by room (``Local``, which renders each event
+once per wire format and hands it to ``fanout.broadcast``: the per-message
+hot path is there and in fanout), member ids, the join that meets the live
+stream exactly, epochs and resets, and gap filling. What differs between one
+process and a cluster (ids, storage, presence, publication) is a
+``chatd.broker.Broker``: ``MemoryBroker`` (SQLite) or
+``chatd.cluster.RedisBroker``; chatd/broker.py states their contract.
 
 Two kinds of room, in separate namespaces:
 
@@ -15,30 +18,63 @@ Two kinds of room, in separate namespaces:
   plain seed chat and chatd.v1 share ``lobby``), so members are grouped by
   format and each message is rendered once per format, then fanned out.
 
-``chat_join`` and ``post`` return Deferreds: in one process they have fired
-already, in a cluster they wait for the broker.
+How a join stays exact, on either broker: the hub subscribes to the room
+first; once the broker confirms it, the broker's ``join`` records the
+member, reads the snapshot and publishes the member's marker, as one step.
+Events before the marker are in the snapshot; the ones after it are held
+for the joiner until the snapshot is here, then sent after ``joined``. No
+ids are compared; presence is covered too. (``MemoryBroker`` does all of it
+within the call: the Deferred has fired when ``chat_join`` returns.)
 
 A room's ids count within its history's **epoch** (``Joined.epoch``; see
 chatd/history.py). A join whose ``epoch`` is not the room's current one gets
-a fresh join (``since`` means nothing there) marked ``reset``; when a
-cluster's room starts a new epoch under live members (Redis lost its data),
-they get a ``Reset`` event before its messages.
+a fresh join (``since`` means nothing there) marked ``reset``. When a
+message of another epoch than the one the hub knows arrives (the broker lost
+the room's data: Redis restarted empty), the hub reads the new epoch's
+messages from its start, tells its live members (a ``Reset`` event), then
+delivers: nothing is dropped as "already seen". When the broker's channels
+come back after a loss, each room's messages after the last id delivered
+here are read (``read_after``) before the live ones, held meanwhile.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatd import limits
+from chatd.broker import (
+    Broker,
+    HistoryCursor,
+    Joined,
+    MemoryBroker,
+    NickTaken,
+    Reset,
+    Unavailable,
+)
 from chatd.fanout import OUTBOX, Link, Outbox, broadcast
 from chatd.history import History, Message, Ref
 from chatd.stats import Stats
+
+__all__ = [
+    "HistoryCursor",
+    "Hub",
+    "InMemoryHub",
+    "Joined",
+    "Local",
+    "Member",
+    "NickTaken",
+    "Renderer",
+    "Reset",
+    "Unavailable",
+]
+
+_log = Logger()
 
 
 class Renderer(Protocol):
@@ -49,48 +85,6 @@ class Renderer(Protocol):
     def presence(self, room: str, nick: str, event: str) -> bytes | None: ...
 
     def reset(self, event: Reset) -> bytes | None: ...
-
-
-class NickTaken(Exception):
-    """Another member of the room has this nick."""
-
-
-class Unavailable(Exception):
-    """The message could not be stored (or the join recorded), so nothing was done."""
-
-
-@dataclass(frozen=True, slots=True)
-class Joined:
-    room: str
-    members: list[str]
-    history: list[Message]
-    last_id: int
-    truncated: bool  # messages after ``since`` were lost to retention
-    epoch: str | None = None  # the room's history epoch; None while it has no message
-    reset: bool = False  # the join named another epoch: ``since`` was not used
-    # The rest of the history after ``history``, read as the client takes it
-    # (None: ``history`` is all of it).
-    more: HistoryCursor | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Reset:
-    """The room's history starts again as ``epoch``: what follows has ids above ``last_id``."""
-
-    room: str
-    epoch: str
-    last_id: int
-
-
-class HistoryCursor(Protocol):
-    """Messages after ``after`` up to ``until``, a batch per ``read``."""
-
-    after: int
-    until: int
-
-    def read(self) -> list[Message] | Deferred[list[Message]]:
-        """The next batch, oldest first (or a Deferred of it); fails if some are gone."""
-        ...
 
 
 @dataclass(slots=True)
@@ -104,41 +98,12 @@ class Member:
 class ChatRoom:
     members: dict[Link, Member] = field(default_factory=dict)
     groups: dict[str, dict[Link, None]] = field(default_factory=dict)  # by format
-    nicks: dict[str, Link] = field(default_factory=dict)  # unique ones, by nick_key
-
-
-class Hub(Protocol):
-    # relay rooms
-    def join(self, room: str, link: Link) -> None: ...
-    def leave(self, room: str, link: Link) -> None: ...
-    def publish(self, room: str, payload: bytes, binary: bool) -> int: ...
-
-    # chat rooms
-    def add_format(self, name: str, renderer: Renderer) -> None: ...
-    def chat_join(
-        self,
-        room: str,
-        link: Link,
-        nick: str,
-        fmt: str,
-        since: int | None = None,
-        unique: bool = True,
-        snapshot: bool = True,
-        epoch: str | None = None,  # the epoch ``since`` belongs to, if the client said
-    ) -> Deferred[Joined]: ...  # fires with Joined; fails with NickTaken or Unavailable
-    def chat_leave(self, room: str, link: Link) -> bool: ...
-    def post(self, room: str, sender: str, text: str, ref: Ref = None) -> Deferred[Message]: ...
-    def flush(self) -> None: ...
-
-    def rooms(self) -> dict[str, int]: ...
-    def room_counts(self) -> dict[str, int]: ...  # {"chat": n, "relay": n}, in O(1)
-    def close(self) -> Deferred[None] | None: ...
 
 
 class Local:
     """The links this process holds, by room, and the fan-out to them.
 
-    Knows nothing of ids, storage or other nodes; both hubs feed it events.
+    Knows nothing of ids, storage or other nodes; the hub feeds it events.
     """
 
     def __init__(self, stats: Stats, outbox: Outbox) -> None:
@@ -188,8 +153,6 @@ class Local:
             return False
         r.members[link] = member
         r.groups.setdefault(member.fmt, {})[link] = None
-        if member.unique:
-            r.nicks[limits.nick_key(member.nick)] = link
         return True
 
     def chat_remove(self, room: str, link: Link) -> Member | None:
@@ -201,10 +164,6 @@ class Local:
         del group[link]
         if not group:
             del r.groups[member.fmt]
-        if member.unique:
-            key = limits.nick_key(member.nick)
-            if r.nicks.get(key) is link:
-                del r.nicks[key]
         if not r.members:
             del self.chat[room]
         return member
@@ -275,41 +234,89 @@ class Local:
         return counts
 
 
-def _later(f: Callable[[], object]) -> None:
-    from twisted.internet import reactor
+# An event for a joiner, held until it goes live, with its renders by format
+# (shared by every joiner that gets it: one render per event and format).
+_Held = tuple[Message | Reset | tuple[str, str, str], dict[str, bytes | None]]
+# A room's event held while a gap is read: ("m", Message, epoch) or ("p", mid, nick, kind).
+_Event = tuple[str, Message, str | None] | tuple[str, str, str, str]
 
-    reactor.callLater(0, f)
+
+@dataclass(eq=False, slots=True)
+class _Joining:
+    """A member between its join request and going live."""
+
+    link: Link
+    mid: str
+    member: Member
+    since: int | None
+    snapshot: bool = True  # False: no member list and no history wanted
+    epoch: str | None = None  # the epoch ``since`` counts in, if the client said
+    d: defer.Deferred[Joined] = field(default_factory=defer.Deferred)
+    reply: Joined | None = None  # the broker's snapshot
+    marked: bool = False  # its marker came through the room's stream
+    held: list[_Held] = field(default_factory=list)  # what came after the marker
+    cancelled: bool = False
 
 
-class InMemoryHub:
-    """All rooms of one process; chat history in SQLite (``History``)."""
+@dataclass(eq=False, slots=True)
+class _Room:
+    """This process's view of one chat room (its live members are in ``Local``)."""
+
+    name: str
+    mids: dict[Link, str] = field(default_factory=dict)  # live members here
+    live: dict[str, Link] = field(default_factory=dict)  # the same, by member id
+    joining: dict[Link, _Joining] = field(default_factory=dict)
+    by_mid: dict[str, _Joining] = field(default_factory=dict)  # the same, by member id
+    marked: dict[_Joining, None] = field(default_factory=dict)  # marker seen, reply not yet
+    before_sub: list[_Joining] = field(default_factory=list)  # wait for the subscription
+    subscribed: bool = False
+    last_id: int = 0  # every message up to here went to the live members
+    epoch: str | None = None  # the history epoch last_id counts in (None: not known yet)
+    filling: list[_Event] | None = None  # events held while a gap is read
+    gap: bool = False  # the stream was lost: read it when it is back
+
+    def empty(self) -> bool:
+        return not self.mids and not self.joining
+
+
+class Hub:
+    """Every room of this process, over a broker (see the module docstring)."""
 
     def __init__(
         self,
-        history: History | None = None,
-        call_soon: Callable[[Callable[[], object]], object] = _later,
+        broker: Broker,
         join_history: int = limits.JOIN_HISTORY,
         stats: Stats | None = None,
         outbox: Outbox = OUTBOX,
     ) -> None:
-        self.history = history if history is not None else History(":memory:", 0)
+        self.broker = broker
         self.stats = stats if stats is not None else Stats()
         self.local = Local(self.stats, outbox)
         self.join_history = join_history
-        self._call_soon = call_soon
-        self._pending: list[tuple[Message, Deferred[Message]]] = []
+        self.node = broker.node
+        self._serial = 0
+        self._rooms: dict[str, _Room] = {}
+        broker.attach(self)
 
-    # -- relay rooms ------------------------------------------------------
+    def start(self) -> None:
+        self.broker.start()
+
+    # -- relay rooms --------------------------------------------------------
     def join(self, room: str, link: Link) -> None:
-        self.local.relay_add(room, link)
+        if self.local.relay_add(room, link):
+            self.broker.relay_subscribe(room)
 
     def leave(self, room: str, link: Link) -> None:
-        self.local.relay_remove(room, link)
+        if self.local.relay_remove(room, link):
+            self.broker.relay_unsubscribe(room)
 
     def publish(self, room: str, payload: bytes, binary: bool) -> int:
-        return self.local.relay_send(room, payload, binary)
+        """Deliver here at once; the broker tells the other processes (best effort)."""
+        n = self.local.relay_send(room, payload, binary)
+        self.broker.relay_publish(room, payload, binary)
+        return n
 
-    # -- chat rooms -------------------------------------------------------
+    # -- chat rooms ---------------------------------------------------------
     def add_format(self, name: str, renderer: Renderer) -> None:
         self.local.renderers[name] = renderer
 
@@ -323,113 +330,364 @@ class InMemoryHub:
         unique: bool = True,
         snapshot: bool = True,
         epoch: str | None = None,
-    ) -> Deferred[Joined]:
+    ) -> defer.Deferred[Joined]:
         """Join (or re-join) ``room``; the history and the live stream meet exactly.
 
-        Everything accepted before the join is committed and sent first, so
-        the history ends at ``last_id`` and every later message arrives live,
-        once. ``history`` holds its first batch; ``more`` reads the rest
-        from the database a batch at a time, while the client reads. Without
-        ``snapshot`` (plain clients show neither) ``members`` and ``history``
-        are left empty: a join then costs the same in a room of ten or of ten
-        thousand. An ``epoch`` other than the room's makes ``since``
-        meaningless: the answer is a fresh join marked ``reset``. The
-        Deferred has fired when this returns.
+        Fires with ``Joined`` once the member is live: ``history`` holds the
+        first page and ``more`` reads the rest as the client takes it;
+        everything published after the snapshot reaches the link after it,
+        once. Without ``snapshot`` (plain clients show neither) ``members``
+        and ``history`` are left empty: a join then costs the same in a room
+        of ten or of ten thousand. An ``epoch`` other than the room's makes
+        ``since`` meaningless: the answer is a fresh join marked ``reset``.
+        Fails with ``NickTaken`` (a ``unique`` nick another member has) or
+        ``Unavailable``. A link already a member gets the snapshot again and
+        nothing else changes.
         """
-        self.flush()
-        try:
-            current = self.history.epoch(room)
-        except sqlite3.Error as e:
-            return fail(Unavailable(str(e)))
-        reset = epoch is not None and epoch != current
-        if reset:
-            since = None
-        r = self.local.chat.get(room)
-        if unique and r is not None:
-            holder = r.nicks.get(limits.nick_key(nick))
-            if holder is not None and holder is not link:
-                return fail(NickTaken(nick))
-        if r is None or link not in r.members:
-            self.local.presence(room, nick, "join")
-            self.local.chat_add(room, link, Member(nick, fmt, unique))
-        last_id = self.history.last_id(room)
-        if not snapshot:
-            return succeed(Joined(room, [], [], last_id, False, current, reset))
-        if since is None:
-            after = max(0, last_id - min(self.join_history, self.history.retention))
-            history, _, cursor = self.history.page(room, after)
-            truncated = False
+        if not self.broker.up:
+            return defer.fail(Unavailable("the message store is unreachable"))
+        r = self._room(room)
+        mid = r.mids.get(link)
+        if mid is not None:  # joined already: history again, nothing else changes
+            return self._broker_join(r, mid, Member(nick, fmt, unique), since, snapshot, epoch)
+        if link in r.joining:
+            return defer.fail(Unavailable("a join of this room is in progress"))
+        self._serial += 1
+        j = _Joining(
+            link, f"{self.node}.{self._serial}", Member(nick, fmt, unique), since, snapshot, epoch
+        )
+        r.joining[link] = j
+        r.by_mid[j.mid] = j
+        if r.subscribed:
+            self._start_join(r, j)
         else:
-            history, truncated, cursor = self.history.page(room, since)
-        return succeed(
-            Joined(room, self.members(room), history, last_id, truncated, current, reset, cursor)
+            r.before_sub.append(j)
+        return j.d
+
+    def _room(self, name: str) -> _Room:
+        r = self._rooms.get(name)
+        if r is None:
+            r = self._rooms[name] = _Room(name)
+            self.broker.subscribe(name)  # (a MemoryBroker confirms within the call)
+        return r
+
+    def _forget_if_empty(self, r: _Room) -> None:
+        if r.empty() and self._rooms.get(r.name) is r:
+            del self._rooms[r.name]
+            self.broker.unsubscribe(r.name)
+
+    def _broker_join(
+        self,
+        r: _Room,
+        mid: str,
+        m: Member,
+        since: int | None,
+        snapshot: bool,
+        epoch: str | None,
+    ) -> defer.Deferred[Joined]:
+        return self.broker.join(
+            r.name, mid, m.nick, m.unique, since, snapshot, self.join_history, epoch
         )
 
+    def _start_join(self, r: _Room, j: _Joining) -> None:
+        def answered(reply: Joined) -> None:
+            if j.cancelled:
+                self._leave(r, j.mid)
+                return
+            j.reply = reply
+            self._maybe_live(r, j)
+
+        def failed(f: Failure) -> None:
+            if not j.cancelled:
+                error = f.value
+                if not isinstance(error, (NickTaken, Unavailable)):
+                    error = Unavailable(str(error))
+                self._drop_join(r, j, error)
+
+        self._broker_join(r, j.mid, j.member, j.since, j.snapshot, j.epoch).addCallbacks(
+            answered, failed
+        )
+
+    def _unjoin(self, r: _Room, j: _Joining) -> None:
+        if r.joining.get(j.link) is j:
+            del r.joining[j.link]
+        r.by_mid.pop(j.mid, None)
+        r.marked.pop(j, None)
+
+    def _drop_join(self, r: _Room, j: _Joining, error: Exception) -> None:
+        self._unjoin(r, j)
+        self._forget_if_empty(r)
+        j.d.errback(error)
+
+    def _maybe_live(self, r: _Room, j: _Joining) -> None:
+        """Both the snapshot and the marker are here: send ``joined``, then what came after."""
+        if j.reply is None or not j.marked or r.joining.get(j.link) is not j:
+            return
+        self._unjoin(r, j)
+        joined = j.reply
+        self.local.chat_add(r.name, j.link, j.member)
+        r.mids[j.link] = j.mid
+        r.live[j.mid] = j.link
+        # (held messages went through _message, which already counted them in
+        # last_id; a snapshot of another epoch is older than what the stream said since)
+        if r.epoch is None:
+            r.epoch = joined.epoch
+        if joined.epoch == r.epoch:
+            r.last_id = max(r.last_id, joined.last_id)
+        j.d.callback(joined)  # the protocol answers, and may handle frames that waited
+        if r.mids.get(j.link) == j.mid:  # (one of which may have left the room again)
+            self.local.send_to(j.link, j.member.fmt, j.held)
+
     def chat_leave(self, room: str, link: Link) -> bool:
-        # What was posted before the leave (in this reactor turn) goes out first:
-        # the leaver gets its own messages back, the others see them before it goes.
-        self.flush()
-        member = self.local.chat_remove(room, link)
-        if member is None:
+        # What was posted before the leave goes out first: the leaver gets its
+        # own messages back, the others see them before it goes.
+        self.broker.flush()
+        r = self._rooms.get(room)
+        if r is None:
             return False
-        self.local.presence(room, member.nick, "leave")
+        j = r.joining.get(link)
+        if j is not None:
+            self._unjoin(r, j)
+            j.cancelled = True
+            if j in r.before_sub:
+                r.before_sub.remove(j)
+            elif j.reply is not None:
+                self._leave(r, j.mid)
+            self._drop_join(r, j, Unavailable("left before the join completed"))
+            return False
+        mid = r.mids.pop(link, None)
+        if mid is None:
+            return False
+        del r.live[mid]
+        member = self.local.chat_remove(room, link)
+        if member is not None:
+            self.local.presence(room, member.nick, "leave")
+        self._leave(r, mid)
+        self._forget_if_empty(r)
         return True
 
+    def _leave(self, r: _Room, mid: str) -> None:
+        now = self._rooms.get(r.name)  # the room may have been forgotten and made anew
+        self.broker.leave(r.name, mid, now is None or now.empty())
+
     def members(self, room: str) -> list[str]:
+        """The nicks of this process's live members of ``room``."""
         r = self.local.chat.get(room)
         return [m.nick for m in r.members.values()] if r else []
 
-    def post(self, room: str, sender: str, text: str, ref: Ref = None) -> Deferred[Message]:
-        """Store a message and send it to the room's members (there may be none).
+    def post(self, room: str, sender: str, text: str, ref: Ref = None) -> defer.Deferred[Message]:
+        """Store a message and send it to the room's members, everywhere (there may be none).
 
-        The message is written at once and committed with everything else
-        accepted in this reactor turn; only then is it broadcast (and the
-        Deferred fired with it). If the commit fails nothing is sent and the
-        Deferred fails with Unavailable. Who may post is the caller's check.
+        Fires with the stored ``Message`` once the broker has it (every
+        member, here or on another node, gets it from the broker's stream);
+        fails with ``Unavailable`` if it could not be stored, and then no one
+        gets it. Who may post is the caller's check.
         """
-        try:
-            msg = self.history.append(room, sender, text, ref)
-        except sqlite3.Error as e:
-            # Nothing of this batch can be trusted now: fail it all, send none.
-            self._fail_pending(e)
-            return fail(Unavailable(str(e)))
-        d: Deferred[Message] = Deferred()
-        if not self._pending:
-            self._call_soon(self.flush)
-        self._pending.append((msg, d))
-        return d
+        if not self.broker.up:
+            return defer.fail(Unavailable("the message store is unreachable"))
+        return self.broker.publish(room, sender, text, ref)
 
     def flush(self) -> None:
-        """Commit what was posted, then deliver it, in id order."""
-        if not self._pending:
-            return
-        started = time.perf_counter()
-        try:
-            self.history.commit()
-        except sqlite3.Error as e:
-            self._fail_pending(e)
-            return
-        self.stats.history_commit.observe(time.perf_counter() - started)
-        pending, self._pending = self._pending, []
-        for msg, d in pending:
-            self.local.deliver(msg)
-            d.callback(msg)
+        """Complete what was posted so far (a batch), now."""
+        self.broker.flush()
 
-    def _fail_pending(self, error: Exception) -> None:
-        """Roll back the uncommitted batch: none of it is sent, every sender is told."""
-        self.history.rollback()
-        pending, self._pending = self._pending, []
-        for _, d in pending:
-            d.errback(Unavailable(str(error)))
-
-    # -- both -------------------------------------------------------------
     def rooms(self) -> dict[str, int]:
         return self.local.counts()
 
     def room_counts(self) -> dict[str, int]:
         return self.local.room_counts()
 
-    def close(self) -> None:
-        """Commit and deliver what is pending, then close the database."""
-        self.flush()
-        self.history.close()
+    def close(self) -> defer.Deferred[None] | None:
+        """Complete what is pending, take this process's members out, let the broker go."""
+        return self.broker.close()
+
+    # -- BrokerEvents: from the broker, in each room's order -----------------
+    def message(self, room: str, msg: Message, epoch: str | None) -> None:
+        r = self._rooms.get(room)
+        if r is None:
+            return
+        if r.filling is not None:
+            r.filling.append(("m", msg, epoch))
+            return
+        self._message(r, msg, epoch)
+
+    def _message(self, r: _Room, msg: Message, epoch: str | None) -> None:
+        if epoch != r.epoch and epoch is not None:
+            if r.epoch is not None:  # the broker lost the room: read the new epoch first
+                self._fill(r, [("m", msg, epoch)])
+                return
+            r.epoch = epoch
+        if msg.id <= r.last_id:
+            return  # read already while filling a gap
+        self._deliver(r, msg)
+
+    def presence(self, room: str, mid: str, nick: str, kind: str) -> None:
+        r = self._rooms.get(room)
+        if r is None:
+            return
+        if r.filling is not None:
+            r.filling.append(("p", mid, nick, kind))
+            return
+        self._presence(r, mid, nick, kind)
+
+    def _presence(self, r: _Room, mid: str, nick: str, kind: str) -> None:
+        ours = mid.startswith(self.node)
+        if r.marked and kind != "mark" and not (ours and kind == "leave"):
+            item: _Held = ((r.name, nick, kind), {})
+            for j in r.marked:
+                j.held.append(item)
+        # The members here are told before a joiner of this process goes live,
+        # whether the snapshot came before its marker or not: the joiner never
+        # gets its own join. (A member live here already, written back after a
+        # reconnect, is news to no one here.)
+        if kind == "join" and mid not in r.live:
+            self.local.presence(r.name, nick, "join")
+        elif kind == "leave" and not ours:  # this process told its own members at once
+            self.local.presence(r.name, nick, "leave")
+        joiner = r.by_mid.get(mid)
+        if joiner is not None and not joiner.marked:
+            joiner.marked = True
+            r.marked[joiner] = None
+            self._maybe_live(r, joiner)
+
+    def relay(self, room: str, payload: bytes, binary: bool) -> None:
+        self.local.relay_send(room, payload, binary)
+
+    def subscribed(self, room: str) -> None:
+        r = self._rooms.get(room)
+        if r is None:
+            return
+        r.subscribed = True
+        waiting, r.before_sub = r.before_sub, []
+        for j in waiting:
+            self._start_join(r, j)
+        if r.gap and r.mids:
+            self._fill(r)
+        elif r.gap:  # no one here needs what was missed; the next join tells anew
+            r.gap, r.epoch, r.last_id = False, None, 0
+
+    def channels_lost(self) -> None:
+        """What is published now must be read back later."""
+        for r in self._rooms.values():
+            r.subscribed = False
+            r.gap = r.gap or bool(r.mids)
+
+    def state(self, up: bool) -> None:
+        if up:
+            for r in tuple(self._rooms.values()):  # a read that failed while it was away
+                if r.gap and r.subscribed and r.mids:
+                    self._fill(r)
+        else:
+            for r in tuple(self._rooms.values()):
+                for j in tuple(r.joining.values()):  # their markers or replies may be lost
+                    j.cancelled = True
+                    self._drop_join(r, j, Unavailable("the message store connection was lost"))
+                r.before_sub = []
+
+    def live_members(self) -> Iterator[tuple[str, str, str, bool]]:
+        for r in self._rooms.values():
+            members = self.local.chat[r.name].members if r.mids else {}
+            for link, mid in r.mids.items():
+                member = members[link]
+                yield r.name, mid, member.nick, member.unique
+
+    # -- gaps and epochs ---------------------------------------------------------
+    def _deliver(self, r: _Room, msg: Message) -> None:
+        r.last_id = msg.id
+        if r.marked:
+            item: _Held = (msg, {})  # rendered at most once per format for all joiners
+            for j in r.marked:
+                j.held.append(item)
+        self.local.deliver(msg)
+
+    def _replay(self, r: _Room, ev: _Event) -> None:
+        if ev[0] == "m":
+            self._message(r, ev[1], ev[2])  # type: ignore[arg-type]
+        else:
+            self._presence(r, ev[1], ev[2], ev[3])  # type: ignore[arg-type, misc]
+
+    def _fill(self, r: _Room, held: list[_Event] | None = None) -> None:
+        """Deliver what was published while the stream was down, then the rest, in order.
+
+        Also how a new epoch is met (``held`` is its first message seen live):
+        ids start again, so the new epoch is read from its start, after a
+        ``Reset`` for the members.
+        """
+        if r.filling is not None:  # one is under way: read again once it is done
+            r.filling.extend(held or ())
+            r.gap = True
+            return
+        r.gap = False
+        r.filling = held or []
+        d = self.broker.read_after(r.name, r.epoch, r.last_id)
+
+        def read(reply: tuple[str | None, list[Message]]) -> None:
+            epoch, entries = reply
+            held = r.filling or []
+            live = [(ev, ev[1].id, ev[2]) for ev in held if ev[0] == "m"]  # type: ignore[union-attr]
+            if epoch is None:  # the broker has none (lost again since?): the stream's says
+                epoch = next((e for _, _, e in live if e is not None), None)
+            if any(e not in (epoch, None) for _, _, e in live):
+                # Of an epoch the broker no longer has (or, if newer, met again
+                # when its next message comes): never shown as this epoch's.
+                stale = {id(ev) for ev, _, e in live if e not in (epoch, None)}
+                held[:] = [ev for ev in held if id(ev) not in stale]
+                live = [x for x in live if id(x[0]) not in stale]
+            # The stream's copies come next, and with their refs (a stored
+            # message has none): read only what precedes the first of them.
+            first: int | None = live[0][1] if live else None
+            if first is not None:
+                entries = [m for m in entries if m.id < first]
+            if entries:
+                first = entries[0].id
+            if epoch is not None and epoch != r.epoch:
+                if r.epoch is not None:
+                    r.last_id = (first or 1) - 1
+                    self._reset(r, Reset(r.name, epoch, r.last_id))
+                r.epoch = epoch
+            for msg in entries:
+                if msg.id > r.last_id:
+                    self._deliver(r, msg)
+                    self.stats.cluster_events["gap"] += 1
+
+        def done(result: object) -> None:
+            held, r.filling = r.filling or [], None
+            failed = isinstance(result, Failure)
+            if failed:  # read again when the broker is back; its messages are stored
+                r.gap = True
+                held = [ev for ev in held if ev[0] != "m"]
+            for i, ev in enumerate(held):
+                if r.filling is not None:  # another epoch began meanwhile
+                    r.filling.extend(held[i:])
+                    return
+                self._replay(r, ev)
+            if r.gap and not failed and r.subscribed:
+                self._fill(r)
+
+        d.addCallback(read).addBoth(done)
+
+    def _reset(self, r: _Room, event: Reset) -> None:
+        """The room's history starts again (the broker lost it): members forget the old ids."""
+        _log.warn("room {room} has a new history epoch (its stored data was lost)", room=r.name)
+        self.stats.cluster_events["reset"] += 1
+        if r.marked:
+            item: _Held = (event, {})
+            for j in r.marked:
+                j.held.append(item)
+        self.local.reset(event)
+
+
+def InMemoryHub(  # (a factory for what used to be a class)
+    history: History | None = None,
+    call_soon: Callable[[Callable[[], object]], object] | None = None,
+    join_history: int = limits.JOIN_HISTORY,
+    stats: Stats | None = None,
+    outbox: Outbox = OUTBOX,
+) -> Hub:
+    """A hub of one process: a ``MemoryBroker`` (SQLite ``history``; in memory if None)."""
+    stats = stats if stats is not None else Stats()
+    if call_soon is None:
+        broker = MemoryBroker(history, stats=stats)
+    else:
+        broker = MemoryBroker(history, call_soon, stats)
+    return Hub(broker, join_history, stats, outbox)

@@ -155,9 +155,10 @@ class Collector:
             redis = GaugeMetricFamily("chatd_redis_up", "1 while this node is connected to Redis.")
             redis.add_metric([], s.redis_up)
             yield redis
-            reconnects = getattr(getattr(self.hub, "broker", None), "reconnects", 0)
             yield CounterMetricFamily(
-                "chatd_redis_reconnects", "Times the Redis connection came back.", reconnects
+                "chatd_redis_reconnects",
+                "Times the Redis connection came back.",
+                s.redis_reconnects,
             )
             yield counter(
                 "chatd_cluster_events",

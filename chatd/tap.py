@@ -367,8 +367,8 @@ class ChatdService(service.MultiService):
 
 
 def _cluster_hub(settings: Settings, stats: Stats, health: Health) -> Hub:
-    """A node of a cluster: rooms, presence and history in Redis (chatd.cluster)."""
-    from chatd.cluster import RedisHub
+    """A node of a cluster: the hub over a broker with ids, history and presence in Redis."""
+    from chatd.cluster import RedisBroker
 
     def state(up: bool) -> None:
         if up:
@@ -378,14 +378,14 @@ def _cluster_hub(settings: Settings, stats: Stats, health: Health) -> Hub:
 
     state(False)  # until connected
     assert settings.redis is not None  # called for --redis only
-    hub = RedisHub(
+    broker = RedisBroker(
         settings.redis,
         retention=settings.history_size,
-        join_history=settings.join_history,
         ttl=settings.cluster_ttl,
         stats=stats,
         on_state=state,
     )
+    hub = Hub(broker, settings.join_history, stats)
     from twisted.internet import reactor
 
     reactor.callWhenRunning(hub.start)

@@ -203,7 +203,7 @@ def test_join_naming_another_epoch_is_a_fresh_join_marked_reset() -> None:
     for k in range(5):
         hub.post("r", "ann", f"t{k}")
     soon.pop()()
-    epoch = hub.history.epoch("r")
+    epoch = hub.broker.history.epoch("r")  # type: ignore[attr-defined]
     j = hub.chat_join("r", m.link, "ann", "v1", since=3, epoch=epoch).result
     assert (j.epoch, j.reset, [x.id for x in j.history]) == (epoch, False, [4, 5])
     j = hub.chat_join("r", m.link, "ann", "v1", since=3, epoch="another").result

@@ -1,0 +1,476 @@
+"""The broker contract (chatd/broker.py), one body of tests run against both brokers.
+
+``memory``: ``MemoryBroker`` over an SQLite ``History``; ``redis``:
+``RedisBroker`` against a real redis-server on a loopback port (one per
+test, nothing persisted). Each test drives the broker directly, as the hub
+does, with a ``Recorder`` in the hub's place that keeps every event in the
+order it came; waits are on those events (a Deferred that fires when the
+condition holds, or fails after a bound), never fixed sleeps. Tests about
+several processes (one order across nodes, relay across nodes, presence
+expiring with its node) need a broker whose state outlives a process: they
+run against Redis only, and say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from chatd.broker import Joined, MemoryBroker, NickTaken, Unavailable
+from chatd.cluster import RedisBroker
+from chatd.history import History, Message
+from tools.redis import RedisServer
+
+WAIT = 15.0  # seconds any awaited event may take (a loaded CI machine)
+RETENTION = 50
+
+
+class Recorder:
+    """The hub's side of the contract (``BrokerEvents``): every event, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.subscriptions: set[str] = set()
+        self.states: list[bool] = []
+        self.live: list[tuple[str, str, str, bool]] = []
+        self._waits: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
+
+    # BrokerEvents
+    def message(self, room: str, msg: Message, epoch: str | None) -> None:
+        self._add(("m", room, msg.id, msg.sender, msg.text, epoch))
+
+    def presence(self, room: str, mid: str, nick: str, kind: str) -> None:
+        self._add(("p", room, mid, nick, kind))
+
+    def relay(self, room: str, payload: bytes, binary: bool) -> None:
+        self._add(("r", room, payload, binary))
+
+    def subscribed(self, room: str) -> None:
+        self.subscriptions.add(room)
+        self._check()
+
+    def channels_lost(self) -> None:
+        self.subscriptions.clear()
+
+    def state(self, up: bool) -> None:
+        self.states.append(up)
+        self._check()
+
+    def live_members(self) -> Iterator[tuple[str, str, str, bool]]:
+        return iter(self.live)
+
+    # for the tests
+    def _add(self, event: tuple[Any, ...]) -> None:
+        self.events.append(event)
+        self._check()
+
+    def _check(self) -> None:
+        for wait in list(self._waits):
+            check, d = wait
+            if check():
+                self._waits.remove(wait)
+                d.callback(None)
+
+    def until(self, check: Callable[[], bool], what: str) -> defer.Deferred[None]:
+        """Fires once ``check()`` holds (checked at each event); fails after WAIT seconds."""
+        if check():
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        wait = (check, d)
+        self._waits.append(wait)
+
+        def late() -> None:
+            if wait in self._waits:
+                self._waits.remove(wait)
+                d.errback(AssertionError(f"not within {WAIT} s: {what}; events: {self.events}"))
+
+        call = reactor.callLater(WAIT, late)
+        return d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+
+    def kinds(self, room: str) -> list[tuple[Any, ...]]:
+        """The room's events without the room."""
+        return [(e[0], *e[2:]) for e in self.events if e[1] == room]
+
+    def ids(self, room: str) -> list[int]:
+        return [e[2] for e in self.events if e[0] == "m" and e[1] == room]
+
+
+class Kit:
+    """Makes started brokers of one kind, and breaks their store on demand."""
+
+    def __init__(self, kind: str, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        self.request = request
+        self.made: list[Any] = []
+        self.server: RedisServer | None = None
+
+    @property
+    def multi(self) -> bool:
+        """Whether several processes can share this broker's state."""
+        return self.kind == "redis"
+
+    def needs_processes(self) -> None:
+        if not self.multi:
+            pytest.skip("MemoryBroker is one process: there is no other node to share with")
+
+    @defer.inlineCallbacks
+    def broker(self, retention: int = RETENTION, ttl: float = 30.0) -> Any:
+        rec = Recorder()
+        b: Any
+        if self.kind == "memory":
+            b = MemoryBroker(History(":memory:", retention))
+        else:
+            if self.server is None:
+                self.server = RedisServer(persist=False)
+            b = RedisBroker(self.server.url, retention=retention, ttl=ttl, reactor=reactor)
+        b.attach(rec)
+        b.start()
+        self.made.append(b)
+        yield rec.until(lambda: b.up, "broker up")
+        b.recorder = rec
+        return b
+
+    @defer.inlineCallbacks
+    def subscribed(self, b: Any, room: str) -> Any:
+        b.subscribe(room)
+        yield b.recorder.until(lambda: room in b.recorder.subscriptions, f"{room} subscribed")
+
+    @defer.inlineCallbacks
+    def break_store(self, b: Any) -> Any:
+        """From now on the broker cannot store: SQLite closed under it, or Redis gone."""
+        if self.kind == "memory":
+            b.history.db.close()
+            return
+        assert self.server is not None
+        self.server.stop()
+        yield b.recorder.until(lambda: b.recorder.states[-1:] == [False], "broker down")
+
+    def close(self) -> None:
+        for b in self.made:
+            with_db = getattr(b, "history", None)
+            if with_db is not None:
+                with contextlib.suppress(sqlite3.Error):  # (closed under it by break_store)
+                    b.close()
+            else:
+                pytest_twisted.blockon(b.close())
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def kit(request: pytest.FixtureRequest) -> Iterator[Kit]:
+    k = Kit(request.param, request)
+    yield k
+    k.close()
+
+
+def gather(ds: list[defer.Deferred[Any]]) -> defer.Deferred[list[Any]]:
+    return defer.gatherResults(ds, consumeErrors=True)
+
+
+# -- publish: atomic, ordered ------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_publish_gives_ids_in_order_and_every_subscriber_gets_them_in_that_order(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    stored = yield gather([b.publish("tea", "ann", f"t{i}") for i in range(20)])
+    assert [m.id for m in stored] == list(range(1, 21))
+    assert all(m.ts > 0 and m.room == "tea" for m in stored)
+    rec = b.recorder
+    yield rec.until(lambda: len(rec.ids("tea")) == 20, "20 messages")
+    assert rec.ids("tea") == list(range(1, 21))
+    assert [e[4] for e in rec.events if e[0] == "m"] == [f"t{i}" for i in range(20)]
+    epochs = {e[5] for e in rec.events if e[0] == "m"}
+    assert len(epochs) == 1 and None not in epochs  # one epoch, made with the first id
+    # Rooms count on their own.
+    yield kit.subscribed(b, "other")
+    m = yield b.publish("other", "bob", "hi")
+    assert m.id == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_refs_come_back_with_the_stored_message(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    m = yield b.publish("tea", "ann", "x", 7)
+    assert (m.sender, m.text, m.ref) == ("ann", "x", 7)
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_processes_see_one_order(kit):
+    kit.needs_processes()
+    a = yield kit.broker()
+    b = yield kit.broker()
+    yield kit.subscribed(a, "tea")
+    yield kit.subscribed(b, "tea")
+    ds = []
+    for i in range(30):
+        ds.append((a if i % 2 else b).publish("tea", "ann", f"t{i}"))
+    yield gather(ds)
+    for x in (a, b):
+        yield x.recorder.until(lambda x=x: len(x.recorder.ids("tea")) == 30, "30 on each")
+    assert a.recorder.kinds("tea") == b.recorder.kinds("tea")
+    assert a.recorder.ids("tea") == list(range(1, 31))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_failed_store_fails_the_publish_and_publishes_nothing(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    yield b.publish("tea", "ann", "before")
+    yield b.recorder.until(lambda: b.recorder.ids("tea") == [1], "the first")
+    yield kit.break_store(b)
+    with pytest.raises(Unavailable):
+        yield b.publish("tea", "ann", "lost")
+    with pytest.raises(Unavailable):
+        yield b.join("tea", f"{b.node}.1", "ann", True, None, True, 10, None)
+    with pytest.raises(Unavailable):
+        yield b.read_after("tea", None, 0)
+    b.leave("tea", f"{b.node}.1", True)  # never fails
+    assert b.recorder.ids("tea") == [1]
+
+
+# -- join: the marker splits the stream ------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_join_marker_splits_the_stream_exactly(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    first = b.publish("tea", "ann", "one")  # accepted before the join, not yet awaited
+    joined: Joined = yield b.join("tea", f"{b.node}.1", "bob", True, None, True, 10, None)
+    second = yield b.publish("tea", "ann", "two")
+    assert (yield first).id == 1 and second.id == 2
+    assert [m.id for m in joined.history] == [1] and joined.last_id == 1
+    assert joined.members == ["bob"] and not joined.truncated and not joined.reset
+    rec = b.recorder
+    yield rec.until(lambda: len(rec.kinds("tea")) == 3, "message, marker, message")
+    assert rec.kinds("tea") == [
+        ("m", 1, "ann", "one", joined.epoch),
+        ("p", f"{b.node}.1", "bob", "join"),
+        ("m", 2, "ann", "two", joined.epoch),
+    ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_nick_keys_are_exclusive_a_rejoin_is_a_mark_and_leave_frees_the_nick(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    n = b.node
+    yield b.join("tea", f"{n}.1", "Ann", True, None, True, 10, None)
+    with pytest.raises(NickTaken):  # the same key: case and look-alikes folded
+        yield b.join("tea", f"{n}.2", "ann", True, None, True, 10, None)
+    again = yield b.join("tea", f"{n}.1", "Ann", True, None, True, 10, None)
+    assert again.members == ["Ann"]
+    both = yield b.join("tea", f"{n}.3", "ann", False, None, True, 10, None)  # claims nothing
+    assert sorted(both.members) == ["Ann", "ann"]
+    b.leave("tea", f"{n}.1", False)
+    b.leave("tea", f"{n}.9", False)  # not a member: nothing happens
+    yield b.join("tea", f"{n}.2", "ANN", True, None, True, 10, None)  # free again
+    rec = b.recorder
+    yield rec.until(lambda: len(rec.kinds("tea")) == 5, "five presence events")
+    assert rec.kinds("tea") == [
+        ("p", f"{n}.1", "Ann", "join"),
+        ("p", f"{n}.1", "", "mark"),
+        ("p", f"{n}.3", "ann", "join"),
+        ("p", f"{n}.1", "Ann", "leave"),
+        ("p", f"{n}.2", "ANN", "join"),
+    ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_snapshots_recent_since_truncated_and_without_history(kit):
+    b = yield kit.broker(retention=5)
+    yield kit.subscribed(b, "tea")
+    yield gather([b.publish("tea", "ann", f"t{i}") for i in range(1, 11)])
+    n = b.node
+    recent = yield b.join("tea", f"{n}.1", "a", True, None, True, 3, None)
+    assert [m.id for m in recent.history] == [8, 9, 10] and not recent.truncated
+    assert [m.text for m in recent.history] == ["t8", "t9", "t10"]
+    since = yield b.join("tea", f"{n}.2", "b", True, 7, True, 3, None)
+    assert [m.id for m in since.history] == [8, 9, 10] and not since.truncated
+    lost = yield b.join("tea", f"{n}.3", "c", True, 2, True, 3, None)  # 3..5 are gone
+    assert [m.id for m in lost.history] == [6, 7, 8, 9, 10] and lost.truncated
+    capped = yield b.join("tea", f"{n}.4", "d", True, None, True, 100, None)  # the retention
+    assert [m.id for m in capped.history] == [6, 7, 8, 9, 10]
+    bare = yield b.join("tea", f"{n}.5", "e", True, None, False, 3, None)
+    assert (bare.members, bare.history, bare.last_id) == ([], [], 10)
+    assert bare.epoch == recent.epoch is not None
+
+
+@pytest_twisted.inlineCallbacks
+def test_another_epoch_is_a_fresh_snapshot_marked_reset(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    n = b.node
+    empty = yield b.join("tea", f"{n}.1", "a", True, None, True, 10, None)
+    assert empty.epoch is None and empty.last_id == 0 and empty.history == []
+    yield gather([b.publish("tea", "ann", f"t{i}") for i in range(4)])
+    same = yield b.join("tea", f"{n}.2", "b", True, 2, True, 10, "x" * 12)
+    assert same.reset and same.epoch is not None
+    assert [m.id for m in same.history] == [1, 2, 3, 4]  # the recent ones, not after 2
+    ok = yield b.join("tea", f"{n}.3", "c", True, 2, True, 10, same.epoch)
+    assert not ok.reset and [m.id for m in ok.history] == [3, 4]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_long_replay_is_read_in_pages_without_a_gap(kit):
+    b = yield kit.broker(retention=400)
+    yield kit.subscribed(b, "tea")
+    yield gather([b.publish("tea", "ann", f"{i:04d}" + "x" * 1000) for i in range(300)])
+    joined = yield b.join("tea", f"{b.node}.1", "bob", True, 0, True, 10, None)
+    assert 0 < len(joined.history) < 300 and joined.more is not None
+    got = [m.id for m in joined.history]
+    cursor = joined.more
+    pages = 1
+    while cursor.after < cursor.until:
+        page = yield defer.maybeDeferred(cursor.read)
+        assert page, "a page came back empty before the end"
+        assert sum(len(m.text) for m in page) <= 256 * 1024
+        got += [m.id for m in page]
+        pages += 1
+        assert pages < 300
+    assert got == list(range(1, 301)) and pages > 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_read_after_gives_what_a_gap_missed(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    stored = yield gather([b.publish("tea", "ann", f"t{i}") for i in range(6)])
+    epoch, after = yield b.read_after("tea", None, 3)
+    assert [m.id for m in after] == [4, 5, 6] and [m.text for m in after] == ["t3", "t4", "t5"]
+    assert epoch is not None and all(m.room == "tea" for m in after)
+    same, again = yield b.read_after("tea", epoch, 3)
+    assert same == epoch and [m.id for m in again] == [4, 5, 6]
+    _, everything = yield b.read_after("tea", "y" * 12, 3)  # another epoch: from the start
+    assert [m.id for m in everything] == [m.id for m in stored]
+
+
+# -- several processes -------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_relay_reaches_the_other_processes_not_the_publisher(kit):
+    kit.needs_processes()
+    a = yield kit.broker()
+    b = yield kit.broker()
+    for x in (a, b):
+        x.relay_subscribe("fx")
+
+    def relayed(x: Any) -> list[tuple[Any, ...]]:
+        return [e[1:] for e in x.recorder.events if e[0] == "r"]
+
+    # (a relay subscription is not confirmed: at most once, as a relay is)
+    for _ in range(500):
+        a.relay_publish("fx", b"\x00\xff", True)
+        yield _turn()
+        if relayed(b):
+            break
+    assert relayed(b)[0] == ("fx", b"\x00\xff", True)
+    assert relayed(a) == []
+
+
+def _turn() -> defer.Deferred[None]:
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, 0.01, lambda: None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_presence_expires_with_a_silent_process_and_comes_back_after_a_resync(kit):
+    kit.needs_processes()
+    a = yield kit.broker(ttl=1.0)
+    b = yield kit.broker(ttl=1.0)
+    yield kit.subscribed(b, "tea")
+    yield a.join("tea", f"{a.node}.1", "ann", True, None, True, 10, None)
+    yield b.recorder.until(
+        lambda: ("p", f"{a.node}.1", "ann", "join") in b.recorder.kinds("tea"), "ann joins"
+    )
+    a._beat.stop()  # node a goes silent (its connection stays: a cut-off node)
+    yield b.recorder.until(
+        lambda: ("p", f"{a.node}.1", "ann", "leave") in b.recorder.kinds("tea"), "ann reaped"
+    )
+    held = yield b.join("tea", f"{b.node}.1", "ann", True, None, True, 10, None)  # nick free
+    assert held.members == ["ann"]
+
+
+# -- the hub, written once, over either broker ----------------------------------------------
+
+
+class Plain:
+    """A wire format for the hub: one line per event."""
+
+    def message(self, msg: Message) -> bytes:
+        return f"m {msg.id} {msg.sender}: {msg.text}".encode()
+
+    def presence(self, room: str, nick: str, event: str) -> bytes:
+        return f"p {nick} {event}".encode()
+
+    def reset(self, event: Any) -> bytes:
+        return f"r {event.epoch}".encode()
+
+
+class Client:
+    def __init__(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from chatd.fanout import Link
+
+        self.transport = StringTransport()
+        self.link = Link(self.transport, 1 << 20, lambda why: None)
+
+    def lines(self) -> list[str]:
+        """The text frames written so far (short, unmasked: 2-byte headers)."""
+        data, out = self.transport.value(), []
+        while data:
+            n = data[1]
+            out.append(data[2 : 2 + n].decode())
+            data = data[2 + n :]
+        return out
+
+
+@defer.inlineCallbacks
+def seen(c: Client, line: str) -> Any:
+    for _ in range(1500):
+        if line in c.lines():
+            return
+        yield _turn()
+    raise AssertionError(f"{line!r} not in {c.lines()}")
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_hub_is_the_same_chat_over_either_broker(kit):
+    from chatd.hub import Hub
+
+    hubs = []
+    for _ in range(2 if kit.multi else 1):  # on Redis: two nodes, one room
+        b = yield kit.broker()
+        hub = Hub(b, stats=b.stats)
+        hub.add_format("plain", Plain())
+        hubs.append(hub)
+    ann, bob = Client(), Client()
+    j = yield hubs[0].chat_join("tea", ann.link, "ann", "plain")
+    assert j.members == ["ann"]
+    j = yield hubs[-1].chat_join("tea", bob.link, "bob", "plain")
+    assert sorted(j.members) == ["ann", "bob"]
+    yield seen(ann, "p bob join")
+    with pytest.raises(NickTaken):
+        yield hubs[-1].chat_join("tea", Client().link, "ANN", "plain")
+    m = yield hubs[-1].post("tea", "bob", "hi")
+    assert m.id == 1
+    for c in (ann, bob):
+        yield seen(c, "m 1 bob: hi")
+    assert hubs[0].chat_leave("tea", ann.link)
+    yield seen(bob, "p ann leave")
+    assert "p bob join" not in bob.lines()  # no one is told of their own join
+    for hub in hubs:
+        assert hub.room_counts() == {"chat": int(hub is hubs[-1]), "relay": 0}
