@@ -105,9 +105,9 @@ def fanout(history_size: int, members: int, messages: int, size: int, window: in
         "--history-size",
         str(history_size),
         "--rate",
-        "1e9",
+        "1000000",  # (the highest --rate and --rate-burst accept)
         "--rate-burst",
-        "1000000000",
+        "1000000",
         "--ping-interval",
         "0",
         "--join-history",
