@@ -7,7 +7,8 @@ restarted daemon keeps its history.
 Cost on the reactor thread: appends are grouped per reactor turn (one
 ``commit`` per batch, WAL journal, ``synchronous=NORMAL``): on the
 benchmark machine about 36 us for a message committed alone and 10 us a
-message in batches of 100 (bench/RESULTS-chat.md, ``python -m bench.chat``). A committed WAL write survives the process being killed;
+message in batches of 100 (bench/RESULTS-chat.md, ``python -m bench.chat``).
+A committed WAL write survives the process being killed;
 ``synchronous=NORMAL`` may lose the last transactions on power loss, which
 ``--db-sync full`` trades for an fsync per batch. Reads are bounded by the
 retention, through the primary key.
