@@ -18,7 +18,9 @@ setup(
         "autobahn[twisted]>=24.4,<27",  # likewise
         "prometheus_client>=0.20",
         "txredisapi>=1.4.10",  # only used with --redis
-        "hiredis>=2",  # txredisapi's C reply parser (chatd/broker.py says why)
+        "hiredis>=2",  # txredisapi's C reply parser (chatd/redisconn.py says why)
+        "PyJWT>=2.8",  # connection tokens (chatd/auth.py)
+        "cryptography>=42",  # RS256, ES256 and EdDSA keys for PyJWT
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "playwright>=1.45", "ruff>=0.5"],

@@ -111,6 +111,20 @@ def _strs(v: Any) -> tuple[str, ...]:
     raise ValueError("must be a list of strings")
 
 
+def _rights(v: Any) -> str:
+    """A rights table (TOML ``{lobby = "r"}``) or its text (``lobby=r,team-*=rw``), as text."""
+    if isinstance(v, dict):
+        if not all(isinstance(k, str) and isinstance(r, str) for k, r in v.items()):
+            raise ValueError('must be a table of room (or prefix*) = "r" or "rw"')
+        v = ",".join(f"{k}={r}" for k, r in v.items())
+    if not isinstance(v, str):
+        raise ValueError('must be a table of room (or prefix*) = "r" or "rw"')
+    from chatd.auth import Rights
+
+    Rights.from_text(v)  # ValueError saying what is wrong
+    return v
+
+
 def _number(v: float) -> str:
     """Seconds and rates as the README writes them: 30, 2.5, 1000000."""
     return f"{v:.15g}"
@@ -134,6 +148,7 @@ KINDS: dict[str, Kind] = {
     "text": Kind(_str, str, str),
     "flag": Kind(_bool, bool, str),  # its option is a flag that sets the opposite
     "list": Kind(_strs, tuple[str, ...], str),  # its option is repeated
+    "rights": Kind(_rights, str, str),  # room=r,prefix*=rw (a table in TOML)
 }
 
 
@@ -454,6 +469,31 @@ SETTINGS: tuple[Setting, ...] = (
         low=0,
         high=1_000_000,
     ),
+    Setting(
+        "auth",
+        "text",
+        "none",
+        "none: anyone, under any free nick; token: every chat and relay client shows a "
+        "signed token (docs/AUTH.md); optional: clients without one get anonymous_rooms.",
+        choices=("none", "token", "optional"),
+    ),
+    Setting(
+        "jwt_key",
+        "text",
+        None,
+        "The key tokens are checked with: an HS256 secret of at least 32 bytes (or "
+        "CHATD_JWT_KEY), or a PEM file of an RSA, P-256 or Ed25519 public key.",
+    ),
+    Setting("jwt_audience", "text", None, "The 'aud' tokens must name (not checked if unset)."),
+    Setting("jwt_issuer", "text", None, "The 'iss' tokens must name (not checked if unset)."),
+    Setting(
+        "anonymous_rooms",
+        "rights",
+        "",
+        "With --auth optional: what clients without a token may do, as room=r or "
+        "room=rw, comma-separated; a name ending in * is a prefix (lobby=r,help-*=rw).",
+        shown="—",
+    ),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 assert len(BY_NAME) == len(SETTINGS), "a setting declared twice"
@@ -500,6 +540,11 @@ class Settings:
     handshake_timeout: float = limits.OPEN_HANDSHAKE_TIMEOUT
     max_pending: int = limits.MAX_PENDING
     max_connections_per_ip: int = limits.MAX_CONNECTIONS_PER_IP
+    auth: str = "none"
+    jwt_key: str | None = None  # an HS256 secret or a PEM public key file
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    anonymous_rooms: str = ""  # room=r,prefix*=rw
 
     def check(self) -> None:
         """Raise ConfigError naming the first setting that is out of range (TOML key names)."""
@@ -530,8 +575,29 @@ class Settings:
                 parse_url(self.redis)
             except ValueError as e:
                 raise ConfigError(f"redis {e}") from None
+        if self.auth != "none" or self.jwt_key is not None:
+            self.auth_policy()  # ConfigError if the key cannot be used
         if not os.path.isfile(os.path.join(self.static, "index.html")):
             raise ConfigError(f"static: {self.static!r} has no index.html")
+
+    def auth_policy(self) -> Any:
+        """The ``chatd.auth.Policy`` these settings make; ConfigError if the key is unusable."""
+        from chatd import auth
+
+        if self.auth == "none":
+            return auth.NO_AUTH
+        if self.jwt_key is None:
+            raise ConfigError(
+                f"auth {self.auth} needs jwt_key (a secret, or a PEM public key file; "
+                "or CHATD_JWT_KEY)"
+            )
+        try:
+            verifier = auth.Verifier(
+                auth.read_key(self.jwt_key), self.jwt_audience, self.jwt_issuer
+            )
+        except auth.KeyError_ as e:
+            raise ConfigError(str(e)) from None
+        return auth.Policy(self.auth, verifier, auth.Rights.from_text(self.anonymous_rooms))
 
     def endpoint_description(self) -> str:
         """The strports description to listen on: --endpoint, else tcp on port/interface."""

@@ -435,7 +435,7 @@ class Hub:
         if joined.epoch == r.epoch:
             r.last_id = max(r.last_id, joined.last_id)
         j.d.callback(joined)  # the protocol answers, and may handle frames that waited
-        if r.mids.get(j.link) == j.mid:  # (one of which may have left the room again)
+        if j.held and r.mids.get(j.link) == j.mid:  # (one of which may have left again)
             self.local.send_to(j.link, j.member.fmt, j.held)
 
     def chat_leave(self, room: str, link: Link) -> bool:

@@ -69,6 +69,8 @@ CLOSE_INVALID_PAYLOAD = 1007  # text that is not UTF-8
 CLOSE_POLICY_VIOLATION = 1008  # a client that stopped reading (slow consumer)
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013  # slow consumer while the server as a whole is overloaded
+CLOSE_UNAUTHORIZED = 4001  # no valid token (bad, expired, or none where one is needed)
+CLOSE_FORBIDDEN = 4003  # the token does not give the right (relay publish, plain post)
 
 # Room names: what fits in one URL path segment without escaping, so that
 # "/relay/<room>" needs no decoding and a name reads the same everywhere.

@@ -106,6 +106,9 @@ class Collector:
             "chatd_sent_bytes", "Payload bytes sent to clients.", "room_kind", s.bytes_out
         )
         yield counter(
+            "chatd_auth_refused", "Connection tokens refused, by reason.", "reason", s.auth_refused
+        )
+        yield counter(
             "chatd_rate_limited", "Messages refused by the rate limit.", "kind", s.rate_limited
         )
         yield counter(

@@ -76,6 +76,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import jsonin, limits
+from chatd.auth import EXPIRY_GRACE, NO_AUTH, AuthError, Identity, Policy, Rights
 from chatd.history import Message, Ref
 from chatd.hub import Hub, Joined, NickTaken, Reset, Unavailable
 from chatd.stats import Stats
@@ -313,12 +314,14 @@ class ChatSession:
         "bucket",
         "closed",
         "hub",
+        "identity",
         "joined",
         "joining",
         "link",
         "max_text",
         "nick",
         "output",
+        "policy",
         "session",
         "stats",
         "waiting",
@@ -336,8 +339,12 @@ class ChatSession:
         rate_flood: int = limits.RATE_FLOOD,
         max_text: int = limits.MAX_TEXT,
         stats: Stats | None = None,
+        policy: Policy = NO_AUTH,
+        identity: Identity | None = None,
     ) -> None:
         self.hub = hub
+        self.policy = policy
+        self.identity = identity  # from the upgrade's token; hello's token otherwise
         self.link: Link | None = link
         self.output: Output = output
         self.bucket = limits.TokenBucket(rate, rate_burst, rate_flood, now)
@@ -435,20 +442,80 @@ class ChatSession:
     def on_hello(self, obj: dict[str, Any], ref: Ref) -> None:
         if self.nick is not None:
             raise ProtocolError("already_hello", f"already hello as {self.nick}")
-        nick = obj.get("nick")
-        problem = limits.nick_problem(nick)
-        if problem:
-            raise ProtocolError("bad_nick", problem)
+        token = obj.get("token")
+        if token is not None or (self.policy.required and self.identity is None):
+            identity = self._verify(token, ref)
+            if identity is None:
+                return
+            self.identity = identity
+        out: dict[str, Any] = {"type": "welcome"}
+        nick: Any
+        if self.identity is not None:
+            nick = self.identity.name
+            out["user"] = self.identity.sub
+            out["exp"] = int(self.identity.exp)
+        else:
+            nick = obj.get("nick")
+            problem = limits.nick_problem(nick)
+            if problem:
+                raise ProtocolError("bad_nick", problem)
         self.nick = nick
-        out: dict[str, Any] = {"type": "welcome", "nick": nick, "session": self.session}
+        out["nick"] = nick
+        out["session"] = self.session
         if ref is not None:
             out["ref"] = ref
         self.reply(out)
+
+    def _verify(self, token: object, ref: Ref) -> Identity | None:
+        """The token's identity; else ``unauthorized`` and close 4001 (None)."""
+        try:
+            return self.policy.verify(token)
+        except AuthError as e:
+            self.stats.auth_refused[e.reason] += 1
+            self.error("unauthorized", str(e), ref)
+            self.output.fail(limits.CLOSE_UNAUTHORIZED, f"unauthorized: {e.reason}")
+            return None
+
+    def on_refresh(self, obj: dict[str, Any], ref: Ref) -> None:
+        """A new token for the same user before the old one runs out."""
+        if self.identity is None:
+            raise ProtocolError("bad_message", "refresh is for connections with a token")
+        identity = self._verify(obj.get("token"), ref)
+        if identity is None:
+            return
+        if identity.sub != self.identity.sub:
+            self.stats.auth_refused["other_user"] += 1
+            self.error("unauthorized", "the token is another user's", ref)
+            self.output.fail(limits.CLOSE_UNAUTHORIZED, "unauthorized: another user's token")
+            return
+        self.identity = identity
+        out: dict[str, Any] = {"type": "refreshed", "exp": int(identity.exp)}
+        if ref is not None:
+            out["ref"] = ref
+        self.reply(out)
+
+    def deadline(self) -> float | None:
+        """When (time.time()) this connection is closed unless its token is refreshed."""
+        if self.identity is None:
+            return None
+        return self.identity.exp + EXPIRY_GRACE
+
+    def check_expiry(self, wall_now: float) -> None:
+        """Close with 4001 if the token ran out (plus the grace) without a refresh."""
+        deadline = self.deadline()
+        if not self.closed and deadline is not None and wall_now >= deadline:
+            self.output.fail(limits.CLOSE_UNAUTHORIZED, "unauthorized: the token expired")
+
+    def _rooms(self) -> Rights:
+        identity = self.identity
+        return identity.rooms if identity is not None else self.policy.anonymous_rooms()
 
     def on_join(self, obj: dict[str, Any], ref: Ref) -> None:
         if self.nick is None:
             raise ProtocolError("hello_first", "say hello with a nick first")
         room = _room(obj)
+        if not self._rooms().can_read(room):
+            raise ProtocolError("forbidden", f"no right to read {room}")
         since = _field(obj, "since", int, required=False)
         if since is not None and since < 0:
             raise ProtocolError("bad_field", "'since' is an id, 0 <= since < 2**53")
@@ -525,6 +592,8 @@ class ChatSession:
         text = _field(obj, "text", str)
         if room not in self.joined:
             raise ProtocolError("not_joined", f"join {room} first")
+        if not self._rooms().can_write(room):
+            raise ProtocolError("forbidden", f"no right to send to {room}")
         if not text.strip():
             raise ProtocolError("bad_field", "'text' is empty")
         if not _encodable(text):
@@ -557,6 +626,7 @@ class ChatSession:
 
     HANDLERS: dict[str, Callable[[ChatSession, dict[str, Any], Ref], None]] = {
         "hello": on_hello,
+        "refresh": on_refresh,
         "join": on_join,
         "leave": on_leave,
         "send": on_send,

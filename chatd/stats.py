@@ -57,4 +57,7 @@ class Stats:
         self.redis_up: int | None = None
         self.cluster_events: Counter[str] = Counter()  # from Redis, by kind (m j l k gap reset)
         self.cluster_reaped = 0  # members of dead nodes this node removed
-        self.redis_reconnects = 0  # times the Redis connection came back
+        self.redis_reconnects = 0
+        self.auth_refused: Counter[str] = (
+            Counter()
+        )  # tokens refused, by reason  # times the Redis connection came back

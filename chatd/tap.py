@@ -71,7 +71,7 @@ class Options(usage.Options):
     longdesc = (
         "chatd: WebSocket chat and message push. The page, the chat (plain and "
         "chatd.v1) and relay rooms (/relay/<room>) are all on one port. Settings "
-        "come from --config (TOML), then CHATD_API_TOKEN, then these options."
+        "come from --config (TOML), then CHATD_API_TOKEN and CHATD_JWT_KEY, then these options."
     )
     # From chatd.config.SETTINGS: a value option per setting, a flag for a
     # flag setting, a repeatable option (an opt_ method, below) for a list.
@@ -126,10 +126,10 @@ class Options(usage.Options):
                 values = load_file(self["config"])
                 settings = from_mapping(values, f"config {self['config']}: ")
                 self.sources.update({k: f"{k} in {self['config']}" for k in values})
-            if os.environ.get("CHATD_API_TOKEN"):
-                env = {"api_token": os.environ["CHATD_API_TOKEN"]}
-                settings = from_mapping(env, "CHATD_API_TOKEN: ", settings)
-                self.sources["api_token"] = "CHATD_API_TOKEN"
+            for var, key in (("CHATD_API_TOKEN", "api_token"), ("CHATD_JWT_KEY", "jwt_key")):
+                if os.environ.get(var):
+                    settings = from_mapping({key: os.environ[var]}, f"{var}: ", settings)
+                    self.sources[key] = var
             given: dict[str, Any] = {}
             for s in SETTINGS:
                 value = self[s.option]

@@ -746,6 +746,16 @@ def _log_field(value: bytes | str | None) -> str:
     return text + "..." if cut else text
 
 
+_TOKEN_IN_QUERY = re.compile(rb"([?&]token=)[^&#]*")
+
+
+def redact(uri: bytes) -> bytes:
+    """The URI with any ``token=`` query value replaced: tokens never reach a log."""
+    if b"token=" not in uri:
+        return uri
+    return _TOKEN_IN_QUERY.sub(rb"\1REDACTED", uri)
+
+
 def access_log_line(timestamp: str, request: Request) -> str:
     """twisted.web's combined log format, with every client-chosen field cut to
     LOG_FIELD_MAX characters: a client must not decide how much chatd logs
@@ -755,7 +765,7 @@ def access_log_line(timestamp: str, request: Request) -> str:
         _log_field(getattr(addr, "host", "-")),
         timestamp,
         _log_field(request.method),
-        _log_field(request.uri),
+        _log_field(redact(request.uri)),
         _log_field(request.clientproto),
         request.code,
         request.sentLength or "-",
@@ -810,8 +820,10 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
     plain = ChatdFactory(PlainChat, hub, settings, settings.max_message_size, budget, clients)
     v1 = ChatdFactory(V1Chat, hub, settings, settings.max_message_size, budget, clients)
     relay = ChatdFactory(Relay, hub, settings, settings.relay_max_size, budget, clients)
+    policy = settings.auth_policy()
     for factory in (plain, v1, relay):
         factory.inbound = inbound
+        factory.policy = policy
     origins = Origins(settings.allowed_origins)
 
     page = Page(settings.static)

@@ -38,12 +38,18 @@ TEXT_SAMPLES = {
     "api_token": "a-token-long-enough-for-the-api",
     "metrics_endpoint": "tcp:0:interface=127.0.0.1",
     "redis": "redis://127.0.0.1:6390/2",
+    "jwt_key": "a-secret-of-at-least-32-bytes-for-hs256",
+    "jwt_audience": "chat.example",
+    "jwt_issuer": "https://auth.example",
 }
+# What a sample needs beside it to be valid (a mode that checks tokens needs a key).
+COMPANIONS: dict[str, dict[str, str]] = {"auth": {"jwt_key": TEXT_SAMPLES["jwt_key"]}}
 
 
 @pytest.fixture(autouse=True)
 def _no_env_token(monkeypatch) -> None:
     monkeypatch.delenv("CHATD_API_TOKEN", raising=False)
+    monkeypatch.delenv("CHATD_JWT_KEY", raising=False)
 
 
 def _ids(settings) -> list[str]:
@@ -58,6 +64,8 @@ def sample(s: Setting, tmp_path: Path) -> Any:
         return ("https://chat.example", "*")
     if s.choices:
         return next(c for c in s.choices if c != s.default)
+    if s.kind == "rights":
+        return "lobby=r,help-*=rw"
     if s.kind == "text":
         if s.name == "static":
             (tmp_path / "index.html").write_text("<!doctype html>\n")
@@ -67,6 +75,10 @@ def sample(s: Setting, tmp_path: Path) -> Any:
         if v != s.default and s.problem(v) is None:
             return KIND_TYPE[s.kind](v)
     raise AssertionError(s)
+
+
+def _opt(name: str) -> str:
+    return config.BY_NAME[name].option
 
 
 KIND_TYPE = {"size": int, "count": int, "seconds": float, "rate": float}
@@ -196,7 +208,8 @@ def test_every_text_setting_without_choices_has_a_sample() -> None:
 @pytest.mark.parametrize("s", SETTINGS, ids=_ids(SETTINGS))
 def test_round_trip_from_the_command_line(s: Setting, tmp_path) -> None:
     value = sample(s, tmp_path)
-    settings = parse(as_argv(s, value))
+    extra = [a for k, v in COMPANIONS.get(s.name, {}).items() for a in (f"--{_opt(k)}", v)]
+    settings = parse(as_argv(s, value) + extra)
     assert getattr(settings, s.name) == value
     assert getattr(parse([]), s.name) == s.default
 
@@ -205,7 +218,8 @@ def test_round_trip_from_the_command_line(s: Setting, tmp_path) -> None:
 def test_round_trip_from_a_toml_file(s: Setting, tmp_path) -> None:
     value = sample(s, tmp_path)
     cfg = tmp_path / "chatd.toml"
-    cfg.write_text(f"[chatd]\n{s.name} = {as_toml(value)}\n")
+    extra = "".join(f"{k} = {as_toml(v)}\n" for k, v in COMPANIONS.get(s.name, {}).items())
+    cfg.write_text(f"[chatd]\n{s.name} = {as_toml(value)}\n{extra}")
     assert getattr(parse(["--config", str(cfg)]), s.name) == value
     if s.kind == "size":  # sizes also as written in the docs: "4M"
         cfg.write_text(f'[chatd]\n{s.name} = "{config.format_size(value)}"\n')
@@ -376,4 +390,4 @@ def test_example_config_agrees_with_the_declarations() -> None:
             assert value == s.default, f"etc/chatd.toml: {lines[s.name]!r}, default {s.shown}"
 
 
-EXAMPLES = {"static", "allowed_origins"}
+EXAMPLES = {"static", "allowed_origins", "anonymous_rooms"}

@@ -10,6 +10,7 @@ never written to again.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from types import MappingProxyType
@@ -29,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import fanout, limits
+from chatd.auth import NO_AUTH, AuthError, Identity, Policy, bearer
 from chatd.config import Settings
 from chatd.fanout import Budget, Link
 from chatd.hub import Hub
@@ -134,11 +136,73 @@ class Clients:
         return d
 
 
+class Refused(ConnectionDeny):
+    """An upgrade refused for who the client is (401) or what it may not do (403),
+    answered with a JSON body: ``{"error": ..., "reason": ..., "message": ...}``."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(code, message)
+        self.word = reason
+
+
+def _token(request: ConnectionRequest) -> str | None:
+    """A token from ``?token=`` (browsers cannot set headers on a WebSocket) or
+    ``Authorization: Bearer``."""
+    values = request.params.get("token") if request.params else None
+    if values:
+        return str(values[0])
+    return bearer(request.headers.get("authorization"))
+
+
 class Connection(ServerInternals):
     factory: ChatdFactory
     kind: ClassVar[str] = "?"
     link: Link | None = None
     opened_at = 0.0
+    identity: Identity | None = None  # who the upgrade's token says the client is
+
+    def identify(self, request: ConnectionRequest, required: bool) -> Identity | None:
+        """The identity of the upgrade's token, if it has one (``Refused`` 401 if it is
+        bad, or missing where ``required``); None without one (or with --auth none)."""
+        policy = self.factory.policy
+        if not policy.enabled:
+            return None
+        token = _token(request)
+        if token is None:
+            if required:
+                raise Refused(401, "missing", "a token is required (docs/AUTH.md)")
+            return None
+        try:
+            identity = policy.verify(token)
+        except AuthError as e:
+            self.factory.stats.auth_refused[e.reason] += 1
+            raise Refused(401, e.reason, str(e)) from None
+        self.identity = identity
+        return identity
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        if code not in (401, 403):
+            super().failHandshake(reason, code, responseHeaders)
+            return
+        word = getattr(self, "_refused_word", "")
+        body = json.dumps(
+            {
+                "error": "unauthorized" if code == 401 else "forbidden",
+                "reason": word,
+                "message": reason,
+            }
+        ).encode()
+        head = [
+            f"HTTP/1.1 {code} {'Unauthorized' if code == 401 else 'Forbidden'}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        if code == 401:
+            head.append('WWW-Authenticate: Bearer realm="chatd"')
+        self.wasNotCleanReason = reason
+        self.sendData(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        self.dropConnection(abort=False)
 
     # -- idle memory -------------------------------------------------------
     # Autobahn gives every connection ~35 attributes holding their starting
@@ -291,6 +355,10 @@ class Connection(ServerInternals):
         )
         try:
             accepted = self.onConnect(request)
+        except Refused as e:
+            self._refused_word = e.word
+            self.failHandshake(e.reason, e.code)
+            return True
         except ConnectionDeny as e:
             self.failHandshake(e.reason, e.code)
             return True
@@ -576,6 +644,7 @@ class ChatdFactory(WebSocketServerFactory):
         self.protocol = protocol
         self.hub = hub
         self.settings = settings
+        self.policy: Policy = NO_AUTH
         self.budget = budget
         self.clients = clients
         self.stats = clients.stats

@@ -20,7 +20,7 @@ import time
 from chatd import limits
 from chatd.fanout import Link
 from chatd.history import Message
-from chatd.protocols.base import Connection
+from chatd.protocols.base import Connection, Refused
 
 LOBBY = "lobby"
 
@@ -70,6 +70,17 @@ class PlainRenderer:
 
 class PlainChat(Connection):
     kind = "plain"
+    may_post = True
+
+    def onConnect(self, request):
+        policy = self.factory.policy
+        if policy.enabled:  # (the plain chat has no hello: a token comes with the upgrade)
+            identity = self.identify(request, policy.required)
+            rights = identity.rooms if identity is not None else policy.anonymous_rooms()
+            if not rights.can_read(LOBBY):
+                raise Refused(403, "forbidden", f"no right to read {LOBBY}")
+            self.may_post = rights.can_write(LOBBY)
+        return None
 
     def attach(self) -> None:
         assert self.link is not None
@@ -77,7 +88,10 @@ class PlainChat(Connection):
         self.bucket = limits.TokenBucket(s.rate, s.rate_burst, 0, time.monotonic())
         transport = self.transport
         assert transport is not None  # attached once open
-        self.nick = sender_id(transport.getPeer(), id(self) & 0xFFFF)
+        if self.identity is not None:
+            self.nick = self.identity.name
+        else:
+            self.nick = sender_id(transport.getPeer(), id(self) & 0xFFFF)
         # Ports can repeat across client hosts, so plain names need not be unique.
         # Until the hub has answered the join (at once in one process, after
         # Redis in a cluster), what the client sends waits, so it sees its own.
@@ -102,6 +116,9 @@ class PlainChat(Connection):
         if self.bucket.take(time.monotonic()) != limits.TokenBucket.OK:
             self.factory.stats.rate_limited[self.kind] += 1
             self.fail(limits.CLOSE_POLICY_VIOLATION, "rate limit: too many messages")
+            return
+        if not self.may_post:
+            self.fail(limits.CLOSE_FORBIDDEN, f"no right to post in {LOBBY}")
             return
         max_text = self.factory.settings.max_text
         if len(payload) > max_text:  # (UTF-8 already: its length is the text's size)

@@ -10,9 +10,10 @@ from urllib.parse import unquote
 
 from autobahn.websocket.types import ConnectionDeny
 
+from chatd import limits
 from chatd.fanout import Link
 from chatd.limits import valid_room_name
-from chatd.protocols.base import Connection
+from chatd.protocols.base import Connection, Refused
 
 PREFIX = "/relay/"
 
@@ -28,11 +29,19 @@ def room_from_path(path: str) -> str | None:
 class Relay(Connection):
     kind = "relay"
     room = ""
+    may_publish = True
 
     def onConnect(self, request):
         name = room_from_path(request.path)
         if name is None:  # web.py checks first; this guards other mounts
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "no such relay room")
+        policy = self.factory.policy
+        if policy.enabled:
+            identity = self.identify(request, policy.required)
+            rights = identity.relay if identity is not None else policy.anonymous_relay()
+            if not rights.can_read(name):
+                raise Refused(403, "forbidden", f"no right to relay room {name}")
+            self.may_publish = rights.can_write(name)
         self.room = name
         return None
 
@@ -44,4 +53,7 @@ class Relay(Connection):
         self.hub.leave(self.room, link)
 
     def received(self, payload: bytes, isBinary: bool) -> None:
+        if not self.may_publish:
+            self.fail(limits.CLOSE_FORBIDDEN, f"no right to publish to {self.room}")
+            return
         self.hub.publish(self.room, payload, isBinary)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IDelayedCall
 
 from chatd import limits
 from chatd.protocols.base import Connection
@@ -56,9 +57,14 @@ class V1Chat(Connection):
     kind = "v1"
     chat: ChatSession | None = None
 
+    _expiry: IDelayedCall | None = None  # closes the connection when its token runs out
+    _deadline: float | None = None
+
     def onConnect(self, request):
         if SUBPROTOCOL not in request.protocols:  # web.py routes only offers of it here
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, f"subprotocol {SUBPROTOCOL} needed")
+        # A token on the upgrade is checked now (401 if bad); without one, hello brings it.
+        self.identify(request, required=False)
         return SUBPROTOCOL
 
     def attach(self) -> None:
@@ -74,9 +80,15 @@ class V1Chat(Connection):
             rate_flood=s.rate_flood,
             max_text=s.max_text,
             stats=self.factory.stats,
+            policy=self.factory.policy,
+            identity=self.identity,
         )
+        self._watch_expiry()
 
     def detach(self, link) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
         chat, self.chat = self.chat, None
         if chat is not None:
             chat.close()
@@ -87,8 +99,31 @@ class V1Chat(Connection):
             self.fail(limits.CLOSE_UNSUPPORTED_DATA, "chatd.v1 frames are JSON text")
 
     def received(self, payload: bytes, isBinary: bool) -> None:
+        chat = self.chat
+        if chat is not None:
+            chat.receive(payload, time.monotonic())
+            if chat.identity is not None:
+                self._watch_expiry()
+
+    def _watch_expiry(self) -> None:
+        """Keep one timer at the session's deadline (a token's exp plus the grace)."""
+        chat = self.chat
+        deadline = chat.deadline() if chat is not None else None
+        if deadline == self._deadline:
+            return
+        self._deadline = deadline
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        if deadline is not None:
+            from twisted.internet import reactor
+
+            self._expiry = reactor.callLater(max(0.0, deadline - time.time()), self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
         if self.chat is not None:
-            self.chat.receive(payload, time.monotonic())
+            self.chat.check_expiry(time.time())
 
     # -- the session's Output ----------------------------------------------
     @property
