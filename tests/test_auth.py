@@ -433,3 +433,18 @@ def test_start_up_refuses_token_mode_without_a_usable_key(daemon) -> None:
     ]:
         with pytest.raises(RuntimeError, match=message):
             Daemon(*args)
+
+
+def test_a_connection_is_closed_4001_once_its_token_is_past_exp_and_the_grace(tokend) -> None:
+    # Within the leeway a token 50 s past exp is still accepted; its deadline (exp
+    # plus 25 s) has passed already, so the daemon's timer closes it at once.
+    c = V1(tokend.port)
+    c.req("hello", token=token(exp=time.time() - 50))
+    assert c.next("welcome")["user"] == "alice"
+    assert c.expect_close() == 4001
+    # A fresh token keeps its connection (refreshed before it runs out).
+    ok = V1(tokend.port)
+    ok.req("hello", token=token(exp=time.time() + 600))
+    ok.next("welcome")
+    ok.req("refresh", token=token(exp=time.time() + 1200), ref=1)
+    assert ok.next("refreshed")["ref"] == 1
