@@ -528,7 +528,10 @@ class ChatSession:
             )
         assert self.link is not None
         self.joining = room
-        d = self.hub.chat_join(room, self.link, self.nick, "v1", since, epoch=epoch)
+        # A token's holder is its sub, not its name: two users may share a display
+        # name, and one user may join from several tabs (each a member for now).
+        unique = self.identity is None
+        d = self.hub.chat_join(room, self.link, self.nick, "v1", since, unique=unique, epoch=epoch)
         d.addCallbacks(
             self._joined, self._join_failed, callbackArgs=(ref,), errbackArgs=(room, ref)
         )

@@ -256,6 +256,18 @@ def test_rights_decide_join_and_send_and_the_connection_stays() -> None:
     assert out.failed == []
 
 
+def test_one_user_may_join_from_several_connections_and_names_may_repeat(tokend) -> None:
+    tabs = []
+    for sub in ("alice", "alice", "bob"):
+        c = V1(tokend.port)
+        c.req("hello", token=token(sub=sub, name="Alice", rooms={"lobby": "rw"}))
+        c.next("welcome")
+        tabs.append(c)
+        assert c.join("lobby")["type"] == "joined"  # never nick_taken
+    # An anonymous guest in optional mode still cannot take a name in use: tested
+    # in test_v1 (nick_taken) for mode none, whose rules anonymous clients keep.
+
+
 def test_optional_mode_gives_anonymous_clients_the_anonymous_rights() -> None:
     s, out = session("optional", "lobby=r")
     send(s, type="hello", nick="guest")

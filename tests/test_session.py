@@ -182,10 +182,10 @@ class BrokenHub:
     def __init__(self, hub: InMemoryHub) -> None:
         self.hub = hub
 
-    def chat_join(self, room, link, nick, fmt, since=None, epoch=None):
+    def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None):
         if room == "down":
             return fail(Unavailable("redis is away"))
-        return self.hub.chat_join(room, link, nick, fmt, since, epoch=epoch)
+        return self.hub.chat_join(room, link, nick, fmt, since, unique=unique, epoch=epoch)
 
     def chat_leave(self, room, link):
         raise RuntimeError("a bug")
@@ -366,7 +366,7 @@ class SlowHub:
         self.hub = hub
         self.joins: list[tuple[tuple, Deferred]] = []
 
-    def chat_join(self, room, link, nick, fmt, since=None, epoch=None):
+    def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None):
         d: Deferred = Deferred()
         self.joins.append(((room, link, nick, fmt, since, epoch), d))
         return d
@@ -490,7 +490,7 @@ def test_a_send_answered_after_leaving_is_copied_to_the_sender_alone() -> None:
         def __init__(self) -> None:
             self.posted: list[Deferred] = []
 
-        def chat_join(self, room, link, nick, fmt, since=None, epoch=None):
+        def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None):
             return _fired(Joined(room, [nick], [], 0, False))
 
         def chat_leave(self, room, link):
@@ -602,7 +602,7 @@ def test_pages_wait_for_a_slow_cursor_and_wake_the_link() -> None:
     cursor = SlowCursor(msgs)
 
     class Hub:
-        def chat_join(self, room, link, nick, fmt, since=None, epoch=None):
+        def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None):
             return _fired(Joined(room, [nick], [], 6, False, "e1", False, cursor))  # type: ignore[arg-type]
 
     out = Output()
@@ -632,7 +632,7 @@ def test_a_failed_cursor_read_fails_the_pages() -> None:
     cursor = SlowCursor([Message("tea", 1, 0, "w", "x")])
 
     class Hub:
-        def chat_join(self, room, link, nick, fmt, since=None, epoch=None):
+        def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None):
             return _fired(Joined(room, [nick], [], 1, False, "e1", False, cursor))  # type: ignore[arg-type]
 
     out = Output()
