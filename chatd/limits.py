@@ -60,12 +60,10 @@ RATE_BURST = 60  # ... and at once
 RATE_FLOOD = 60  # messages refused for rate in a row before close 1008
 NICK_MAX = 32
 
-# RFC 6455 section 7.4.1 close codes that chatd sends itself.
-CLOSE_NORMAL = 1000
+# RFC 6455 section 7.4.1 close codes that chatd's own code sends (Autobahn
+# sends 1002, a protocol error, and 1007, text that is not UTF-8, itself).
 CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003  # binary data on the text chat
-CLOSE_INVALID_PAYLOAD = 1007  # text that is not UTF-8
 CLOSE_POLICY_VIOLATION = 1008  # a client that stopped reading (slow consumer)
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013  # slow consumer while the server as a whole is overloaded
