@@ -163,7 +163,7 @@ class Collector:
             yield counter(
                 "chatd_cluster_events",
                 "Events received from Redis: m message, j/l presence, k join marker, "
-                "gap message read back after an outage.",
+                "gap message read back after an outage, reset room with a new history epoch.",
                 "kind",
                 s.cluster_events,
             )
