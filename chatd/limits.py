@@ -1,7 +1,10 @@
 """Every limit chatd enforces, and the close code a client gets past it.
 
-Kept in one place so the docs (README, "Limits and close codes") and the code
-cannot drift: each constant here is named in that table.
+Kept in one place, so each value is written once in the code. The README
+("Limits and close codes", and the options table for those that are
+options) and docs/PROTOCOL.md give them to users; only the options table is
+checked against the code (tests/test_settings.py, through chatd.config), so
+a change here is copied into the other two by hand.
 """
 
 from __future__ import annotations
