@@ -48,8 +48,8 @@ calls ``drain`` again when it is here.
 
 This module knows nothing of Autobahn, rooms or protocols: it moves bytes.
 Its one reach into Twisted's TCP transport is in ``chatd.internals``
-(``write`` and ``direct_socket``, used from here as ``fanout.write`` and
-``fanout.direct_socket``); ``Link.flush`` keeps an inline copy of ``write``.
+(``write`` and ``direct_socket``, imported from there: ``Link.drain`` calls
+``write``, and ``Link.flush`` keeps an inline copy of it).
 """
 
 from __future__ import annotations

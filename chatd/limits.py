@@ -1,7 +1,10 @@
 """Every limit chatd enforces, and the close code a client gets past it.
 
-Kept in one place so the docs (README, "Limits and close codes") and the code
-cannot drift: each constant here is named in that table.
+Kept in one place, so each value is written once in the code. The README
+("Limits and close codes", and the options table for those that are
+options) and docs/PROTOCOL.md give them to users; only the options table is
+checked against the code (tests/test_settings.py, through chatd.config), so
+a change here is copied into the other two by hand.
 """
 
 from __future__ import annotations
@@ -60,12 +63,10 @@ RATE_BURST = 60  # ... and at once
 RATE_FLOOD = 60  # messages refused for rate in a row before close 1008
 NICK_MAX = 32
 
-# RFC 6455 section 7.4.1 close codes that chatd sends itself.
-CLOSE_NORMAL = 1000
+# RFC 6455 section 7.4.1 close codes that chatd's own code sends (Autobahn
+# sends 1002, a protocol error, and 1007, text that is not UTF-8, itself).
 CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003  # binary data on the text chat
-CLOSE_INVALID_PAYLOAD = 1007  # text that is not UTF-8
 CLOSE_POLICY_VIOLATION = 1008  # a client that stopped reading (slow consumer)
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013  # slow consumer while the server as a whole is overloaded

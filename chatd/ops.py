@@ -73,18 +73,17 @@ class Collector:
         s = self.stats
 
         def labelled(
-            family: CounterMetricFamily | GaugeMetricFamily, label: str, values: Mapping[str, int]
+            family: CounterMetricFamily | GaugeMetricFamily, values: Mapping[str, int]
         ) -> Metric:
             for key, value in sorted(values.items()):
                 family.add_metric([key], value)
             return family
 
         def counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> Metric:
-            return labelled(CounterMetricFamily(name, doc, labels=[label]), label, values)
+            return labelled(CounterMetricFamily(name, doc, labels=[label]), values)
 
         yield labelled(
             GaugeMetricFamily("chatd_connections", "Open WebSocket connections.", labels=["kind"]),
-            "kind",
             s.connections,
         )
         yield counter(
@@ -144,7 +143,6 @@ class Collector:
         # with ten rooms or a hundred thousand.
         yield labelled(
             GaugeMetricFamily("chatd_rooms", "Rooms with members.", labels=["kind"]),
-            "kind",
             self.hub.room_counts(),
         )
         h = s.history_commit
@@ -166,7 +164,7 @@ class Collector:
             yield counter(
                 "chatd_cluster_events",
                 "Events received from Redis: m message, j/l presence, k join marker, "
-                "gap message read back after an outage.",
+                "gap message read back after an outage, reset room with a new history epoch.",
                 "kind",
                 s.cluster_events,
             )

@@ -1,6 +1,6 @@
 """What chatd counts, as plain numbers: cheap to update on any path.
 
-The protocols and the hub add to these; ``chatd.metrics`` turns them into
+The protocols and the hub add to these; ``chatd.ops`` turns them into
 the Prometheus text format only when scraped, so the hot path pays an
 integer addition, never a lock or a label lookup.
 """

@@ -99,15 +99,10 @@ class Origins:
         self.any = "*" in allowed
         self.allowed = {k for k in map(_origin_key, allowed) if k is not None}
 
-    def permit(self, request: Request) -> bool:
-        return self.permit_values(
-            request.getHeader(b"origin"), request.getHeader(b"host"), request.isSecure()
-        )
-
     def permit_values(
         self, raw: bytes | None, host_header: bytes | None, secure: bool = False
     ) -> bool:
-        """``permit`` on the raw values of the Origin and Host headers (``secure``: over TLS)."""
+        """Whether the Origin and Host headers' raw values may connect (``secure``: over TLS)."""
         if raw is None or self.any:
             return True
         key = _origin_key(raw.decode("latin-1"))

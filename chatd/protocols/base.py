@@ -211,8 +211,10 @@ class Connection(ServerInternals):
     # life. Here the starting values are class attributes (an instance gets
     # its own only when one changes), the deque and the validator are made
     # on first use, the traffic counters are shared (nobody reads them), and
-    # the handshake is dropped once the connection is open: about 2.5 KiB
-    # less per idle connection. (Autobahn's private starting values, and how the
+    # the handshake is dropped once the connection is open: about half the
+    # memory of an idle connection (the figures are in the message of commit
+    # 8a6feb5, which made the change; python -m bench.memprobe shows what is
+    # left). (Autobahn's private starting values, and how the
     # options become class attributes, are in chatd.internals.) Autobahn's types
     # for these are inferred from the values the handshake gives them (str,
     # Timings, dict, list), though it starts them at None too: Any here.

@@ -28,27 +28,13 @@ from twisted.internet.interfaces import IDelayedCall
 
 from chatd import limits
 from chatd.protocols.base import Connection
-from chatd.session import (  # (re-exported: what chatd.web and tests import from here)
-    PAGE_BYTES,
+from chatd.session import (  # V1Renderer re-exported: chatd.web imports it from here
     ChatSession,
     HistoryPages,
-    ProtocolError,
     V1Renderer,
-    encode,
-    message_obj,
 )
 
-__all__ = [
-    "PAGE_BYTES",
-    "SUBPROTOCOL",
-    "ChatSession",
-    "HistoryPages",
-    "ProtocolError",
-    "V1Chat",
-    "V1Renderer",
-    "encode",
-    "message_obj",
-]
+__all__ = ["SUBPROTOCOL", "V1Chat", "V1Renderer"]
 
 SUBPROTOCOL = "chatd.v1"
 
