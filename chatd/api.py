@@ -1,6 +1,7 @@
 """The HTTP push API: back ends publish to chat and relay rooms with a bearer token.
 
     POST /api/rooms/<room>/messages   {"text": ..., "from": ...}  -> 201 {"room", "id", "ts"}
+    POST /api/users/<sub>/messages    the same, to the user's personal room ``@<sub>``
     POST /api/relay/<room>/messages   any body                    -> 200 {"room", "delivered"}
     GET  /api/rooms                                               -> 200 {"rooms": [...]}
 
@@ -33,6 +34,11 @@ from chatd.hub import Hub, Unavailable
 from chatd.stats import Stats
 
 DEFAULT_SENDER = "api"
+
+
+def _room_of(kind: str, name: str) -> str:
+    """The room a path names: a user's (``users/<sub>``) is the personal room ``@<sub>``."""
+    return f"@{name}" if kind == "users" else name
 
 
 class ApiError(Exception):
@@ -78,14 +84,14 @@ class PushAPI(Resource):
         if path == ["rooms"]:
             self._method(method, b"GET")
             return self._list(request)
-        if len(path) == 3 and path[0] in ("rooms", "relay") and path[2] == "messages":
+        if len(path) == 3 and path[0] in ("rooms", "relay", "users") and path[2] == "messages":
             self._method(method, b"POST")
-            room = path[1]
+            room = _room_of(path[0], path[1])
             if not limits.valid_room_name(room):
-                raise ApiError(400, "a room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -")
-            if path[0] == "rooms":
-                return self._chat(request, room)
-            return self._relay(request, room)
+                raise ApiError(400, limits.ROOM_NAME_RULE)
+            if path[0] == "relay":
+                return self._relay(request, room)
+            return self._chat(request, room)
         raise ApiError(404, "no such API path")
 
     def _authorize(self, request: Request) -> None:
@@ -111,11 +117,11 @@ class PushAPI(Resource):
         except ApiError:
             return 0
         path = [p.decode("utf-8", "replace") for p in postpath]
-        if len(path) != 3 or path[0] not in ("rooms", "relay") or path[2] != "messages":
+        if len(path) != 3 or path[0] not in ("rooms", "relay", "users") or path[2] != "messages":
             return 0
-        if not limits.valid_room_name(path[1]):
+        if not limits.valid_room_name(_room_of(path[0], path[1])):
             return 0
-        if path[0] == "rooms":
+        if path[0] != "relay":
             ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
             return self.settings.max_message_size if ctype == b"application/json" else 0
         return self.settings.relay_max_size

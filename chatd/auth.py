@@ -126,6 +126,31 @@ class Rights:
         return self.right(room) == "rw"
 
 
+def reserved(room: str) -> bool:
+    """Personal rooms (``@<sub>``) and direct messages (``dm:<a>,<b>``) are decided by
+    the user's ``sub`` alone, never by a rights table or pattern."""
+    return room.startswith(("@", "dm:"))
+
+
+def own_right(sub: str, room: str) -> str:
+    """What ``sub`` may do in a reserved room: read its own ``@<sub>`` (the back end
+    posts there through the push API), read and write ``dm:<a>,<b>`` when it is
+    ``a`` or ``b`` and the two are sorted and different (any other spelling of the
+    pair is no room at all)."""
+    if room[:1] == "@":
+        return "r" if room[1:] == sub else ""
+    a, comma, b = room[3:].partition(",")
+    if comma and a < b and "," not in b and sub in (a, b):
+        return "rw"
+    return ""
+
+
+def dm_room(a: str, b: str) -> str:
+    """The one spelling of the direct-message room of users ``a`` and ``b``."""
+    first, second = sorted((a, b))
+    return f"dm:{first},{second}"
+
+
 NO_RIGHTS = Rights()
 ALL_RIGHTS = Rights({}, (("", "rw"),))  # mode none: anyone may do anything
 
@@ -139,6 +164,12 @@ class Identity:
     exp: float  # seconds since the epoch
     rooms: Rights
     relay: Rights
+
+    def chat_right(self, room: str) -> str:
+        """``""``, ``"r"`` or ``"rw"`` in chat room ``room``."""
+        if reserved(room):
+            return own_right(self.sub, room)
+        return self.rooms.right(room)
 
 
 def _load_key(key: str) -> tuple[Any, list[str]]:
@@ -284,6 +315,15 @@ class Policy:
     def anonymous_rooms(self) -> Rights:
         """What a client without a token may do in chat rooms (mode none: everything)."""
         return ALL_RIGHTS if self.mode == "none" else self.anonymous
+
+    def chat_right(self, identity: Identity | None, room: str) -> str:
+        """What a client may do in chat room ``room``: its token's right, or without
+        one the anonymous right (never in another's personal or direct rooms)."""
+        if identity is not None:
+            return identity.chat_right(room)
+        if self.mode != "none" and reserved(room):
+            return ""
+        return self.anonymous_rooms().right(room)
 
     def anonymous_relay(self) -> Rights:
         return ALL_RIGHTS if self.mode == "none" else self.anonymous

@@ -5,10 +5,10 @@ client that reconnects with ``since`` sees everything it missed, and a
 restarted daemon keeps its history.
 
 Cost on the reactor thread: appends are grouped per reactor turn (one
-``commit`` per batch, WAL journal, ``synchronous=NORMAL``): on the
-benchmark machine about 36 us for a message committed alone and 10 us a
-message in batches of 100 (bench/RESULTS-chat.md, ``python -m bench.chat``).
-A committed WAL write survives the process being killed;
+``commit`` per batch, WAL journal, ``synchronous=NORMAL``): tens of
+microseconds for a message committed alone, a fraction of that in batches
+(``python -m bench.chat`` measures it; bench/RESULTS-chat.md has the newest
+run). A committed WAL write survives the process being killed;
 ``synchronous=NORMAL`` may lose the last transactions on power loss, which
 ``--db-sync full`` trades for an fsync per batch. Reads are bounded by the
 retention, through the primary key.

@@ -76,11 +76,13 @@ CLOSE_FORBIDDEN = 4003  # the token does not give the right (relay publish, plai
 # Room names: what fits in one URL path segment without escaping, so that
 # "/relay/<room>" needs no decoding and a name reads the same everywhere.
 ROOM_NAME_MAX = 64
-_ROOM_RE = re.compile(rf"[A-Za-z0-9._~:@+-]{{1,{ROOM_NAME_MAX}}}\Z")
+ROOM_CHARS = "A-Z a-z 0-9 . _ ~ : @ + , -"  # as the docs and error messages write them
+ROOM_NAME_RULE = f"a room name is 1-{ROOM_NAME_MAX} characters of {ROOM_CHARS}, not all dots"
+_ROOM_RE = re.compile(rf"[A-Za-z0-9._~:@+,-]{{1,{ROOM_NAME_MAX}}}\Z")
 
 
 def valid_room_name(name: str) -> bool:
-    """True for 1-64 characters of ``A-Z a-z 0-9 . _ ~ : @ + -``, not all dots.
+    """True for 1-64 characters of ``A-Z a-z 0-9 . _ ~ : @ + , -``, not all dots.
 
     "." and ".." are refused because URL normalisation (browsers, proxies)
     would turn "/relay/.." into another path.

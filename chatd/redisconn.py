@@ -11,7 +11,7 @@ commands a late reply is not a dead server.)
 With ``hiredis`` installed, txredisapi parses replies in C and hands every
 complete reply of a read over at once; its pure-Python parser delivers one
 bulk reply per reactor turn, which made each message its own write to every
-member (a sixth of the throughput; bench/RESULTS-cluster.md).
+member.
 The connection knows nothing of chat (``chatd.cluster.RedisBroker`` does,
 on top of it). It says when Redis is up or down, runs
 scripts (EVALSHA, falling back to EVAL), and keeps the wanted channels

@@ -76,7 +76,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import jsonin, limits
-from chatd.auth import EXPIRY_GRACE, NO_AUTH, AuthError, Identity, Policy, Rights
+from chatd.auth import EXPIRY_GRACE, NO_AUTH, AuthError, Identity, Policy
 from chatd.history import Message, Ref
 from chatd.hub import Hub, Joined, NickTaken, Reset, Unavailable
 from chatd.stats import Stats
@@ -247,9 +247,7 @@ def _field(
 def _room(obj: dict[str, Any]) -> str:
     room: str = _field(obj, "room", str)
     if not limits.valid_room_name(room):
-        raise ProtocolError(
-            "bad_room", "a room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -"
-        )
+        raise ProtocolError("bad_room", limits.ROOM_NAME_RULE)
     return room
 
 
@@ -506,15 +504,14 @@ class ChatSession:
         if not self.closed and deadline is not None and wall_now >= deadline:
             self.output.fail(limits.CLOSE_UNAUTHORIZED, "unauthorized: the token expired")
 
-    def _rooms(self) -> Rights:
-        identity = self.identity
-        return identity.rooms if identity is not None else self.policy.anonymous_rooms()
+    def _right(self, room: str) -> str:
+        return self.policy.chat_right(self.identity, room)
 
     def on_join(self, obj: dict[str, Any], ref: Ref) -> None:
         if self.nick is None:
             raise ProtocolError("hello_first", "say hello with a nick first")
         room = _room(obj)
-        if not self._rooms().can_read(room):
+        if not self._right(room):
             raise ProtocolError("forbidden", f"no right to read {room}")
         since = _field(obj, "since", int, required=False)
         if since is not None and since < 0:
@@ -595,7 +592,7 @@ class ChatSession:
         text = _field(obj, "text", str)
         if room not in self.joined:
             raise ProtocolError("not_joined", f"join {room} first")
-        if not self._rooms().can_write(room):
+        if self._right(room) != "rw":
             raise ProtocolError("forbidden", f"no right to send to {room}")
         if not text.strip():
             raise ProtocolError("bad_field", "'text' is empty")

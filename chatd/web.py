@@ -186,7 +186,7 @@ BAD_ROOM_NAME = Route(
     "",
     400,
     "Bad Request",
-    "A room name is 1-64 characters of A-Z a-z 0-9 . _ ~ : @ + -, not all dots.",
+    limits.ROOM_NAME_RULE[0].upper() + limits.ROOM_NAME_RULE[1:] + ".",
 )
 UPGRADE_REQUIRED = Route(
     REFUSED, "", 426, "Upgrade Required", "426 Upgrade Required: this is a WebSocket endpoint"

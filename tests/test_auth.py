@@ -460,3 +460,74 @@ def test_a_connection_is_closed_4001_once_its_token_is_past_exp_and_the_grace(to
     ok.next("welcome")
     ok.req("refresh", token=token(exp=time.time() + 1200), ref=1)
     assert ok.next("refreshed")["ref"] == 1
+
+
+# -- personal rooms and direct messages ---------------------------------------------------
+
+
+def test_personal_and_direct_rooms_are_decided_by_the_sub_alone() -> None:
+    v = Verifier(SECRET)
+    alice = v.verify(token(rooms={"*": "rw"}))  # even "everything" grants no one else's
+    bob = v.verify(token(sub="bob"))
+    assert (alice.chat_right("@alice"), bob.chat_right("@alice")) == ("r", "")
+    assert alice.chat_right("@bob") == ""  # despite the * pattern
+    assert alice.chat_right("dm:alice,bob") == bob.chat_right("dm:alice,bob") == "rw"
+    assert alice.chat_right("dm:bob,alice") == ""  # the one spelling is sorted
+    assert alice.chat_right("dm:alice,alice") == "" and alice.chat_right("dm:alice") == ""
+    assert v.verify(token(sub="carol")).chat_right("dm:alice,bob") == ""
+    assert auth.dm_room("bob", "alice") == "dm:alice,bob"
+    guests = Policy("optional", v, Rights.from_text("*=rw"))
+    assert guests.chat_right(None, "lobby") == "rw"
+    assert guests.chat_right(None, "@alice") == guests.chat_right(None, "dm:a,b") == ""
+
+
+def test_a_personal_room_gets_the_back_ends_pushes_and_a_dm_only_its_two_users(daemon) -> None:
+    d = daemon(
+        "--ping-interval",
+        "0",
+        "--auth",
+        "token",
+        "--jwt-key",
+        SECRET,
+        "--api-token",
+        "an-api-token-for-the-back-end",
+    )
+
+    def user(sub: str) -> V1:
+        c = V1(d.port)
+        c.req("hello", token=token(sub=sub))
+        c.next("welcome")
+        return c
+
+    alice, bob, carol = user("alice"), user("bob"), user("carol")
+    alice.join("@alice")
+    bob.req("join", room="@alice", ref=1)
+    assert bob.next("error")["code"] == "forbidden"
+    alice.say("@alice", "to myself", ref=2)
+    assert alice.next("error")["code"] == "forbidden"  # the back end writes there
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{d.port}/api/users/alice/messages",
+        data=json.dumps({"text": "your order shipped", "from": "shop"}).encode(),
+        headers={
+            "Authorization": "Bearer an-api-token-for-the-back-end",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 201 and json.loads(r.read())["room"] == "@alice"
+    msg = alice.next("message")
+    assert (msg["room"], msg["from"], msg["text"]) == ("@alice", "shop", "your order shipped")
+    # Stored like any message: a later join with since gets it.
+    again = user("alice")
+    assert [m["text"] for m in again.join("@alice", since=0)["history"]] == ["your order shipped"]
+    assert alice.next("presence")["nick"] == "alice"  # (her other tab: per connection, for now)
+    # Direct messages: the sorted pair, its two users only.
+    alice.join("dm:alice,bob")
+    bob.join("dm:alice,bob")
+    bob.say("dm:alice,bob", "hi alice")
+    assert alice.next("presence")["event"] == "join"
+    assert alice.next("message")["text"] == "hi alice"
+    assert bob.next("message")["text"] == "hi alice"  # his own copy: the acknowledgement
+    for c, room in ((carol, "dm:alice,bob"), (bob, "dm:bob,alice")):
+        c.req("join", room=room)
+        assert c.next("error")["code"] == "forbidden"

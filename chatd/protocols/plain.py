@@ -76,10 +76,10 @@ class PlainChat(Connection):
         policy = self.factory.policy
         if policy.enabled:  # (the plain chat has no hello: a token comes with the upgrade)
             identity = self.identify(request, policy.required)
-            rights = identity.rooms if identity is not None else policy.anonymous_rooms()
-            if not rights.can_read(LOBBY):
+            right = policy.chat_right(identity, LOBBY)
+            if not right:
                 raise Refused(403, "forbidden", f"no right to read {LOBBY}")
-            self.may_post = rights.can_write(LOBBY)
+            self.may_post = right == "rw"
         return None
 
     def attach(self) -> None:
