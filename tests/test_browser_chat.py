@@ -29,8 +29,9 @@ def eventually(read: Callable[[], object], want: object, what: str, timeout: flo
 class Person:
     """One browser context (its own storage): a person at a phone-sized screen."""
 
-    def __init__(self, browser, port: int) -> None:
+    def __init__(self, browser, port: int, path: str = "/") -> None:
         self.port = port
+        self.path = path
         self.context = browser.new_context(viewport={"width": 390, "height": 780})
         self.page = self.context.new_page()
         self.errors: list[str] = []
@@ -46,7 +47,7 @@ class Person:
         self.open()
 
     def open(self) -> None:
-        self.page.goto(f"http://127.0.0.1:{self.port}/")
+        self.page.goto(f"http://127.0.0.1:{self.port}{self.path}")
 
     def join(self, nick: str, room: str = "lobby") -> None:
         self.page.fill("#nick", nick)
@@ -224,3 +225,39 @@ def test_a_history_bigger_than_a_frame_limit_is_shown_whole(people, daemon) -> N
     assert [t[:3] for t in texts[:-1]] == [f"{i:03d}" for i in range(150)]
     assert texts[-1] == "live after the pages"
     writer.close()
+
+
+def test_a_sign_in_link_with_a_token_joins_under_the_tokens_name(browser, daemon) -> None:
+    import jwt
+
+    secret = "a-secret-of-at-least-32-bytes-for-the-page"
+    d = daemon("--ping-interval", "0", "--auth", "token", "--jwt-key", secret)
+
+    def link(sub: str, name: str, rooms: dict[str, str], exp: float) -> str:
+        claims = {"sub": sub, "name": name, "rooms": rooms, "exp": exp}
+        return f"#token={jwt.encode(claims, secret, algorithm='HS256')}"
+
+    alice = Person(
+        browser, d.port, "/" + link("alice", "Alice", {"lobby": "rw"}, time.time() + 600)
+    )
+    alice.wait_open()
+    assert alice.page.text_content("#state") == "Alice in lobby"
+    assert alice.page.evaluate("location.hash") == ""  # the token left the address bar
+    assert not alice.page.is_visible("#nick")
+    alice.say("signed in")
+    alice.wait_text("signed in")
+    # A reader's link: joins, but may not send; an expired link says so in words.
+    reader = Person(browser, d.port, "/" + link("rob", "Rob", {"lobby": "r"}, time.time() + 600))
+    reader.wait_open()
+    reader.wait_text("signed in")
+    reader.say("may I?")
+    reader.page.locator("#log .sys").get_by_text("no right to send", exact=False).wait_for(
+        timeout=WAIT_MS
+    )
+    late = Person(browser, d.port, "/" + link("eve", "Eve", {"lobby": "rw"}, time.time() - 3600))
+    late.page.locator("#notice").get_by_text("no longer valid", exact=False).wait_for(
+        timeout=WAIT_MS
+    )
+    for p in (alice, reader, late):
+        assert p.errors == [], p.errors
+        p.close()

@@ -18,6 +18,19 @@
   let members = [];
   let attempt = 0, timer = null, refSeq = 0;
 
+  // A signed token (docs/AUTH.md) comes in the URL's fragment, #token=..., which
+  // browsers never send to a server: kept for this tab, taken out of the address bar.
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromHash) {
+    sessionStorage.setItem("chatd.token", fromHash);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  const token = sessionStorage.getItem("chatd.token");
+  if (token) {                       // the name is the token's: no nick to ask for
+    nickEl.required = false;
+    nickEl.closest("label").style.display = "none";
+  }
+
   nickEl.value = localStorage.getItem("chatd.nick") || "";
   roomEl.value = localStorage.getItem("chatd.room") || "lobby";
 
@@ -94,7 +107,7 @@
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     const sock = new WebSocket(scheme + location.host + "/", "chatd.v1");
     ws = sock;
-    sock.onopen = () => send({ type: "hello", nick });
+    sock.onopen = () => send(token ? { type: "hello", token } : { type: "hello", nick });
     sock.onmessage = (ev) => {
       let m;
       try { m = JSON.parse(ev.data); } catch (e) { return; }
@@ -122,8 +135,9 @@
   function handle(m) {
     switch (m.type) {
       case "welcome":
-        send(lastId ? { type: "join", room, since: lastId, ...(epoch ? { epoch } : {}) }
-                    : { type: "join", room });
+        nick = m.nick;                       // (with a token: its name)
+        send(lastId ? { type: "join", room, since: lastId, ...(epoch ? { epoch } : {}), ref: "join" }
+                    : { type: "join", room, ref: "join" });
         break;
       case "joined": {
         if (m.reset || m.last_id < lastId) { // the server lost its history: start over
@@ -171,9 +185,12 @@
         sys(m.nick + (m.event === "join" ? " joined" : " left"));
         break;
       case "error":
-        if (["nick_taken", "bad_nick", "bad_room", "hello_first"].includes(m.code)) {
+        if (["nick_taken", "bad_nick", "bad_room", "hello_first", "unauthorized"].includes(m.code)
+            || (m.code === "forbidden" && m.ref === "join")) {
           wanted = false;                    // cannot work as asked: stop and say why
-          showNotice(m.message);
+          showNotice(m.code === "unauthorized"
+            ? "Your sign-in link is no longer valid (" + m.message + "): open a new one."
+            : m.message);
           if (ws) ws.close(1000);
         } else {
           sys("error: " + m.message);
@@ -216,5 +233,6 @@
   window.addEventListener("online", () => { if (wanted && !ws) connect(); });
 
   setState("closed", "not connected");
-  if (nickEl.value) $("join-form").requestSubmit();   // a reload rejoins and shows the history
+  // A reload (or a token) rejoins and shows the history.
+  if (nickEl.value || token) $("join-form").requestSubmit();
 })();
