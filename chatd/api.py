@@ -2,6 +2,8 @@
 
     POST /api/rooms/<room>/messages   {"text": ..., "from": ...}  -> 201 {"room", "id", "ts"}
     POST /api/users/<sub>/messages    the same, to the user's personal room ``@<sub>``
+    DELETE /api/users/<sub>/connections  close them on every node (4003) -> 202 {"user"}
+    GET  /api/rooms/<room>/members                                -> 200 {"room", "members"}
     POST /api/relay/<room>/messages   any body                    -> 200 {"room", "delivered"}
     GET  /api/rooms                                               -> 200 {"rooms": [...]}
 
@@ -84,6 +86,15 @@ class PushAPI(Resource):
         if path == ["rooms"]:
             self._method(method, b"GET")
             return self._list(request)
+        if len(path) == 3 and path[0] == "users" and path[2] == "connections":
+            self._method(method, b"DELETE")
+            self.hub.kick(path[1])
+            return self._json(request, 202, {"user": path[1]})
+        if len(path) == 3 and path[0] == "rooms" and path[2] == "members":
+            self._method(method, b"GET")
+            if not limits.valid_room_name(path[1]):
+                raise ApiError(400, limits.ROOM_NAME_RULE)
+            return self._members(request, path[1])
         if len(path) == 3 and path[0] in ("rooms", "relay", "users") and path[2] == "messages":
             self._method(method, b"POST")
             room = _room_of(path[0], path[1])
@@ -186,6 +197,19 @@ class PushAPI(Resource):
             request.finish()
 
         d.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+    def _members(self, request: Request, room: str) -> int:
+        def done(members: list[str]) -> None:
+            request.write(self._json(request, 200, {"room": room, "members": members}))
+            request.finish()
+
+        def failed(f: Failure) -> None:
+            f.trap(Unavailable)
+            request.write(self._json(request, 503, {"error": "presence unavailable"}))
+            request.finish()
+
+        self.hub.everyone(room).addCallbacks(done, failed)
         return NOT_DONE_YET
 
     def _relay(self, request: Request, room: str) -> bytes:

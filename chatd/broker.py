@@ -142,6 +142,9 @@ class BrokerEvents(Protocol):
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         """Another process published to a relay room this process subscribed to."""
 
+    def kicked(self, user: str) -> None:
+        """Close every connection of ``user`` here (``Broker.kick``, from any process)."""
+
     def subscribed(self, room: str) -> None:
         """The room's events reach this process from now on (again, after a loss)."""
 
@@ -212,6 +215,12 @@ class Broker(Protocol):
     def leave(self, room: str, mid: str, last: bool) -> None:
         """Remove member ``mid`` and publish its ``leave``; ``last``: no member of
         the room is left in this process."""
+
+    def members(self, room: str) -> Deferred[list[str]]:
+        """The nicks of the room's members in every process, as presence has them now."""
+
+    def kick(self, user: str) -> None:
+        """Tell every process (this one too) to close ``user``'s connections (best effort)."""
 
     # -- relay rooms (best effort) -----------------------------------------------
     def relay_subscribe(self, room: str) -> None: ...
@@ -397,6 +406,14 @@ class MemoryBroker:
             del self._presence[room]
         assert self.events is not None
         self.events.presence(room, mid, nick, "leave")
+
+    def members(self, room: str) -> Deferred[list[str]]:
+        p = self._presence.get(room)
+        return succeed([n for _, n in p.members.values()] if p is not None else [])
+
+    def kick(self, user: str) -> None:
+        assert self.events is not None
+        self.events.kicked(user)
 
     # -- relay rooms: one process has no one else to tell -------------------------
     def relay_subscribe(self, room: str) -> None:

@@ -61,6 +61,7 @@ from chatd.stats import Stats
 _log = Logger()
 _tail = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
+CONTROL = b"chatd:ctl"  # every node's channel: "k <user>" closes that user's connections
 CLOSE_TIMEOUT = 5.0  # seconds a stopping node waits for Redis before it goes anyway
 NODES = "chatd:nodes"  # sorted set: node id -> last heartbeat, ms (Redis clock)
 
@@ -295,6 +296,10 @@ class _StreamCursor:
         return msgs
 
 
+def _unavailable(f: Failure) -> Failure:
+    return Failure(Unavailable(f.getErrorMessage()))
+
+
 def _nick(value: bytes) -> str:
     return value.split(b"\n", 1)[1].decode()
 
@@ -349,6 +354,7 @@ class RedisBroker:
 
     def start(self) -> None:
         _log.info("cluster node {node} using {url}", node=self.node, url=str(self.conn.url))
+        self.conn.subscribe(CONTROL)
         self.conn.start()
         self._beat.start(max(0.25, self.ttl / 4), now=False)
 
@@ -479,6 +485,14 @@ class RedisBroker:
                 [mid, room, base, "1" if last else "0"],
             ).addErrback(lambda f: None)
 
+    def members(self, room: str) -> defer.Deferred[list[str]]:
+        d = self.conn.call("HVALS", f"{chat_base(room)}:m")
+        return d.addCallbacks(lambda values: [_nick(v) for v in values], _unavailable)
+
+    def kick(self, user: str) -> None:
+        """Published to every node, this one included (the one path for all)."""
+        self.conn.publish(CONTROL, b"k " + user.encode())
+
     # -- relay rooms --------------------------------------------------------
     def relay_subscribe(self, room: str) -> None:
         self.conn.subscribe(relay_channel(room))
@@ -495,6 +509,10 @@ class RedisBroker:
     def _received(self, channel: bytes, payload: bytes) -> None:
         events = self.events
         assert events is not None
+        if channel == CONTROL:
+            if payload[:2] == b"k ":
+                events.kicked(payload[2:].decode())
+            return
         if channel.startswith(b"chatd:r:"):
             if payload[:12] != self._node_b:
                 events.relay(channel[9:-1].decode(), payload[13:], payload[12:13] == b"b")

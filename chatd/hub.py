@@ -296,6 +296,8 @@ class Hub:
         self.node = broker.node
         self._serial = 0
         self._rooms: dict[str, _Room] = {}
+        # Told when a user is to be closed everywhere (the front ends close theirs).
+        self.kick_listeners: list[Callable[[str], object]] = []
         broker.attach(self)
 
     def start(self) -> None:
@@ -470,6 +472,14 @@ class Hub:
         now = self._rooms.get(r.name)  # the room may have been forgotten and made anew
         self.broker.leave(r.name, mid, now is None or now.empty())
 
+    def kick(self, user: str) -> None:
+        """Close every connection of ``user`` on every node (best effort)."""
+        self.broker.kick(user)
+
+    def everyone(self, room: str) -> defer.Deferred[list[str]]:
+        """The nicks of ``room``'s members on every node."""
+        return self.broker.members(room)
+
     def members(self, room: str) -> list[str]:
         """The nicks of this process's live members of ``room``."""
         r = self.local.chat.get(room)
@@ -552,6 +562,10 @@ class Hub:
 
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         self.local.relay_send(room, payload, binary)
+
+    def kicked(self, user: str) -> None:
+        for listener in self.kick_listeners:
+            listener(user)
 
     def subscribed(self, room: str) -> None:
         r = self._rooms.get(room)

@@ -815,6 +815,9 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
     plain = ChatdFactory(PlainChat, hub, settings, settings.max_message_size, budget, clients)
     v1 = ChatdFactory(V1Chat, hub, settings, settings.max_message_size, budget, clients)
     relay = ChatdFactory(Relay, hub, settings, settings.relay_max_size, budget, clients)
+    hub.kick_listeners.append(
+        lambda user: clients.close_user(user, limits.CLOSE_FORBIDDEN, "closed by the server")
+    )
     policy = settings.auth_policy()
     for factory in (plain, v1, relay):
         factory.inbound = inbound

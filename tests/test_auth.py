@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -531,3 +532,51 @@ def test_a_personal_room_gets_the_back_ends_pushes_and_a_dm_only_its_two_users(d
     for c, room in ((carol, "dm:alice,bob"), (bob, "dm:bob,alice")):
         c.req("join", room=room)
         assert c.next("error")["code"] == "forbidden"
+
+
+# -- the admin API ---------------------------------------------------------------------------
+
+API_TOKEN = "an-api-token-for-the-back-end"
+
+
+def api(port: int, method: str, path: str) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method=method,
+        headers={"Authorization": f"Bearer {API_TOKEN}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def signed_in(port: int, sub: str, room: str = "lobby") -> V1:
+    c = V1(port)
+    c.req("hello", token=token(sub=sub, name=sub.title(), rooms={room: "rw"}))
+    c.next("welcome")
+    c.join(room)
+    return c
+
+
+def test_the_admin_api_lists_members_and_closes_a_users_connections(daemon) -> None:
+    d = daemon(
+        "--ping-interval", "0", "--auth", "token", "--jwt-key", SECRET, "--api-token", API_TOKEN
+    )
+    tab1, tab2, bob = (
+        signed_in(d.port, "alice"),
+        signed_in(d.port, "alice"),
+        signed_in(d.port, "bob"),
+    )
+    status, body = api(d.port, "GET", "/api/rooms/lobby/members")
+    assert status == 200 and sorted(body["members"]) == ["Alice", "Alice", "Bob"]
+    assert api(d.port, "DELETE", "/api/users/alice/connections") == (202, {"user": "alice"})
+    for tab in (tab1, tab2):
+        assert tab.expect_close() == 4003  # (skipping the others' presence)
+    bob.say("lobby", "still here")
+    while (m := bob.next())["type"] != "message":
+        assert m["type"] == "presence"
+    assert m["text"] == "still here"
+    assert api(d.port, "POST", "/api/users/alice/connections")[0] == 405
+    assert api(d.port, "GET", "/api/rooms/a%20b/members")[0] == 400

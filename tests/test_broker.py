@@ -51,6 +51,9 @@ class Recorder:
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         self._add(("r", room, payload, binary))
 
+    def kicked(self, user: str) -> None:
+        self._add(("k", "", user))
+
     def subscribed(self, room: str) -> None:
         self.subscriptions.add(room)
         self._check()
@@ -474,3 +477,41 @@ def test_the_hub_is_the_same_chat_over_either_broker(kit):
     assert "p bob join" not in bob.lines()  # no one is told of their own join
     for hub in hubs:
         assert hub.room_counts() == {"chat": int(hub is hubs[-1]), "relay": 0}
+
+
+# -- presence lists and kicks, across processes -------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_members_lists_the_room_as_presence_has_it_in_every_process(kit):
+    nodes = []
+    for _ in range(2 if kit.multi else 1):
+        nodes.append((yield kit.broker()))
+    for i, b in enumerate(nodes):
+        yield b.join("tea", f"{b.node}.1", f"user{i}", True, None, False, 0, None)
+    for b in nodes:
+        got = yield b.members("tea")
+        assert sorted(got) == [f"user{i}" for i in range(len(nodes))]
+    nodes[0].leave("tea", f"{nodes[0].node}.1", True)
+    yield nodes[-1].join("tea", f"{nodes[-1].node}.9", "sync", False, None, False, 0, None)
+    got = yield nodes[-1].members("tea")
+    assert "user0" not in got and "sync" in got
+    assert (yield nodes[0].members("nowhere")) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_kick_reaches_every_process_the_kicking_one_too(kit):
+    nodes = []
+    for _ in range(2 if kit.multi else 1):
+        nodes.append((yield kit.broker()))
+
+    def kicked(b: Any) -> set[str]:
+        return {e[2] for e in b.recorder.events if e[0] == "k"}
+
+    # (a node subscribes to the control channel as it starts: kick until it is through)
+    for _ in range(500):
+        nodes[0].kick("alice")
+        if all(kicked(b) for b in nodes):
+            break
+        yield _turn()
+    assert [kicked(b) for b in nodes] == [{"alice"}] * len(nodes)

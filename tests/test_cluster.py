@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -706,3 +707,53 @@ def test_replay_trimmed_under_a_slow_reader_is_never_a_silent_gap(node) -> None:
         assert [m["id"] for m in msgs] == list(range(1, 301))
         assert [r.next("message")["id"] for _ in range(400)] == list(range(301, 701))
     w.close()
+
+
+def test_personal_rooms_members_and_closing_a_user_span_the_nodes(node) -> None:
+    import jwt
+
+    secret = "a-secret-of-at-least-32-bytes-for-the-cluster"
+    args = ("--auth", "token", "--jwt-key", secret, "--api-token", "an-api-token-for-the-back-end")
+    a, b = node(*args), node(*args)
+
+    def user(d: Daemon, sub: str) -> V1:
+        c = V1(d.port)
+        claims = {"sub": sub, "exp": time.time() + 600, "rooms": {"lobby": "rw"}}
+        c.req("hello", token=jwt.encode(claims, secret, algorithm="HS256"))
+        c.next("welcome")
+        c.join("lobby")
+        return c
+
+    on_a, on_b, bob = user(a, "alice"), user(b, "alice"), user(b, "bob")
+    # A notification posted on one node reaches the user's personal room on another.
+    on_a.join("@alice")
+    push = urllib.request.Request(
+        f"http://127.0.0.1:{b.port}/api/users/alice/messages",
+        data=json.dumps({"text": "from node b", "from": "shop"}).encode(),
+        headers={
+            "Authorization": "Bearer an-api-token-for-the-back-end",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(push, timeout=30) as r:
+        assert r.status == 201
+    assert on_a.next("message")["text"] == "from node b"
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{a.port}/api/rooms/lobby/members",
+        headers={"Authorization": "Bearer an-api-token-for-the-back-end"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:  # every node's members, from Redis
+        assert sorted(json.loads(r.read())["members"]) == ["alice", "alice", "bob"]
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{a.port}/api/users/alice/connections",
+        method="DELETE",
+        headers={"Authorization": "Bearer an-api-token-for-the-back-end"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 202
+    assert on_a.expect_close() == 4003
+    assert on_b.expect_close() == 4003  # on the other node too
+    bob.say("lobby", "still here")
+    while (m := bob.next())["type"] != "message":
+        assert m["type"] == "presence"
+    assert m["text"] == "still here"

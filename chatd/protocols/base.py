@@ -114,6 +114,16 @@ class Clients:
                 for d in waiting:
                     d.callback(None)
 
+    def close_user(self, user: str, code: int, reason: str) -> int:
+        """Close every connection of ``user`` (a token's sub) here; how many.
+
+        A scan of the live connections: for an operator's action, not a hot path.
+        """
+        mine = [c for c in self.live if c.user() == user]
+        for c in mine:
+            c.fail(code, reason)
+        return len(mine)
+
     def close_all(self, code: int, reason: str, timeout: float, clock) -> defer.Deferred:
         """Close every connection with ``code``; fires when all are gone.
 
@@ -160,6 +170,10 @@ class Connection(ServerInternals):
     link: Link | None = None
     opened_at = 0.0
     identity: Identity | None = None  # who the upgrade's token says the client is
+
+    def user(self) -> str | None:
+        """The sub of this connection's token, if it has one."""
+        return self.identity.sub if self.identity is not None else None
 
     def identify(self, request: ConnectionRequest, required: bool) -> Identity | None:
         """The identity of the upgrade's token, if it has one (``Refused`` 401 if it is

@@ -71,6 +71,11 @@ class V1Chat(Connection):
         )
         self._watch_expiry()
 
+    def user(self) -> str | None:
+        chat = self.chat  # (hello may have brought the token)
+        identity = chat.identity if chat is not None else self.identity
+        return identity.sub if identity is not None else None
+
     def detach(self, link) -> None:
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
