@@ -368,7 +368,7 @@ class ChatSession:
             return
         if self.joining is not None:
             # Requests are answered in order: what follows a join waits for it
-            # (a cluster hub answers a join only after Redis has).
+            # (over the Redis broker a join is answered only after Redis has).
             if len(self.waiting) >= limits.MAX_WAITING_REQUESTS:
                 self.output.fail(limits.CLOSE_POLICY_VIOLATION, "too many requests behind a join")
                 return
