@@ -70,6 +70,7 @@ CLOSE_UNSUPPORTED_DATA = 1003  # binary data on the text chat
 CLOSE_POLICY_VIOLATION = 1008  # a client that stopped reading (slow consumer)
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013  # slow consumer while the server as a whole is overloaded
+CLOSE_RESUMED = 4000  # a newer connection showed this session's resume secret
 CLOSE_UNAUTHORIZED = 4001  # no valid token (bad, expired, or none where one is needed)
 CLOSE_FORBIDDEN = 4003  # the token does not give the right (relay publish, plain post)
 

@@ -320,6 +320,8 @@ class ChatSession:
         "nick",
         "output",
         "policy",
+        "resume",
+        "resume_secret",
         "session",
         "stats",
         "waiting",
@@ -339,6 +341,7 @@ class ChatSession:
         stats: Stats | None = None,
         policy: Policy = NO_AUTH,
         identity: Identity | None = None,
+        resume: Callable[[str, str | None], list[str] | None] | None = None,
     ) -> None:
         self.hub = hub
         self.policy = policy
@@ -353,6 +356,12 @@ class ChatSession:
         self.joining: str | None = None  # the room of a join the hub has not answered
         self.waiting: deque[tuple[bytes, int]] = deque()  # frames that came meanwhile
         self.session = secrets.token_urlsafe(12)  # "welcome"'s opaque id
+        # The secret a client shows in a later hello to take this session over
+        # (a phone on a new network), and how to: ``resume(secret, sub)`` closes
+        # the session holding that secret (if it is the same user's) and gives its
+        # rooms, or None.
+        self.resume_secret = secrets.token_urlsafe(24)
+        self.resume = resume
         self.closed = False
 
     # -- driving ------------------------------------------------------------
@@ -447,6 +456,9 @@ class ChatSession:
                 return
             self.identity = identity
         out: dict[str, Any] = {"type": "welcome"}
+        secret = obj.get("resume")
+        if secret is not None and not (isinstance(secret, str) and 0 < len(secret) <= 64):
+            raise ProtocolError("bad_field", "'resume' is the secret a 'welcome' gave")
         nick: Any
         if self.identity is not None:
             nick = self.identity.name
@@ -457,9 +469,17 @@ class ChatSession:
             problem = limits.nick_problem(nick)
             if problem:
                 raise ProtocolError("bad_nick", problem)
+        if secret is not None and self.resume is not None:
+            # Before the nick is taken: the old session lets go of it and its rooms.
+            sub = self.identity.sub if self.identity is not None else None
+            rooms = self.resume(secret, sub)
+            out["resumed"] = rooms is not None
+            if rooms is not None:
+                out["rooms"] = rooms
         self.nick = nick
         out["nick"] = nick
         out["session"] = self.session
+        out["resume"] = self.resume_secret
         if ref is not None:
             out["ref"] = ref
         self.reply(out)

@@ -580,3 +580,19 @@ def test_the_admin_api_lists_members_and_closes_a_users_connections(daemon) -> N
     assert m["text"] == "still here"
     assert api(d.port, "POST", "/api/users/alice/connections")[0] == 405
     assert api(d.port, "GET", "/api/rooms/a%20b/members")[0] == 400
+
+
+def test_another_users_token_cannot_take_a_session_over(tokend) -> None:
+    alice = V1(tokend.port)
+    alice.req("hello", token=token(rooms={"lobby": "rw"}))
+    secret = alice.next("welcome")["resume"]
+    alice.join("lobby")
+    mallory = V1(tokend.port)
+    mallory.req("hello", token=token(sub="mallory"), resume=secret)
+    assert mallory.next("welcome")["resumed"] is False
+    alice.say("lobby", "still mine")
+    assert alice.next("message")["text"] == "still mine"
+    tab = V1(tokend.port)  # her own new connection may
+    tab.req("hello", token=token(rooms={"lobby": "rw"}), resume=secret)
+    assert tab.next("welcome")["rooms"] == ["lobby"]
+    assert alice.expect_close() == 4000

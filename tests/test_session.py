@@ -124,8 +124,14 @@ def test_hello_join_send_leave_answers() -> None:
     hub = make_hub(turns)
     ann = Client(hub)
     [welcome] = ann(type="hello", nick="ann", ref=1)
-    assert welcome == {"type": "welcome", "nick": "ann", "session": ann.session.session, "ref": 1}
-    assert len(ann.session.session) == 16
+    assert welcome == {
+        "type": "welcome",
+        "nick": "ann",
+        "session": ann.session.session,
+        "resume": ann.session.resume_secret,
+        "ref": 1,
+    }
+    assert len(ann.session.session) == 16 and len(ann.session.resume_secret) == 32
     [joined] = ann(type="join", room="tea", ref="j")
     assert joined == {
         "type": "joined",

@@ -483,3 +483,33 @@ def test_overloaded_server_closes_slow_consumers_1013(daemon) -> None:
     code, got, _ = run_slow_consumer(d, count=500, size=16 * 1024, code=1013)
     assert len(got) == 500
     assert code == 1013
+
+
+def test_a_phone_on_a_new_network_takes_its_session_over_with_the_resume_secret(chatd) -> None:
+    old = V1(chatd.port)
+    old.req("hello", nick="walker")
+    secret = old.next("welcome")["resume"]
+    old.join("street")
+    watcher = V1(chatd.port, "watcher")
+    watcher.join("street")
+    assert old.next("presence")["nick"] == "watcher"
+    # The old connection is still open (a half-open socket, as after a network
+    # switch): without the secret the nick is taken; with another's secret too.
+    intruder = V1(chatd.port)
+    intruder.req("hello", nick="walker", resume="x" * 32)
+    assert intruder.next("welcome")["resumed"] is False
+    intruder.req("join", room="street")
+    assert intruder.next("error")["code"] == "nick_taken"
+    new = V1(chatd.port)
+    new.req("hello", nick="walker", resume=secret)
+    welcome = new.next("welcome")
+    assert (welcome["resumed"], welcome["rooms"]) == (True, ["street"])
+    assert welcome["resume"] != secret  # a new secret for the new connection
+    assert old.expect_close() == 4000
+    assert new.join("street")["type"] == "joined"  # the nick is free: no nick_taken
+    events = [watcher.next("presence") for _ in range(2)]
+    assert [(e["nick"], e["event"]) for e in events] == [("walker", "leave"), ("walker", "join")]
+    # A secret works once: it left with the old connection.
+    again = V1(chatd.port)
+    again.req("hello", nick="other", resume=secret)
+    assert again.next("welcome")["resumed"] is False

@@ -98,6 +98,8 @@ class Clients:
     def __init__(self, stats: Stats) -> None:
         self.live: set[Connection] = set()
         self.stats = stats
+        # chatd.v1 sessions by resume secret (ChatSession.resume_secret), while open
+        self.resumable: dict[str, Connection] = {}
         self._emptied: list[defer.Deferred] = []
 
     def add(self, c: Connection) -> None:

@@ -68,7 +68,9 @@ class V1Chat(Connection):
             stats=self.factory.stats,
             policy=self.factory.policy,
             identity=self.identity,
+            resume=self._take_over,
         )
+        self.factory.clients.resumable[self.chat.resume_secret] = self
         self._watch_expiry()
 
     def user(self) -> str | None:
@@ -76,7 +78,26 @@ class V1Chat(Connection):
         identity = chat.identity if chat is not None else self.identity
         return identity.sub if identity is not None else None
 
+    def _take_over(self, secret: str, sub: str | None) -> list[str] | None:
+        """Close the session holding ``secret`` (4000) and give its rooms; None if there
+        is none here, or it is another user's."""
+        resumable = self.factory.clients.resumable
+        old = resumable.get(secret)
+        if not isinstance(old, V1Chat) or old is self or old.chat is None:
+            return None
+        if old.user() != sub:
+            return None
+        del resumable[secret]
+        rooms = sorted(old.chat.joined)
+        old.fail(limits.CLOSE_RESUMED, "resumed on another connection")
+        return rooms
+
     def detach(self, link) -> None:
+        chat = self.chat
+        if chat is not None:
+            resumable = self.factory.clients.resumable
+            if resumable.get(chat.resume_secret) is self:
+                del resumable[chat.resume_secret]
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         self._expiry = None

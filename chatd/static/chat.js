@@ -107,7 +107,11 @@
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     const sock = new WebSocket(scheme + location.host + "/", "chatd.v1");
     ws = sock;
-    sock.onopen = () => send(token ? { type: "hello", token } : { type: "hello", nick });
+    // The last session's resume secret: on a new network the old connection may still
+    // look open to the server; showing the secret takes it over instead of nick_taken.
+    const resume = sessionStorage.getItem("chatd.resume");
+    sock.onopen = () => send({ type: "hello", ...(token ? { token } : { nick }),
+                               ...(resume ? { resume } : {}) });
     sock.onmessage = (ev) => {
       let m;
       try { m = JSON.parse(ev.data); } catch (e) { return; }
@@ -136,6 +140,7 @@
     switch (m.type) {
       case "welcome":
         nick = m.nick;                       // (with a token: its name)
+        if (m.resume) sessionStorage.setItem("chatd.resume", m.resume);
         send(lastId ? { type: "join", room, since: lastId, ...(epoch ? { epoch } : {}), ref: "join" }
                     : { type: "join", room, ref: "join" });
         break;
