@@ -163,46 +163,6 @@ def test_config_file_and_command_line_override(daemon, tmp_path) -> None:
     assert r.expect_close() == 1009
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ("[chatd]\nprot = 9000\n", "unknown key 'prot'"),
-        ("[chatd]\nport = 'nine'\n", "port must be an integer"),
-        ("[chatd]\nmax_backlog = 'lots'\n", "max_backlog must be a size"),
-        ("[chatd]\ncompression = 'yes'\n", "compression must be true or false"),
-        ("[chatd]\nport = 9000\nport = 9001\n", "config"),
-        ("[chatd]\nlog_format = 'xml'\n", "log_format must be text or json"),
-        ("[chatd]\napi_token = 'short'\n", "api_token must be at least 16"),
-    ],
-)
-def test_wrong_config_names_the_key_and_exits_before_binding(tmp_path, content, message):
-    cfg = tmp_path / "bad.toml"
-    cfg.write_text(content)
-    r = subprocess.run(
-        [twistd(), "-n", "--pidfile=", "chatd", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        cwd=tmp_path,
-    )
-    assert r.returncode != 0
-    assert message in r.stdout + r.stderr, r.stdout + r.stderr
-    assert "listening" not in r.stdout
-
-
-def test_missing_config_file(tmp_path) -> None:
-    r = subprocess.run(
-        [twistd(), "-n", "--pidfile=", "chatd", "--config", "/nonexistent.toml"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        cwd=tmp_path,
-    )
-    assert r.returncode != 0 and "No such file" in r.stdout + r.stderr
-
-
 # -- TLS ------------------------------------------------------------------------
 
 

@@ -1,8 +1,15 @@
 """Start-up errors: one line naming the option as the user wrote it, exit 2, nothing left behind.
 
-Each case runs the real ``twistd chatd`` in a scratch directory and checks
-what an operator sees: a single ``chatd: error: ...`` line (no traceback, no
+What an operator sees: a single ``chatd: error: ...`` line (no traceback, no
 usage dump), exit code 2, the port not bound, and no database file created.
+
+Errors found while the options are read (``chatd.tap.Options.parseOptions``,
+the first thing ``twistd chatd`` runs, before any service exists) are checked
+in process, one case each. The real ``twistd chatd`` is run, in a scratch
+directory, for one such error of each source (an option, a config file, the
+environment: that twistd turns them into one line and exit 2, binding
+nothing) and for every error that only start-up can find (the port in use,
+the database, the TLS files).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from chatd.tap import Options
 from tools.daemon import child_env, twistd
 
 
@@ -51,6 +59,7 @@ def assert_nothing_left(cwd: Path) -> None:
     assert sorted(os.listdir(cwd)) == [], os.listdir(cwd)
 
 
+# Found by parseOptions: checked in process (test_refused_while_reading_the_options).
 CASES = [
     (["--port", "70000"], ["--port must be 0-65535"]),
     (["--rate", "nan"], ["--rate must be a finite number"]),
@@ -72,16 +81,46 @@ CASES = [
     ),
     (["--endpoint", "systemd:domain=INET:index=0"], ["--endpoint", "systemd", "LISTEN_FDS"]),
     (["--api-token", "change-me-to-a-long-random-string"], ["placeholder"]),
+    (["--port", "notaport"], ["--port must be an integer"]),
+    (["--max-message-size", "0"], ["--max-message-size must be"]),
+    (["--max-backlog", "lots"], ["--max-backlog must be a size"]),
+    (["--static", "/nonexistent/dir"], ["--static"]),
+    (["--ping-interval", "-1"], ["--ping-interval must be"]),
+]
+# Found only by starting: run by the real twistd (with one of CASES, to show that path).
+AT_START = [
+    (["--rate", "nan"], ["--rate must be a finite number"]),
     (["--db", "/nonexistent/dir/chatd.sqlite3"], ["--db", "cannot open the history database"]),
 ]
 
 
+def refused_in_process(capfd, argv: list[str]) -> str:
+    """The one error line ``Options().parseOptions`` writes (to fd 2) as it exits 2."""
+    with pytest.raises(SystemExit) as e:
+        Options().parseOptions(argv)
+    assert e.value.code == 2
+    out, err = capfd.readouterr()
+    errors = [line for line in (out + err).splitlines() if "chatd: error:" in line]
+    assert len(errors) == 1, out + err
+    assert "Traceback" not in out + err and "Usage:" not in out + err, out + err
+    return errors[0]
+
+
 @pytest.mark.parametrize(("args", "fragments"), CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_refused_while_reading_the_options(tmp_path, monkeypatch, capfd, args, fragments) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHATD_API_TOKEN", raising=False)
+    explicit = {"--endpoint", "--port", "--interface"} & set(args)
+    line = refused_in_process(capfd, [*([] if explicit else ["--port", "0"]), *args])
+    for fragment in fragments:
+        assert fragment in line, line
+    assert_nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize(("args", "fragments"), AT_START, ids=[" ".join(a) for a, _ in AT_START])
 def test_bad_option_is_one_line_exit_2(tmp_path, args, fragments) -> None:
     port = free_port()
-    explicit = {"--endpoint", "--port", "--interface"} & set(args)
-    extra = [] if explicit else ["--port", str(port)]
-    r = start(tmp_path, *extra, *args)
+    r = start(tmp_path, "--port", str(port), *args)
     assert_one_line_error(r, *fragments)
     assert_nothing_left(tmp_path)
     with socket.socket() as s:  # nothing was bound
@@ -96,27 +135,54 @@ def test_tls_files_that_are_not_pem(tmp_path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["cert.pem", "key.pem"]
 
 
-@pytest.mark.parametrize(
-    ("content", "fragments"),
-    [
-        ("[chatd]\nrate = nan\n", ["chatd.toml: rate must be a finite number"]),
-        ("[chatd]\nping_interval = inf\n", ["chatd.toml: ping_interval must be a finite"]),
-        ("[chatd]\nport = 70000\n", ["chatd.toml: port must be 0-65535"]),
-        (
-            '[chatd]\nendpoint = "tcp:0"\nport = 9000\n',
-            ["endpoint in ", "replaces port in "],
-        ),
-        ('[chatd]\napi_token = "change-me-to-a-long-random-string"\n', ["placeholder"]),
-    ],
-)
-def test_bad_config_value_names_the_key(tmp_path, content, fragments) -> None:
+CONFIG_CASES = [
+    ("[chatd]\nrate = nan\n", ["chatd.toml: rate must be a finite number"]),
+    ("[chatd]\nping_interval = inf\n", ["chatd.toml: ping_interval must be a finite"]),
+    ("[chatd]\nport = 70000\n", ["chatd.toml: port must be 0-65535"]),
+    (
+        '[chatd]\nendpoint = "tcp:0"\nport = 9000\n',
+        ["endpoint in ", "replaces port in "],
+    ),
+    ('[chatd]\napi_token = "change-me-to-a-long-random-string"\n', ["placeholder"]),
+    ("[chatd]\nprot = 9000\n", ["unknown key 'prot'"]),
+    ("[chatd]\nport = 'nine'\n", ["port must be an integer"]),
+    ("[chatd]\nmax_backlog = 'lots'\n", ["max_backlog must be a size"]),
+    ("[chatd]\ncompression = 'yes'\n", ["compression must be true or false"]),
+    ("[chatd]\nport = 9000\nport = 9001\n", ["config"]),
+    ("[chatd]\nlog_format = 'xml'\n", ["log_format must be text or json"]),
+    ("[chatd]\napi_token = 'short'\n", ["api_token must be at least 16"]),
+]
+
+
+@pytest.mark.parametrize(("content", "fragments"), CONFIG_CASES)
+def test_bad_config_value_names_the_key(tmp_path, monkeypatch, capfd, content, fragments) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("CHATD_API_TOKEN", raising=False)
+    cfg = tmp_path / "chatd.toml"
+    cfg.write_text(content)
+    line = refused_in_process(capfd, ["--config", str(cfg)])
+    for fragment in fragments:
+        assert fragment in line, line
+    assert_nothing_left(work)
+
+
+def test_bad_config_value_through_twistd(tmp_path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     cfg = tmp_path / "chatd.toml"
-    cfg.write_text(content)
+    cfg.write_text(CONFIG_CASES[0][0])
     r = start(work, "--config", str(cfg))
-    assert_one_line_error(r, *fragments)
+    assert_one_line_error(r, *CONFIG_CASES[0][1])
     assert_nothing_left(work)
+
+
+def test_missing_config_file(tmp_path, monkeypatch, capfd) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = refused_in_process(capfd, ["--config", "/nonexistent.toml"])
+    assert "No such file" in line, line
+    assert_nothing_left(tmp_path)
 
 
 def test_example_placeholder_from_the_environment(tmp_path) -> None:
@@ -168,12 +234,3 @@ def test_existing_database_is_kept_when_start_fails(tmp_path) -> None:
         r = start(tmp_path, "--port", str(s.getsockname()[1]))
     assert_one_line_error(r, "Address already in use")
     assert db.exists()  # an operator's history is never deleted
-
-
-def test_help_shows_sizes_as_the_readme_writes_them(tmp_path) -> None:
-    r = start(tmp_path, "--help")
-    assert r.returncode == 0
-    text = " ".join(r.stdout.split())
-    for shown in ("[default: 64K]", "[default: 16M]", "[default: 4M]", "[default: 256M]"):
-        assert shown in text, r.stdout
-    assert "4194304" not in text and "65536" not in text
