@@ -17,11 +17,10 @@ import ssl
 import time
 
 import pytest
+from inproc import connect
+from rawhttp import exchange, handshake, status_of
 from test_ops import TOKEN, make_cert
-from test_upgrade_path import handshake
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from v1client import V1
 from wsclient import Client
@@ -40,15 +39,6 @@ def site_on(clock: Clock, **settings) -> ChatdSite:
     site = ChatdSite(Resource(), timeout=10, reactor=clock)
     site.gate = Gate(Settings(**settings), Stats(), clock)
     return site
-
-
-def connect(site: ChatdSite, host: str = "127.0.0.2"):
-    addr = IPv4Address("TCP", host, 40000)
-    proto = site.buildProtocol(addr)
-    transport = StringTransport(peerAddress=addr)
-    transport.protocol = proto  # as a real transport has it (the door replaces it)
-    proto.makeConnection(transport)
-    return transport
 
 
 def test_trickled_head_is_cut_at_the_deadline_not_reset_per_byte() -> None:
@@ -148,31 +138,6 @@ def test_caps_at_accept() -> None:
 
 
 # -- on the wire ----------------------------------------------------------------------
-
-
-def exchange(port: int, data: bytes, wait: float = 5.0, host: str = "127.0.0.1") -> bytes:
-    """Send ``data``, return what comes back until the server closes (or resets)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=wait, source_address=(host, 0))
-    try:
-        s.sendall(data)
-        got = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            got += chunk
-        return got
-    finally:
-        s.close()
-
-
-def status_of(answer: bytes) -> int:
-    m = re.match(rb"HTTP/1\.1 (\d{3}) ", answer)
-    assert m, answer[:200]
-    return int(m.group(1))
 
 
 def post_head(path: str, *headers: str) -> bytes:
@@ -329,19 +294,19 @@ def test_nul_in_a_path_is_not_found_without_a_traceback(daemon) -> None:
 
 
 def test_origin_scheme_must_match_the_connection(daemon, tmp_path) -> None:
+    """On a real TCP and a real TLS listener: the connection's own scheme is its origin.
+
+    (Both ways in, a head in one read and split over two, on http and https:
+    tests/test_routing.py, in process, where the split is certain.)
+    """
     d = daemon()
     own_host = f"127.0.0.1:{d.port}"
 
-    def answer(data: bytes, split: bool, port: int, ctx: ssl.SSLContext | None = None) -> int:
+    def answer(data: bytes, port: int, ctx: ssl.SSLContext | None = None) -> int:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         if ctx is not None:
             s = ctx.wrap_socket(s, server_hostname="127.0.0.1")
-        if split:  # two reads: the twisted.web path
-            s.sendall(data[:10])
-            time.sleep(0.1)
-            s.sendall(data[10:])
-        else:  # one read: the fast path
-            s.sendall(data)
+        s.sendall(data)
         head = b""
         while b"\r\n" not in head:
             chunk = s.recv(4096)
@@ -356,9 +321,8 @@ def test_origin_scheme_must_match_the_connection(daemon, tmp_path) -> None:
             b"Host: 127.0.0.1:9000", f"Host: {host}".encode()
         )
 
-    for split in (False, True):
-        assert answer(hs(f"http://{own_host}", own_host), split, d.port) == 101
-        assert answer(hs(f"https://{own_host}", own_host), split, d.port) == 403
+    assert answer(hs(f"http://{own_host}", own_host), d.port) == 101
+    assert answer(hs(f"https://{own_host}", own_host), d.port) == 403
     key, cert = make_cert(tmp_path)
     from test_ops import free_port
 
@@ -366,9 +330,8 @@ def test_origin_scheme_must_match_the_connection(daemon, tmp_path) -> None:
     tls = daemon("--endpoint", f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}")
     ctx = ssl.create_default_context(cafile=str(cert))
     host = f"127.0.0.1:{port}"
-    for split in (False, True):
-        assert answer(hs(f"https://{host}", host), split, tls.port, ctx) == 101
-        assert answer(hs(f"http://{host}", host), split, tls.port, ctx) == 403
+    assert answer(hs(f"https://{host}", host), tls.port, ctx) == 101
+    assert answer(hs(f"http://{host}", host), tls.port, ctx) == 403
 
 
 def test_tls_connection_that_never_handshakes_is_dropped_at_the_deadline(daemon, tmp_path):

@@ -1,5 +1,5 @@
 """Operations against the real daemon: systemd, config, TLS, shutdown, health, metrics,
-logs, origin checks and the push API."""
+logs and the push API; origin checks on a real site in process."""
 
 from __future__ import annotations
 
@@ -16,9 +16,16 @@ import subprocess
 import time
 
 import pytest
+from inproc import connect
+from rawhttp import handshake, status_of
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from v1client import V1
-from wsclient import Client, Closed, HandshakeError
+from wsclient import Client, Closed
 
+from chatd.config import Settings
+from chatd.hub import InMemoryHub
+from chatd.web import make_site
 from tools.daemon import REPO, Daemon, child_env, twistd
 
 TOKEN = "s3cret-token-for-tests-0123456789"
@@ -361,27 +368,31 @@ def test_json_logs_one_line_per_connection_and_no_message_text(daemon) -> None:
 # -- origin checks --------------------------------------------------------------
 
 
-def test_origin_checks(daemon) -> None:
-    d = daemon()
-    own = {"Origin": f"http://127.0.0.1:{d.port}"}
-    Client(d.port, "/", headers=own).close()
-    Client(d.port, "/").close()  # no Origin: not a browser, let in
+def origin_status(allowed: tuple[str, ...], path: str, origin: str | None) -> int:
+    """The status a real site (in process) answers a handshake from ``origin`` with."""
+    site = make_site(Settings(ping_interval=0, allowed_origins=allowed), InMemoryHub())
+    t = connect(site)
+    try:
+        t.protocol.dataReceived(handshake(path, *([f"Origin: {origin}"] if origin else [])))
+        return status_of(t.value())
+    finally:
+        t.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def test_origin_checks() -> None:
+    """In process: the daemon's own origin checks on the real wire are in tests/test_door.py."""
+    own = "http://127.0.0.1:9000"  # handshake()'s Host
+    assert origin_status((), "/", own) == 101
+    assert origin_status((), "/", None) == 101  # no Origin: not a browser, let in
     for path in ("/", "/relay/r"):
-        with pytest.raises(HandshakeError) as e:
-            Client(d.port, path, headers={"Origin": "https://evil.example"})
-        assert e.value.status == 403
-    with pytest.raises(HandshakeError) as e:
-        Client(d.port, "/", headers={"Origin": f"http://127.0.0.1:{d.port + 1}"})
-    assert e.value.status == 403
-    listed = daemon(
-        "--allowed-origin", "https://app.example", "--allowed-origin", "http://other.example:8080"
-    )
-    Client(listed.port, "/", headers={"Origin": "https://app.example"}).close()
-    Client(listed.port, "/", headers={"Origin": "http://other.example:8080"}).close()
-    with pytest.raises(HandshakeError):
-        Client(listed.port, "/", headers={"Origin": "https://evil.example"})
-    anyone = daemon("--allowed-origin", "*")
-    Client(anyone.port, "/", headers={"Origin": "https://evil.example"}).close()
+        assert origin_status((), path, "https://evil.example") == 403
+    assert origin_status((), "/", "http://127.0.0.1:9001") == 403
+    listed = ("https://app.example", "http://other.example:8080")
+    assert origin_status(listed, "/", "https://app.example") == 101
+    assert origin_status(listed, "/", "http://other.example:8080") == 101
+    assert origin_status(listed, "/", "https://evil.example") == 403
+    assert origin_status(listed, "/", own) == 403  # a list replaces the own-host default
+    assert origin_status(("*",), "/", "https://evil.example") == 101
 
 
 # -- push API -------------------------------------------------------------------

@@ -13,14 +13,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from test_upgrade_path import handshake
-from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
+from inproc import connect, turn
+from rawhttp import handshake
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from chatd.config import Settings
 from chatd.hub import InMemoryHub
@@ -126,24 +122,6 @@ def test_origin_scheme_host_and_lists() -> None:
 # -- both ways in, on a real site ------------------------------------------------------
 
 
-class TCPStringTransport(StringTransport):
-    """A StringTransport that, like a TCP transport, lets go of no producer quietly."""
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
-
-
-@implementer(ISSLTransport)
-class TLSStringTransport(TCPStringTransport):
-    """One the site takes for TLS (as ``_is_secure`` and ``Request.isSecure`` see it)."""
-
-    def getPeerCertificate(self):
-        return None
-
-
 @pytest.fixture(autouse=True)
 def no_tls_channel_id(monkeypatch) -> None:
     """Autobahn asks a TLS transport for its channel ID; a StringTransport has none."""
@@ -161,21 +139,15 @@ def site() -> ChatdSite:
 
 def answer(site: ChatdSite, data: bytes, split: bool, secure: bool) -> bytes:
     """The response head the site writes for ``data`` (in one read, or split over two)."""
-    addr = IPv4Address("TCP", "127.0.0.2", 40000)
-    proto = site.buildProtocol(addr)
-    transport = (TLSStringTransport if secure else TCPStringTransport)(peerAddress=addr)
-    transport.protocol = proto
-    proto.makeConnection(transport)
+    transport = connect(site, secure=secure)
     try:
         if split:
             transport.protocol.dataReceived(data[:5])
             transport.protocol.dataReceived(data[5:])
         else:
             transport.protocol.dataReceived(data)
-        for _ in range(10):  # a file of the page is sent by a cooperator, on reactor turns
-            if b"\r\n\r\n" in transport.value():
-                break
-            reactor.runUntilCurrent()
+        # a file of the page is sent by a cooperator, on reactor turns
+        turn(lambda: b"\r\n\r\n" in transport.value())
         written = transport.value()
     finally:
         transport.protocol.connectionLost(Failure(ConnectionDone()))

@@ -2,36 +2,26 @@
 
 Ordinary handshakes skip twisted.web and Autobahn's own parse; everything
 else must get exactly the answers it got before. The routing decision is
-tested in process; the answers against the real daemon.
+tested in process, and a head split over reads on a real site in process;
+the answers against the real daemon.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
-import time
 
 import pytest
+from inproc import connect, turn
+from rawhttp import ACCEPT, KEY, exchange, handshake
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from wsclient import BINARY, TEXT, Client, frame
 
-from chatd.web import Origins, Upgrades
+from chatd.config import Settings
+from chatd.hub import InMemoryHub
+from chatd.web import Origins, Upgrades, make_site
 from tools.daemon import Daemon
-
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="
-ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-
-
-def handshake(path: str = "/relay/r", *extra: str, first: str = "") -> bytes:
-    lines = [
-        first or f"GET {path} HTTP/1.1",
-        "Host: 127.0.0.1:9000",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {KEY}",
-        "Sec-WebSocket-Version: 13",
-        *extra,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 @pytest.fixture
@@ -97,33 +87,12 @@ def test_allowed_origin_list_and_any() -> None:
     assert anyone.route(handshake("/", "Origin: https://evil.example")) is not None
 
 
-def raw_exchange(port: int, data: bytes, wait: float = 30.0) -> bytes:
-    """Send ``data``; return what the server sends until its head is complete (or it closes).
-
-    (Every caller looks at the head only; waiting for "quiet" instead could cut a
-    head that a loaded server sends in pieces.)
-    """
-    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
-    try:
-        s.sendall(data)
-        got = b""
-        deadline = time.monotonic() + wait
-        while b"\r\n\r\n" not in got and time.monotonic() < deadline:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
-    finally:
-        s.close()
-
-
 def test_answers_on_the_wire(chatd: Daemon) -> None:
     p = chatd.port
-    ok = raw_exchange(p, handshake("/relay/wire"))
+    ok = exchange(p, handshake("/relay/wire"), 30, head_only=True)
     assert ok.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert f"Sec-WebSocket-Accept: {ACCEPT}\r\n".encode() in ok
-    v1 = raw_exchange(p, handshake("/", "Sec-WebSocket-Protocol: chatd.v1"))
+    v1 = exchange(p, handshake("/", "Sec-WebSocket-Protocol: chatd.v1"), 30, head_only=True)
     assert b"\r\nSec-WebSocket-Protocol: chatd.v1\r\n" in v1
     # refusals keep their status, from whichever layer gave them before
     statuses = {
@@ -132,7 +101,7 @@ def test_answers_on_the_wire(chatd: Daemon) -> None:
         "/relay/": 404,
     }
     for path, status in statuses.items():
-        head = raw_exchange(p, handshake(path)).split(b"\r\n", 1)[0]
+        head = exchange(p, handshake(path), 30, head_only=True).split(b"\r\n", 1)[0]
         assert head.startswith(f"HTTP/1.1 {status} ".encode()), (path, head)
     refused = {
         "badkey": (handshake("/relay/r").replace(KEY.encode(), b"short=="), 400),
@@ -143,9 +112,10 @@ def test_answers_on_the_wire(chatd: Daemon) -> None:
         "post": (handshake(first="POST /relay/r HTTP/1.1"), 405),
     }
     for name, (data, status) in refused.items():
-        head = raw_exchange(p, data).split(b"\r\n", 1)[0]
+        head = exchange(p, data, 30, head_only=True).split(b"\r\n", 1)[0]
         assert head.startswith(f"HTTP/1.1 {status} ".encode()), (name, head)
-    page = raw_exchange(p, b"GET /plain.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    get = b"GET /plain.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    page = exchange(p, get, 30, head_only=True)
     assert page.startswith(b"HTTP/1.1 200 OK") and b"Content-Security-Policy" in page
 
 
@@ -164,23 +134,23 @@ def test_frames_right_behind_the_handshake_are_kept(chatd: Daemon) -> None:
         s.close()
 
 
-def test_a_handshake_in_pieces_still_works(chatd: Daemon) -> None:
-    """A request split over reads goes through twisted.web, as before."""
-    s = socket.create_connection(("127.0.0.1", chatd.port), timeout=10)
+def test_a_handshake_in_pieces_still_works() -> None:
+    """A request split over reads goes through twisted.web, as before (in process: the two
+    reads are certain, where two sends on a socket may arrive as one)."""
+    site = make_site(Settings(ping_interval=0), InMemoryHub())
+    t = connect(site)
     data = handshake("/relay/slow")
-    s.sendall(data[:20])
-    time.sleep(0.2)
-    s.sendall(data[20:])
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(65536)
-    assert head.startswith(b"HTTP/1.1 101 ")
-    s.sendall(frame(TEXT, b"hello"))
-    rest = head.partition(b"\r\n\r\n")[2]
-    while len(rest) < 7:
-        rest += s.recv(65536)
-    assert rest[:7] == b"\x81\x05hello"
-    s.close()
+    assert site.upgrades.route(data) is not None  # in one read, the fast path would take it
+    t.protocol.dataReceived(data[:20])
+    assert t.value() == b""
+    t.protocol.dataReceived(data[20:])
+    head, _, rest = t.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ") and f"Sec-WebSocket-Accept: {ACCEPT}".encode() in head
+    assert rest == b""
+    t.clear()
+    t.protocol.dataReceived(frame(TEXT, b"hello"))  # the relay echoes to its sender
+    assert turn(lambda: t.value() == b"\x81\x05hello"), t.value()
+    t.protocol.connectionLost(Failure(ConnectionDone()))
 
 
 def test_connection_state_is_small_once_open(chatd: Daemon) -> None:
