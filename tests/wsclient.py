@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 TEXT, BINARY, CLOSE, PING, PONG, CONT = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 
@@ -26,6 +27,13 @@ class HandshakeError(Exception):
 class Closed(Exception):
     code: int | None
     reason: str = ""
+
+
+class Frame(NamedTuple):
+    fin: bool
+    rsv: int  # RSV1..RSV3 as bits 2..0: 4 is RSV1 (permessage-deflate)
+    opcode: int
+    payload: bytes
 
 
 def frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
@@ -122,7 +130,8 @@ class Client:
         for i, chunk in enumerate(chunks):
             self.send_frame(opcode if i == 0 else CONT, chunk, fin=i == len(chunks) - 1)
 
-    def recv_frame(self) -> tuple[bool, int, bytes]:
+    def read_frame(self) -> Frame:
+        """The next frame as sent, RSV bits included (a compressed message has RSV1)."""
         b0, b1 = self._read(2)
         n = b1 & 0x7F
         if n == 126:
@@ -130,7 +139,11 @@ class Client:
         elif n == 127:
             (n,) = struct.unpack("!Q", self._read(8))
         assert not b1 & 0x80, "server frames must not be masked"
-        return bool(b0 & 0x80), b0 & 0x0F, self._read(n)
+        return Frame(bool(b0 & 0x80), (b0 >> 4) & 0x7, b0 & 0x0F, self._read(n))
+
+    def recv_frame(self) -> tuple[bool, int, bytes]:
+        f = self.read_frame()
+        return f.fin, f.opcode, f.payload
 
     def recv_message(self) -> tuple[int, bytes]:
         """The next data message (opcode, payload); answers pings; raises Closed."""
