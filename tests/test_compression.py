@@ -1,13 +1,15 @@
 """permessage-deflate, in-process under pytest-twisted with Autobahn's own client.
 
 The site is the one the daemon serves (chatd.web.make_site), listening on a
-real loopback socket; the clients are Autobahn WebSocket clients.
+real loopback socket; the clients are Autobahn WebSocket clients. Whether
+the offer is taken at all is checked on a site over a StringTransport.
 """
 
 from __future__ import annotations
 
 import os
 
+import inproc
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -16,8 +18,11 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponse,
     PerMessageDeflateResponseAccept,
 )
+from rawhttp import handshake
 from twisted.internet import defer, reactor, task
-from wsclient import Client
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from wsclient import BINARY, frame
 
 from chatd.config import Settings
 from chatd.hub import InMemoryHub
@@ -94,15 +99,26 @@ def test_compressed_plain_chat(site_port):
     p.sendClose()
 
 
-def test_no_compression_declines_the_offer(daemon) -> None:
-    offer = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
-    on = daemon()
-    c = Client(on.port, "/relay/x", headers=offer)
-    assert "permessage-deflate" in c.response_headers
-    c.close()
-    off = daemon("--no-compression")
-    c = Client(off.port, "/relay/x", headers=offer)
-    assert "permessage-deflate" not in c.response_headers
-    c.send(b"plain")
-    assert c.recv() == b"plain"
-    c.close()
+def offer_answer(compression: bool) -> tuple[bytes, bytes]:
+    """A real site (in process) given a permessage-deflate offer on a relay room: the
+    response head, and what comes back for a binary frame sent on."""
+    offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+    site = make_site(Settings(ping_interval=0, compression=compression), InMemoryHub())
+    t = inproc.connect(site)
+    try:
+        t.protocol.dataReceived(handshake("/relay/x", offer))
+        head = t.value()
+        t.clear()
+        t.protocol.dataReceived(frame(BINARY, b"plain"))
+        inproc.turn(lambda: len(t.value()) >= 7)
+        return head, t.value()
+    finally:
+        t.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def test_no_compression_declines_the_offer() -> None:
+    head, _ = offer_answer(compression=True)
+    assert head.startswith(b"HTTP/1.1 101 ") and b"permessage-deflate" in head
+    head, echo = offer_answer(compression=False)
+    assert head.startswith(b"HTTP/1.1 101 ") and b"permessage-deflate" not in head
+    assert echo == b"\x82\x05plain"  # RSV1 clear: not compressed
