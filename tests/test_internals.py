@@ -230,12 +230,31 @@ class Recorder(WebSocketClientProtocol):
         if len(self.factory.received) == self.factory.expect:
             self.factory.all_received.callback(self.factory.received)
 
+    def onClose(self, wasClean: bool, code, reason) -> None:
+        if not self.factory.closed.called:
+            self.factory.closed.callback(code)
+
 
 def _client(url: str, expect: int) -> WebSocketClientFactory:
     f = WebSocketClientFactory(url)
     f.protocol = Recorder
     f.opened, f.all_received, f.received, f.expect = defer.Deferred(), defer.Deferred(), [], expect
+    f.closed = defer.Deferred()
     return f
+
+
+def until(condition, timeout: float = 10.0):
+    """A Deferred that fires once ``condition()`` is true (checked each reactor turn, bounded)."""
+    done: defer.Deferred = defer.Deferred()
+
+    def check() -> None:
+        if condition():
+            loop.stop()
+            done.callback(None)
+
+    loop = task.LoopingCall(check)
+    loop.start(0.005)
+    return done.addTimeout(timeout, reactor, onTimeoutCancel=lambda *a: loop.stop())
 
 
 class Spied:
@@ -324,7 +343,7 @@ def test_tcp_handshake_takes_the_fast_path_and_writes_to_the_socket(tcp_site):
     assert spied.writes == 0, spied.writes
     assert spied.start_writing == 0, spied.start_writing
     client.sendClose()
-    yield task.deferLater(reactor, 0.1, lambda: None)
+    assert (yield f.closed.addTimeout(10, reactor)) == 1000  # the server answered the close
 
 
 @pytest_twisted.inlineCallbacks
@@ -337,7 +356,8 @@ def test_a_split_head_goes_through_twisted_web(tcp_site):
 
         def connectionMade(self) -> None:
             self.transport.write(b"GET /relay/split HTTP/1.1\r\nHost: x\r\n")
-            reactor.callLater(0.05, self.transport.write, _REST)
+            # the rest once the server has read the first part (so two reads, for certain)
+            until(lambda: spied.routes).addCallback(lambda _: self.transport.write(_REST))
 
         def dataReceived(self, data: bytes) -> None:
             self.buf += data
@@ -390,4 +410,4 @@ def test_tls_never_writes_to_the_socket(tls_site):
     assert got == [b"t%d" % i for i in range(n)]
     assert spied.writes >= 2  # the 101 and the frames: all through TLS
     client.sendClose()
-    yield task.deferLater(reactor, 0.1, lambda: None)
+    assert (yield f.closed.addTimeout(10, reactor)) == 1000  # the server answered the close
