@@ -2,7 +2,8 @@
 
 Each test attacks the real daemon on loopback and checks the promise from the
 outside: the close code or HTTP status the attacker gets, the daemon's
-memory (RSS), what the log holds, and that a bystander still chats.
+memory (RSS), what the log holds, and that a bystander still chats. (The
+pongs of one well-behaved connection and the option check run in process.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import http.client
 import time
 import zlib
 
+from inproc import Site
 from v1client import V1
 from wsclient import BINARY, CLOSE, PING, PONG, Client, Closed, frame
 
@@ -121,9 +123,8 @@ def test_ping_flood_gets_bounded_pongs_then_1008(daemon) -> None:
     bystander_chats(d)
 
 
-def test_a_few_pings_are_always_answered(daemon) -> None:
-    d: Daemon = daemon("--ping-interval", "0")
-    c = Client(d.port, "/relay/pings")
+def test_a_few_pings_are_always_answered() -> None:
+    c = Site().client("/relay/pings")  # in process: one connection's answers
     for i in range(20):
         c.send_frame(PING, str(i).encode())
         assert c.recv_frame()[1:] == (PONG, str(i).encode())
@@ -159,17 +160,8 @@ def test_close_without_a_code_is_1005_not_1006(daemon) -> None:
     d.wait_for_log(r"close relay .* code=1006", timeout=10)
 
 
-def test_max_total_inbound_must_fit_the_largest_message(tmp_path) -> None:
-    import subprocess
+def test_max_total_inbound_must_fit_the_largest_message(capfd) -> None:
+    from test_startup import refused_in_process
 
-    from tools.daemon import child_env, twistd
-
-    r = subprocess.run(
-        [twistd(), "-n", "--pidfile=", "chatd", "--port", "0", "--max-total-inbound", "1M"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        cwd=tmp_path,
-    )
-    assert r.returncode == 2 and "--max-total-inbound must be at least" in r.stderr, r.stderr
+    line = refused_in_process(capfd, ["--port", "0", "--max-total-inbound", "1M"])
+    assert "--max-total-inbound must be at least" in line, line

@@ -6,7 +6,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from v1client import V1
+from inproc import Site
 from wsclient import CONT, TEXT, Client
 
 from tools.daemon import Daemon
@@ -77,13 +77,13 @@ def test_over_the_limit_is_closed_1009_and_others_unharmed(chatd: Daemon) -> Non
         b.close()
 
 
-def test_text_over_max_text_is_closed_1009_not_stored_nor_sent(daemon) -> None:
+def test_text_over_max_text_is_closed_1009_not_stored_nor_sent() -> None:
     """--max-text counts bytes of UTF-8 for plain clients too; they cannot read an
     error, so the connection is closed with 1009 and the text goes nowhere."""
-    d = daemon("--ping-interval", "0", "--max-text", "100")
-    watcher = V1(d.port, "watcher")
+    d = Site("--max-text", "100")
+    watcher = d.v1("watcher")
     watcher.join("lobby")
-    a = Client(d.port, "/")
+    a = d.client("/")
     assert watcher.next("presence")["event"] == "join"
     fits = "é" * 50  # 100 bytes
     a.send(fits)
@@ -92,19 +92,19 @@ def test_text_over_max_text_is_closed_1009_not_stored_nor_sent(daemon) -> None:
     assert a.expect_close() == 1009
     assert watcher.next("message")["text"] == fits
     assert watcher.next("presence")["event"] == "leave"  # and nothing between
-    late = V1(d.port, "late")
+    late = d.v1("late")
     assert [m["text"] for m in late.join("lobby")["history"]] == [fits]
     watcher.close()
     late.close()
 
 
-def test_empty_and_blank_text_is_dropped(daemon) -> None:
+def test_empty_and_blank_text_is_dropped() -> None:
     """Nothing to say: not stored, not sent (v1 members never see an empty text);
     the connection stays."""
-    d = daemon("--ping-interval", "0")
-    watcher = V1(d.port, "watcher")
+    d = Site()
+    watcher = d.v1("watcher")
     watcher.join("lobby")
-    a = Client(d.port, "/")
+    a = d.client("/")
     assert watcher.next("presence")["event"] == "join"
     for blank in ("", "   ", "\t\n \u3000"):
         a.send(blank)

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from inproc import Site
 from wsclient import BINARY, TEXT, Client, HandshakeError
 
 from tools.daemon import Daemon
@@ -62,9 +63,9 @@ def test_sizes_fragmented_binary(chatd: Daemon, size: int) -> None:
         b.close()
 
 
-def test_relay_limit_is_1009(daemon) -> None:
-    d = daemon("--relay-max-size", "1K")
-    a, b = Client(d.port, "/relay/r"), Client(d.port, "/relay/r")
+def test_relay_limit_is_1009() -> None:
+    d = Site("--relay-max-size", "1K")
+    a, b = d.client("/relay/r"), d.client("/relay/r")
     a.send(b"z" * 1024)
     assert b.recv() == b"z" * 1024
     a.send(b"z" * 1025)

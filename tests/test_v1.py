@@ -1,4 +1,10 @@
-"""chatd.v1 against the real daemon: every message type, error and limit."""
+"""chatd.v1: every message type, error and limit.
+
+Against the real daemon (a module-wide one, or one of its own where the process
+is the point: a restart, kernel buffers, overload); a test that needs other
+options than the shared daemon's and nothing of the process runs on the site
+those options make, in process (tests/inproc.py).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 import time
 
 import pytest
+from inproc import Site
 from v1client import V1
 from wsclient import TEXT, Client, HandshakeError, frame
 
@@ -127,19 +134,19 @@ def test_nick_unique_within_a_room(chatd: Daemon) -> None:
     b.close()
 
 
-def test_history_on_join_and_since(daemon) -> None:
-    d = daemon("--join-history", "3")
-    a = V1(d.port, "hist")
+def test_history_on_join_and_since() -> None:
+    d = Site("--join-history", "3")
+    a = d.v1("hist")
     a.join("h")
     for i in range(5):
         a.say("h", f"m{i}")
     for i in range(5):
         assert a.next("message")["text"] == f"m{i}"
-    b = V1(d.port, "late")
+    b = d.v1("late")
     j = b.join("h")
     assert [m["text"] for m in j["history"]] == ["m2", "m3", "m4"] and j["last_id"] == 5
     assert [m["id"] for m in j["history"]] == [3, 4, 5]
-    c = V1(d.port, "resumer")
+    c = d.v1("resumer")
     j = c.join("h", since=1)
     assert [m["id"] for m in j["history"]] == [2, 3, 4, 5] and "truncated" not in j
     assert j["history"][0] == {
@@ -248,15 +255,15 @@ def test_history_survives_a_restart(daemon, tmp_path) -> None:
         d2.stop()
 
 
-def test_retention_and_truncated(daemon) -> None:
-    d = daemon("--history-size", "5", "--rate-burst", "100")
-    a = V1(d.port, "ret")
+def test_retention_and_truncated() -> None:
+    d = Site("--history-size", "5", "--rate-burst", "100")
+    a = d.v1("ret")
     a.join("r")
     for i in range(12):
         a.say("r", f"n{i}")
     for _ in range(12):
         a.next("message")
-    b = V1(d.port, "old")
+    b = d.v1("old")
     j = b.join("r", since=2)
     assert [m["id"] for m in j["history"]] == [8, 9, 10, 11, 12]
     assert j["truncated"] is True
@@ -300,9 +307,9 @@ def test_join_before_hello(chatd: Daemon) -> None:
     c.close()
 
 
-def test_text_limits(daemon) -> None:
-    d = daemon("--max-text", "10")
-    c = V1(d.port, "limits")
+def test_text_limits() -> None:
+    d = Site("--max-text", "10")
+    c = d.v1("limits")
     c.join("t")
     c.say("t", "0123456789")
     assert c.next("message")["text"] == "0123456789"
@@ -341,10 +348,10 @@ def test_binary_and_oversize_frames_close(chatd: Daemon) -> None:
     assert c.expect_close() == 1009
 
 
-def test_rate_limit_error_then_1008_on_flood(daemon) -> None:
+def test_rate_limit_error_then_1008_on_flood() -> None:
     # Every frame takes a token: hello and join are 2 of the burst of 5.
-    d = daemon("--rate", "1", "--rate-burst", "5", "--rate-flood", "5")
-    c, other = V1(d.port, "flood"), V1(d.port, "calm")
+    d = Site("--rate", "1", "--rate-burst", "5", "--rate-flood", "5")
+    c, other = d.v1("flood"), d.v1("calm")
     c.join("f")
     other.join("f")
     c.next("presence")
@@ -393,9 +400,9 @@ def test_plain_and_v1_share_the_lobby(chatd: Daemon) -> None:
     v.close()
 
 
-def test_plain_flood_closed_1008(daemon) -> None:
-    d = daemon("--rate", "1", "--rate-burst", "3")
-    p = Client(d.port, "/")
+def test_plain_flood_closed_1008() -> None:
+    d = Site("--rate", "1", "--rate-burst", "3")
+    p = d.client("/")
     for i in range(4):
         p.send(f"p{i}")
     assert p.expect_close() == 1008
