@@ -17,10 +17,12 @@ import ssl
 import time
 
 import pytest
-from inproc import connect
+from inproc import Site, connect, turn
 from rawhttp import exchange, handshake, status_of
 from test_ops import TOKEN, make_cert
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from v1client import V1
 from wsclient import Client
@@ -215,41 +217,29 @@ def test_a_refused_body_sent_anyway_does_not_lose_the_answer(daemon) -> None:
     s.close()
 
 
-def test_chunked_body_is_cut_past_the_limit(daemon) -> None:
-    d = daemon("--api-token", TOKEN, "--relay-max-size", "1K")
+def test_chunked_body_is_cut_past_the_limit() -> None:
+    """In process: each chunk is one read of the site's, so "past the limit" is exact."""
+    site = Site("--api-token", TOKEN, "--relay-max-size", "1K").site
     head = post_head(
         "/api/relay/r/messages", "Transfer-Encoding: chunked", f"Authorization: Bearer {TOKEN}"
     )
-    s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
-    s.sendall(head)
-    answer = b""
-    for _ in range(8):  # 512 bytes a chunk, never a last chunk: 413 once past 1 KiB
-        try:
-            s.sendall(b"200\r\n" + b"x" * 512 + b"\r\n")
-        except OSError:
-            break
-        s.settimeout(0.5)
-        try:
-            answer += s.recv(65536)
-        except TimeoutError:
-            continue
-        if answer:
-            break
-    s.settimeout(5)
-    try:
-        while chunk := s.recv(65536):
-            answer += chunk
-    except ConnectionResetError:
-        pass
-    s.close()
+    t = connect(site)
+    t.protocol.dataReceived(head)
+    sent = 0
+    while not t.value() and sent < 8:  # 512 bytes a chunk, never a last chunk
+        t.protocol.dataReceived(b"200\r\n" + b"x" * 512 + b"\r\n")
+        sent += 1
+    turn(lambda: b"over 1024 bytes" in t.value())
+    answer = t.value()
+    assert sent == 3, sent  # 1,536 bytes: the first chunk past 1 KiB is answered
     assert status_of(answer) == 413 and b"over 1024 bytes" in answer
+    t.protocol.connectionLost(Failure(ConnectionDone()))
     # within the limit, chunked still works
-    small = head + b"5\r\nhello\r\n0\r\n\r\n"
-    s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
-    s.sendall(small)
-    got = s.recv(65536)
-    s.close()
-    assert status_of(got) == 200
+    t = connect(site)
+    t.protocol.dataReceived(head + b"5\r\nhello\r\n0\r\n\r\n")
+    assert turn(lambda: b"\r\n\r\n" in t.value())
+    assert status_of(t.value()) == 200
+    t.protocol.connectionLost(Failure(ConnectionDone()))
 
 
 def test_header_floods_get_431(chatd) -> None:

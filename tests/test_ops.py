@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from inproc import connect
+from inproc import Site, connect
 from rawhttp import handshake, status_of
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
@@ -155,17 +155,18 @@ def test_example_config_has_every_setting_and_parses(tmp_path) -> None:
     assert settings.max_backlog == 4 * 1024 * 1024 and settings.compression is True
 
 
-def test_config_file_and_command_line_override(daemon, tmp_path) -> None:
+def test_config_file_and_command_line_override(tmp_path) -> None:
+    """On the site the options make (in process): the file and the command line, merged."""
     cfg = tmp_path / "chatd.toml"
     cfg.write_text('[chatd]\nport = 0\nmax_text = "10"\nrelay_max_size = "1K"\n')
-    d = daemon("--config", str(cfg), "--max-text", "20")
-    c = V1(d.port, "cfg")
+    d = Site("--config", str(cfg), "--max-text", "20")
+    c = d.v1("cfg")
     c.join("c")
     c.say("c", "x" * 20)  # 20 allowed: the command line wins over the file's 10
     assert c.next("message")["text"] == "x" * 20
     c.say("c", "x" * 21)
     assert c.next("error")["code"] == "too_long"
-    r = Client(d.port, "/relay/r")
+    r = d.client("/relay/r")
     r.send(b"z" * 1025)  # the file's relay_max_size
     assert r.expect_close() == 1009
 
