@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from inproc import Site, connect
+from inproc import Site, connect, turn
 from rawhttp import handshake, status_of
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
@@ -467,12 +467,17 @@ def test_push_api_chat_relay_and_rooms(daemon) -> None:
         c.close()
 
 
-def test_api_token_from_environment(tmp_path) -> None:
-    d = Daemon(env={"CHATD_API_TOKEN": TOKEN})
-    try:
-        assert api(d, "GET", "/api/rooms")[0] == 200
-    finally:
-        d.stop()
+def test_api_token_from_environment(monkeypatch) -> None:
+    """On the site the options make with CHATD_API_TOKEN set (in process)."""
+    monkeypatch.setenv("CHATD_API_TOKEN", TOKEN)
+    site = Site().site
+    for token, status in ((TOKEN, 200), ("wrong-token-wrong-token", 403)):
+        t = connect(site)
+        get = f"GET /api/rooms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        t.protocol.dataReceived(get.encode())
+        assert turn(lambda t=t: b"\r\n\r\n" in t.value())
+        assert status_of(t.value()) == status
+        t.protocol.connectionLost(Failure(ConnectionDone()))
 
 
 def test_client_close_codes_do_not_grow_the_metric_labels(daemon) -> None:
