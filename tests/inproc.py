@@ -14,6 +14,7 @@ daemon, without one.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -142,3 +143,30 @@ class Site:
 
     def v1(self, nick: str | None = None, host: str = "127.0.0.2", **kw: Any) -> V1:
         return V1(0, nick, sock=Socket(self.site, host), **kw)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP/1.0 request (the site closes after its answer): status, headers, body."""
+        t = connect(self.site)
+        lines = [f"{method} {path} HTTP/1.0", "Host: 127.0.0.1"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        t.protocol.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
+
+        def answered() -> bool:  # closed, or as long as it said (a refusal may linger)
+            head, sep, data = t.value().partition(b"\r\n\r\n")
+            length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head + b"\r\n")
+            return t.disconnecting or bool(sep and length and len(data) >= int(length[1]))
+
+        assert turn(answered, turns=50), t.value()
+        head, _, data = t.value().partition(b"\r\n\r\n")
+        t.protocol.connectionLost(Failure(ConnectionDone()))
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        fields = dict(line.split(": ", 1) for line in header_lines)
+        return int(status_line.split(" ", 2)[1]), fields, data

@@ -399,7 +399,7 @@ def test_origin_checks() -> None:
 # -- push API -------------------------------------------------------------------
 
 
-def api(d: Daemon, method: str, path: str, body=None, token=TOKEN, ctype="application/json"):
+def api(d: Daemon | Site, method: str, path: str, body=None, token=TOKEN, ctype="application/json"):
     headers = {}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -407,20 +407,25 @@ def api(d: Daemon, method: str, path: str, body=None, token=TOKEN, ctype="applic
         headers["Content-Type"] = ctype
     if isinstance(body, dict):
         body = json.dumps(body).encode()
-    status, _h, data = request(d.port, method, path, body, headers)
+    if isinstance(d, Site):
+        status, _h, data = d.request(method, path, body, headers)
+    else:
+        status, _h, data = request(d.port, method, path, body, headers)
     return status, json.loads(data) if data else None
 
 
-def test_api_off_without_token(daemon) -> None:
-    d = daemon()
+def test_api_off_without_token() -> None:
+    """On the site the options make (in process)."""
+    d = Site()
     assert api(d, "GET", "/api/rooms")[0] == 404
 
 
-def test_push_api_chat_relay_and_rooms(daemon) -> None:
-    d = daemon("--api-token", TOKEN, "--relay-max-size", "1K", "--max-text", "100")
-    v = V1(d.port, "reader")
+def test_push_api_chat_relay_and_rooms() -> None:
+    """On the site the options make (in process)."""
+    d = Site("--api-token", TOKEN, "--relay-max-size", "1K", "--max-text", "100")
+    v = d.v1("reader")
     v.join("lobby")
-    p = Client(d.port, "/")
+    p = d.client("/")
     v.next("presence")
     status, body = api(
         d, "POST", "/api/rooms/lobby/messages", {"text": "deploy finished", "from": "ci"}
@@ -432,7 +437,7 @@ def test_push_api_chat_relay_and_rooms(daemon) -> None:
     status, body = api(d, "POST", "/api/rooms/lobby/messages", {"text": "no sender"})
     assert status == 201 and v.next("message")["from"] == "api"
     # relay: text/* as a text frame, anything else binary, byte-exact
-    r = Client(d.port, "/relay/ticks")
+    r = d.client("/relay/ticks")
     assert api(d, "POST", "/api/relay/ticks/messages", b"AAPL 1.0", ctype="text/plain") == (
         200,
         {"room": "ticks", "delivered": 1},
