@@ -66,6 +66,8 @@ class Daemon:
         self.ports: dict[str, int] = {}
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
+        self._logged = threading.Condition()  # notified on every line the daemon logs
+        self._ended = False
         self.proc = subprocess.Popen(
             argv,
             cwd=cwd,
@@ -84,8 +86,13 @@ class Daemon:
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+            with self._logged:
+                self.lines.append(line.rstrip("\n"))
+                self._logged.notify_all()
             self._queue.put(line)
+        with self._logged:
+            self._ended = True
+            self._logged.notify_all()
         self._queue.put(None)
 
     def _wait_listening(self, timeout: float) -> tuple[str, int]:
@@ -130,13 +137,20 @@ class Daemon:
         raise RuntimeError("no VmRSS")
 
     def wait_for_log(self, pattern: str, timeout: float = 30.0) -> str:
+        """The first line logged that matches ``pattern``; waits (bounded) for it to come."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if rx.search(line):
-                    return line
-            time.sleep(0.02)
+        seen = 0
+        with self._logged:
+            while True:
+                for line in self.lines[seen:]:
+                    if rx.search(line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or self._ended:
+                    break
+                self._logged.wait(left)
         raise AssertionError(f"no log line matching {pattern!r}:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
