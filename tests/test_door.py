@@ -15,6 +15,7 @@ import selectors
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 
 import pytest
 from inproc import Site, connect, turn
@@ -30,6 +31,7 @@ from wsclient import Client
 from chatd.config import Settings
 from chatd.stats import Stats
 from chatd.web import ChatdSite, Gate
+from tools.daemon import Daemon
 
 GiB = 1024**3
 
@@ -142,14 +144,22 @@ def test_caps_at_accept() -> None:
 # -- on the wire ----------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def api_daemon() -> Iterator[Daemon]:
+    """One daemon with the push API on, shared by the tests of bodies and odd paths."""
+    with Daemon("--api-token", TOKEN) as d:
+        yield d
+    assert "Unhandled" not in d.log(), d.log()
+
+
 def post_head(path: str, *headers: str) -> bytes:
     lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def test_bodies_refused_on_their_head(daemon) -> None:
+def test_bodies_refused_on_their_head(api_daemon: Daemon) -> None:
     """1 GiB declared, only the head sent: each answer comes at once, and the connection closes."""
-    d = daemon("--api-token", TOKEN)
+    d = api_daemon
     big = f"Content-Length: {GiB}"
     cases = [
         (post_head("/api/relay/r/messages", big), 401),
@@ -197,9 +207,9 @@ def test_bodies_refused_on_their_head(daemon) -> None:
     assert status_of(exchange(d.port, ok + b"", wait=2)) == 200
 
 
-def test_a_refused_body_sent_anyway_does_not_lose_the_answer(daemon) -> None:
+def test_a_refused_body_sent_anyway_does_not_lose_the_answer(api_daemon: Daemon) -> None:
     """The server reads and drops the rest (a lingering close) instead of resetting."""
-    d = daemon("--api-token", TOKEN)
+    d = api_daemon
     body = b"x" * 300_000
     for _ in range(3):
         data = post_head("/api/relay/r/messages", f"Content-Length: {len(body)}") + body
@@ -259,8 +269,8 @@ def test_header_floods_get_431(chatd) -> None:
     s.close()
 
 
-def test_nul_in_a_path_is_not_found_without_a_traceback(daemon) -> None:
-    d = daemon("--api-token", TOKEN)
+def test_nul_in_a_path_is_not_found_without_a_traceback(api_daemon: Daemon) -> None:
+    d = api_daemon
     for path, statuses in [
         ("/%00", {404}),
         ("/a%00b/c", {404}),
@@ -283,13 +293,13 @@ def test_nul_in_a_path_is_not_found_without_a_traceback(daemon) -> None:
     assert "Traceback" not in log and " 500 " not in log, log
 
 
-def test_origin_scheme_must_match_the_connection(daemon, tmp_path) -> None:
+def test_origin_scheme_must_match_the_connection(chatd: Daemon, daemon, tmp_path) -> None:
     """On a real TCP and a real TLS listener: the connection's own scheme is its origin.
 
     (Both ways in, a head in one read and split over two, on http and https:
     tests/test_routing.py, in process, where the split is certain.)
     """
-    d = daemon()
+    d = chatd
     own_host = f"127.0.0.1:{d.port}"
 
     def answer(data: bytes, port: int, ctx: ssl.SSLContext | None = None) -> int:
