@@ -12,7 +12,6 @@ wrong shape; a refresh with another user's token; a token in the query string
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from test_upgrade_path import handshake, raw_exchange
+from rawhttp import exchange, handshake
 from v1client import V1
 from wsclient import TEXT, Client, HandshakeError
 
@@ -44,16 +43,6 @@ def reason(verifier: Verifier, t: object) -> str:
     with pytest.raises(AuthError) as e:
         verifier.verify(t)
     return e.value.reason
-
-
-def until_closed(port: int, data: bytes) -> bytes:
-    """Send ``data``; everything the server sends until it closes (a refusal closes)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(data)
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
-        return got
 
 
 def wait_for(check: Any, what: str, timeout: float = 15.0) -> None:
@@ -319,7 +308,7 @@ def test_upgrades_with_a_bad_token_or_none_get_401_with_a_json_body(tokend) -> N
         ("/relay/q", ()),
         ("/relay/q", (f"Authorization: Bearer {token(SECRET[::-1])}",)),
     ]:
-        got = until_closed(tokend.port, handshake(path, *extra))
+        got = exchange(tokend.port, handshake(path, *extra), 30)  # a refusal closes
         head, _, body = got.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 401"), (path, got)
         assert b"WWW-Authenticate: Bearer" in head
@@ -327,7 +316,8 @@ def test_upgrades_with_a_bad_token_or_none_get_401_with_a_json_body(tokend) -> N
         assert answer["error"] == "unauthorized" and answer["reason"], answer
     # The page's request line, with a token in it, is in the access log: redacted.
     good = token()
-    got = raw_exchange(tokend.port, f"GET /?x=1&token={good} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+    page = f"GET /?x=1&token={good} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+    got = exchange(tokend.port, page, 30, head_only=True)
     assert got.startswith(b"HTTP/1.1 200")
     wait_for(lambda: "token=REDACTED" in tokend.log(), "the access log line")
     log = tokend.log()
