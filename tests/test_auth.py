@@ -368,9 +368,11 @@ def test_relay_rights_receive_only_and_publishing_closes_4003(tokend) -> None:
     assert reader.recv_message()[1] == b"\x00tick"
     reader.send(b"not allowed")
     assert reader.expect_close() == 4003
+    reader.sock.close()
     with pytest.raises(HandshakeError) as e:
         Client(tokend.port, f"/relay/other?token={token(relay={'quotes': 'rw'})}")
     assert e.value.status == 403
+    assert writer.close() == 1000  # (left open, it would hold up the daemon's stop)
 
 
 def test_optional_mode_lets_anonymous_clients_read_what_is_granted(daemon) -> None:
