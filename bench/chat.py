@@ -100,8 +100,9 @@ def drain(members: list[Member], quiet: float = 0.3) -> None:
         m.frames = 0
 
 
-def fanout(history_size: int, members: int, messages: int, size: int, window: int) -> dict:
-    args = [
+def chatd_args(history_size: int) -> list[str]:
+    """The daemon's options for the fan-out run (tests/test_settings.py parses them)."""
+    return [
         "--history-size",
         str(history_size),
         "--rate",
@@ -115,7 +116,10 @@ def fanout(history_size: int, members: int, messages: int, size: int, window: in
         "--max-backlog",
         "64M",
     ]
-    with Daemon(*args) as d:
+
+
+def fanout(history_size: int, members: int, messages: int, size: int, window: int) -> dict:
+    with Daemon(*chatd_args(history_size)) as d:
         if os.cpu_count() and os.cpu_count() > 1:
             os.sched_setaffinity(d.pid, {0})
             os.sched_setaffinity(0, {1})

@@ -66,9 +66,9 @@ CHATD_COMMON = [
     "--listen-backlog",
     "4096",
     "--rate",
-    "1e9",
+    "1000000",  # (the highest --rate and --rate-burst accept)
     "--rate-burst",
-    "1000000000",
+    "1000000",
     "--join-history",
     "0",
     "--no-compression",

@@ -391,3 +391,27 @@ def test_example_config_agrees_with_the_declarations() -> None:
 
 
 EXAMPLES = {"static", "allowed_origins", "anonymous_rooms"}
+
+
+def test_the_benchmarks_start_chatd_with_options_it_accepts() -> None:
+    """``make bench`` is not part of the tests: its daemons' options are (a bound
+    added to a setting once made every bench run fail at start-up)."""
+    from bench import chat, cluster, run
+
+    for spec in run.servers_chatd():
+        parse([*run.CHATD_COMMON, *spec.chatd_args])
+    for history in (0, 1000):
+        parse(chat.chatd_args(history))
+    url = ("--redis", "redis://127.0.0.1:6379/0")
+    parse([*run.CHATD_COMMON, *cluster.SPEC.chatd_args, *url])
+    parse(
+        [
+            *run.CHATD_COMMON,
+            *cluster.SPEC.chatd_args,
+            *url,
+            "--rate",
+            "1000",
+            "--rate-burst",
+            "1000",
+        ]
+    )
