@@ -128,7 +128,10 @@ def run_load(setup: Setup, mode: str, args: list[str], timeout: float) -> tuple[
         args = [*args, "--pub-port", str(setup.pub_port)]
     gen = SumLoad(_Sum(setup), SPEC, mode, args, timeout)  # type: ignore[arg-type]
     try:
-        return gen.result(), gen
+        result = gen.result()
+        # Redis's footprint while the members are still there (they leave at finish).
+        gen.footprint = redis_footprint(setup)  # type: ignore[attr-defined]
+        return result, gen
     finally:
         gen.finish()
 
@@ -143,8 +146,8 @@ def redis_footprint(setup: Setup) -> dict[str, float]:
     if xlen:
         out["bytes_per_message"] = mem / xlen
     hlen = int(r.command("HLEN", "chatd:c:{bench}:m"))
-    mem = int(r.command("MEMORY", "USAGE", "chatd:c:{bench}:m", "SAMPLES", "0"))
-    if hlen:
+    if hlen:  # (MEMORY USAGE of a key that is gone is nil)
+        mem = int(r.command("MEMORY", "USAGE", "chatd:c:{bench}:m", "SAMPLES", "0"))
         out["bytes_per_member"] = mem / hlen
     return out
 
@@ -158,7 +161,7 @@ def measure(name: str, ns: tuple[int, ...], deliveries: int, lat_n: int, lat_s: 
         args += ["--size", "64", "--setup", SPEC.setup]
         with started(name) as setup:
             r, gen = run_load(setup, "fanout", args, 300)
-            footprint = redis_footprint(setup)
+            footprint = gen.footprint  # type: ignore[attr-defined]
         runs = [x for x in r.get("runs", []) if x["complete"]]
         for i, x in enumerate(r.get("runs", [])):
             a, b = gen.marks.get(f"start{i}"), gen.marks.get(f"end{i}")
