@@ -28,9 +28,16 @@ the history and reaches every subscriber, or none of these (the Deferred
 fails with ``Unavailable``). ``join`` records the member (claiming its nick
 key if ``unique``), reads the snapshot (member list, last id, the first page
 of history) and publishes the member's marker (``presence`` ``join``, or
-``mark`` for a member that was there already) as one step: so the marker
-splits the room's stream exactly, events before it are in the snapshot,
-events after it are not.
+``mark`` for a member that was there already, or whose user was) as one
+step: so the marker splits the room's stream exactly, events before it are
+in the snapshot, events after it are not.
+
+**Users.** A member joined with a ``user`` (a token's ``sub``) counts
+toward that user: the broker says ``join`` for the user's first member id
+in the room and ``leave`` after its last, and lists the user once in
+``members`` and snapshots, whichever process holds the ids (also when a
+silent process's members expire). The debounce of a user's leave is the
+hub's: it calls ``leave`` late.
 
 **Ordered.** A room's events (messages, presence, markers) reach
 ``BrokerEvents`` in the one order the broker applied them, messages in id
@@ -135,9 +142,12 @@ class BrokerEvents(Protocol):
     def message(self, room: str, msg: Message, epoch: str | None) -> None:
         """A message was published (``epoch`` None: a publisher older than epochs)."""
 
-    def presence(self, room: str, mid: str, nick: str, kind: str) -> None:
+    def presence(self, room: str, mid: str, nick: str, kind: str, user: str) -> None:
         """Member ``mid`` joined (``join``), left (``leave``) or joined again (``mark``,
-        with ``nick`` empty: nothing changed but the marker)."""
+        with ``nick`` empty: nothing changed but the marker). ``user``: the member's
+        token ``sub`` ("" for an anonymous member); a user's presence is counted
+        once: its first member id's join is a ``join``, a further one's a
+        ``mark``, and only its last member id's leave is a ``leave``."""
 
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         """Another process published to a relay room this process subscribed to."""
@@ -154,8 +164,9 @@ class BrokerEvents(Protocol):
     def state(self, up: bool) -> None:
         """The broker can (True) or cannot (False) store and publish now."""
 
-    def live_members(self) -> Iterable[tuple[str, str, str, bool]]:
-        """(room, member id, nick, unique) of every live member of this process."""
+    def live_members(self) -> Iterable[tuple[str, str, str, bool, str]]:
+        """(room, member id, nick, unique, user) of every member this process holds
+        (a leave it has not said yet included)."""
 
 
 class Broker(Protocol):
@@ -181,8 +192,11 @@ class Broker(Protocol):
 
     def unsubscribe(self, room: str) -> None: ...
 
-    def publish(self, room: str, sender: str, text: str, ref: Ref = None) -> Deferred[Message]:
-        """Id, append and publish, atomically; fires with the stored Message."""
+    def publish(
+        self, room: str, sender: str, text: str, ref: Ref = None, user: str = ""
+    ) -> Deferred[Message]:
+        """Id, append and publish, atomically; fires with the stored Message
+        (``user``: the sender's token ``sub``, stored with it)."""
 
     def flush(self) -> None:
         """Complete what ``publish`` has accepted so far (a batch), now."""
@@ -204,12 +218,14 @@ class Broker(Protocol):
         snapshot: bool,
         count: int,
         epoch: str | None,
+        user: str = "",
     ) -> Deferred[Joined]:
         """Record member ``mid``, publish its marker, read the snapshot, atomically.
 
         ``since``: history after this id (None: the last ``count`` messages);
         ``snapshot`` False: no member list and no history; ``epoch``: the epoch
-        ``since`` counts in (another epoch: as if ``since`` were None, ``reset``).
+        ``since`` counts in (another epoch: as if ``since`` were None, ``reset``);
+        ``user``: the member's token ``sub`` (its presence counts per user).
         """
 
     def leave(self, room: str, mid: str, last: bool) -> None:
@@ -217,7 +233,8 @@ class Broker(Protocol):
         the room is left in this process."""
 
     def members(self, room: str) -> Deferred[list[str]]:
-        """The nicks of the room's members in every process, as presence has them now."""
+        """The nicks of the room's members in every process, as presence has them now
+        (a user with several member ids once)."""
 
     def kick(self, user: str) -> None:
         """Tell every process (this one too) to close ``user``'s connections (best effort)."""
@@ -239,8 +256,24 @@ def _later(f: Callable[[], object]) -> None:
 
 @dataclass(slots=True)
 class _Presence:
-    members: dict[str, tuple[str, str]] = field(default_factory=dict)  # mid -> (key, nick)
+    members: dict[str, tuple[str, str, str]] = field(
+        default_factory=dict
+    )  # mid -> (key, nick, user)
     nicks: dict[str, str] = field(default_factory=dict)  # nick key -> mid
+    users: dict[str, int] = field(default_factory=dict)  # user -> its member ids here
+
+
+def once_per_user(members: Iterable[tuple[str, str]]) -> list[str]:
+    """The nicks of (nick, user) pairs, a user's first only (anonymous ones all)."""
+    seen: set[str] = set()
+    nicks = []
+    for nick, user in members:
+        if user:
+            if user in seen:
+                continue
+            seen.add(user)
+        nicks.append(nick)
+    return nicks
 
 
 class MemoryBroker:
@@ -292,9 +325,11 @@ class MemoryBroker:
     def unsubscribe(self, room: str) -> None:
         pass
 
-    def publish(self, room: str, sender: str, text: str, ref: Ref = None) -> Deferred[Message]:
+    def publish(
+        self, room: str, sender: str, text: str, ref: Ref = None, user: str = ""
+    ) -> Deferred[Message]:
         try:
-            msg = self.history.append(room, sender, text, ref)
+            msg = self.history.append(room, sender, text, ref, user)
         except sqlite3.Error as e:
             # Nothing of this batch can be trusted now: fail it all, publish none.
             self._fail_pending(e)
@@ -354,6 +389,7 @@ class MemoryBroker:
         snapshot: bool,
         count: int,
         epoch: str | None,
+        user: str = "",
     ) -> Deferred[Joined]:
         self.flush()
         history = self.history
@@ -373,9 +409,15 @@ class MemoryBroker:
         if key:
             p.nicks[key] = mid
         new = mid not in p.members
-        p.members[mid] = (key, nick)
+        p.members[mid] = (key, nick, user)
+        if new and user:  # news only as the user's first member id
+            n = p.users[user] = p.users.get(user, 0) + 1
+            new = n == 1
         assert self.events is not None
-        self.events.presence(room, mid, nick if new else "", "join" if new else "mark")
+        if new:
+            self.events.presence(room, mid, nick, "join", user)
+        else:
+            self.events.presence(room, mid, "", "mark", "")
         reset = epoch is not None and epoch != current
         if reset:
             since = None
@@ -390,7 +432,7 @@ class MemoryBroker:
                 msgs, truncated, cursor = history.page(room, since)
         except sqlite3.Error as e:
             return fail(Unavailable(str(e)))
-        members = [n for _, n in p.members.values()]
+        members = once_per_user((n, u) for _, n, u in p.members.values())
         return succeed(Joined(room, members, msgs, last_id, truncated, current, reset, cursor))
 
     def leave(self, room: str, mid: str, last: bool) -> None:
@@ -399,17 +441,25 @@ class MemoryBroker:
         value = p.members.pop(mid, None) if p is not None else None
         if p is None or value is None:
             return
-        key, nick = value
+        key, nick, user = value
         if key and p.nicks.get(key) == mid:
             del p.nicks[key]
+        if user:
+            n = p.users[user] - 1
+            if n:
+                p.users[user] = n
+                return  # the user is still here
+            del p.users[user]
         if not p.members:
             del self._presence[room]
         assert self.events is not None
-        self.events.presence(room, mid, nick, "leave")
+        self.events.presence(room, mid, nick, "leave", user)
 
     def members(self, room: str) -> Deferred[list[str]]:
         p = self._presence.get(room)
-        return succeed([n for _, n in p.members.values()] if p is not None else [])
+        if p is None:
+            return succeed([])
+        return succeed(once_per_user((n, u) for _, n, u in p.members.values()))
 
     def kick(self, user: str) -> None:
         assert self.events is not None

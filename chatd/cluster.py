@@ -14,6 +14,10 @@ it keeps the broker contract:
   and member list, and publishes the member's marker (``j``, or ``k`` for
   one there already) in one step; the hub holds what comes after the
   marker until the reply is here.
+- **Users are counted once.** A room's ``:u`` hash counts each token
+  user's member ids, changed by the same script as the member (join,
+  leave, expiry, resync): ``j`` is published for a user's first member id,
+  ``l`` after its last, so every node says a user's presence once.
 - **History is read a page at a time.** The join script reads the first
   page of a ``since`` replay; ``_StreamCursor`` reads the rest with XRANGE
   as the client takes the pages. A replay that the stream's trimming
@@ -53,7 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import limits
-from chatd.broker import BrokerEvents, Joined, NickTaken, Unavailable
+from chatd.broker import BrokerEvents, Joined, NickTaken, Unavailable, once_per_user
 from chatd.history import PAGE_BYTES, PAGE_ROWS, Message, Ref, new_epoch
 from chatd.redisconn import RedisConnection, RedisDown
 from chatd.stats import Stats
@@ -75,9 +79,40 @@ def relay_channel(room: str) -> bytes:
     return f"chatd:r:{{{room}}}".encode()
 
 
-# Member values in a room's hash are "<limits.nick_key(nick) or ''>\n<nick>": the
-# Lua side frees the nick without knowing Unicode case rules.
-_PURGE = r"""
+# Member values in a room's hash are "<limits.nick_key(nick) or ''>\n<nick>\n<user>"
+# (a user's token sub, or '' for an anonymous member; a value without the third
+# part, from an older node, is anonymous): the Lua side frees the nick without
+# knowing Unicode case rules. A room's users hash (":u") counts each user's
+# member ids, so a user's presence is published once: "j" for its first member
+# id, "l" after its last (the others get a marker "k", or nothing).
+_MEMBERS = r"""
+local function user_of(v)
+  local a = string.find(v, '\n', 1, true)
+  local b = string.find(v, '\n', a + 1, true)
+  if b then return string.sub(v, b + 1) end
+  return ''
+end
+-- A member id was added (with value v): whether that is news (its user's first).
+local function counted_in(users, v)
+  local u = user_of(v)
+  if u == '' then return true end
+  return redis.call('HINCRBY', users, u, 1) == 1
+end
+-- A member id was removed: whether that is news (its user's last).
+local function counted_out(users, v)
+  local u = user_of(v)
+  if u == '' then return true end
+  if redis.call('HINCRBY', users, u, -1) <= 0 then
+    redis.call('HDEL', users, u)
+    return true
+  end
+  return false
+end
+"""
+
+_PURGE = (
+    _MEMBERS
+    + r"""
 local function purge(node, keep)
   local rooms_key = 'chatd:node:' .. node
   local prefix = node .. '.'
@@ -93,7 +128,9 @@ local function purge(node, keep)
         if key ~= '' and redis.call('HGET', base .. ':k', key) == mid then
           redis.call('HDEL', base .. ':k', key)
         end
-        redis.call('PUBLISH', base, 'l ' .. mid .. ' ' .. v)
+        if counted_out(base .. ':u', v) then
+          redis.call('PUBLISH', base, 'l ' .. mid .. ' ' .. v)
+        end
         n = n + 1
       end
     end
@@ -102,11 +139,12 @@ local function purge(node, keep)
   return n
 end
 """
+)
 
 SCRIPTS = {
     # KEYS: seq, log, epoch. ARGV: channel, retention, sender, text, JSON tail
-    # (an object without its "{"), a new epoch in case the room needs one. The
-    # epoch goes into the published JSON as "e".
+    # (an object without its "{"), a new epoch in case the room needs one, the
+    # sender's user or ''. The epoch goes into the published JSON as "e".
     "post": r"""
 local epoch = redis.call('GET', KEYS[3])
 local id = redis.call('INCR', KEYS[1])
@@ -117,17 +155,23 @@ end
 local t = redis.call('TIME')
 local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 if tonumber(ARGV[2]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id .. '-0', 'ts', ts, 'f', ARGV[3], 't', ARGV[4])
+  if ARGV[7] ~= '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id .. '-0', 'ts', ts, 'f', ARGV[3], 't', ARGV[4],
+               'u', ARGV[7])
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id .. '-0', 'ts', ts, 'f', ARGV[3], 't', ARGV[4])
+  end
 end
 redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' {"e":"' .. epoch .. '",' .. ARGV[5])
 return {id, ts}
 """,
-    # KEYS: members, nicks, node rooms, seq, log, epoch.
+    # KEYS: members, nicks, node rooms, seq, log, epoch, users.
     # ARGV: member id, nick key, value, room, channel, 'since'|'recent'|'none', since,
     # count, the client's epoch or '', a new epoch for a room from before epochs, how
     # many entries at most after since (the rest is read in pages: _StreamCursor).
     # Returns {'ok', new, last, truncated, member values, entries, epoch or '', reset}.
-    "join": r"""
+    "join": _MEMBERS
+    + r"""
 local mid = ARGV[1]
 if ARGV[2] ~= '' then
   local holder = redis.call('HGET', KEYS[2], ARGV[2])
@@ -136,7 +180,7 @@ if ARGV[2] ~= '' then
 end
 local new = redis.call('HSET', KEYS[1], mid, ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[4])
-if new == 1 then
+if new == 1 and counted_in(KEYS[7], ARGV[3]) then
   redis.call('PUBLISH', ARGV[5], 'j ' .. mid .. ' ' .. ARGV[3])
 else
   redis.call('PUBLISH', ARGV[5], 'k ' .. mid)
@@ -177,9 +221,10 @@ local from = '(' .. ARGV[2] .. '-0'
 if ARGV[1] ~= '' and epoch ~= '' and epoch ~= ARGV[1] then from = '-' end
 return {epoch, redis.call('XRANGE', KEYS[2], from, '+')}
 """,
-    # KEYS: members, nicks, node rooms. ARGV: member id, room, channel, '1' if the
-    # node's last member of the room.
-    "leave": r"""
+    # KEYS: members, nicks, node rooms, users. ARGV: member id, room, channel, '1' if
+    # the node's last member of the room.
+    "leave": _MEMBERS
+    + r"""
 if ARGV[4] == '1' then redis.call('SREM', KEYS[3], ARGV[2]) end
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return 0 end
@@ -188,7 +233,7 @@ local key = string.sub(v, 1, string.find(v, '\n', 1, true) - 1)
 if key ~= '' and redis.call('HGET', KEYS[2], key) == ARGV[1] then
   redis.call('HDEL', KEYS[2], key)
 end
-redis.call('PUBLISH', ARGV[3], 'l ' .. ARGV[1] .. ' ' .. v)
+if counted_out(KEYS[4], v) then redis.call('PUBLISH', ARGV[3], 'l ' .. ARGV[1] .. ' ' .. v) end
 return 1
 """,
     # KEYS: nodes. ARGV: node, ttl in ms. Returns {known before, members reaped}.
@@ -231,7 +276,7 @@ for i = 2, #ARGV, 3 do
     if key ~= '' then redis.call('HSET', base .. ':k', key, mid) end
     redis.call('SADD', rooms_key, room)
     if redis.call('HSET', base .. ':m', mid, v) == 1 then
-      redis.call('PUBLISH', base, 'j ' .. mid .. ' ' .. v)
+      if counted_in(base .. ':u', v) then redis.call('PUBLISH', base, 'j ' .. mid .. ' ' .. v) end
       added = added + 1
     end
   end
@@ -259,6 +304,8 @@ def _message(room: str, entry: list) -> Message:
         int(fields[b"ts"]),
         fields[b"f"].decode(),
         fields[b"t"].decode(),
+        None,
+        fields.get(b"u", b"").decode(),
     )
 
 
@@ -300,8 +347,15 @@ def _unavailable(f: Failure) -> Failure:
     return Failure(Unavailable(f.getErrorMessage()))
 
 
-def _nick(value: bytes) -> str:
-    return value.split(b"\n", 1)[1].decode()
+def _member(value: bytes) -> tuple[str, str]:
+    """(nick, user) of a member value (see ``_MEMBERS``)."""
+    _, nick, user = (*value.decode().split("\n", 2), "")[:3]
+    return nick, user
+
+
+def _value(nick: str, unique: bool, user: str) -> str:
+    key = limits.nick_key(nick) if unique else ""
+    return f"{key}\n{nick}\n{user}"
 
 
 _KINDS = {b"j": "join", b"l": "leave", b"k": "mark"}
@@ -370,7 +424,7 @@ class RedisBroker:
         self.conn.unsubscribe(channel)
 
     def publish(
-        self, room: str, sender: str, text: str, ref: Ref = None
+        self, room: str, sender: str, text: str, ref: Ref = None, user: str = ""
     ) -> defer.Deferred[Message]:
         """Id, store and publish in one script; every node (this one too) delivers from there."""
         if not self.conn.up:
@@ -378,15 +432,17 @@ class RedisBroker:
         tail: dict[str, object] = {"f": sender, "t": text}
         if ref is not None:
             tail["r"] = ref
+        if user:
+            tail["u"] = user
         base = chat_base(room)
         d = self._script(
             "post",
             [f"{base}:seq", f"{base}:log", f"{base}:epoch"],
-            [base, self.retention, sender, text, _tail(tail)[1:], new_epoch()],
+            [base, self.retention, sender, text, _tail(tail)[1:], new_epoch(), user],
         )
 
         def stored(reply: list[bytes]) -> Message:
-            return Message(room, int(reply[0]), int(reply[1]), sender, text, ref)
+            return Message(room, int(reply[0]), int(reply[1]), sender, text, ref, user)
 
         return d.addCallback(stored)
 
@@ -415,6 +471,7 @@ class RedisBroker:
         snapshot: bool,
         count: int,
         epoch: str | None,
+        user: str = "",
     ) -> defer.Deferred[Joined]:
         key = limits.nick_key(nick) if unique else ""
         if not snapshot:
@@ -433,11 +490,12 @@ class RedisBroker:
                 f"{base}:seq",
                 f"{base}:log",
                 f"{base}:epoch",
+                f"{base}:u",
             ],
             [
                 mid,
                 key,
-                f"{key}\n{nick}",
+                _value(nick, unique, user),
                 room,
                 base,
                 mode,
@@ -467,7 +525,7 @@ class RedisBroker:
             more = _StreamCursor(self.conn, f"{chat_base(room)}:log", room, history[-1].id, last)
         return Joined(
             room,
-            [_nick(v) for v in values],
+            once_per_user(_member(v) for v in values),
             history,
             last,
             bool(truncated),
@@ -481,13 +539,15 @@ class RedisBroker:
             base = chat_base(room)
             self._script(
                 "leave",
-                [f"{base}:m", f"{base}:k", f"chatd:node:{self.node}"],
+                [f"{base}:m", f"{base}:k", f"chatd:node:{self.node}", f"{base}:u"],
                 [mid, room, base, "1" if last else "0"],
             ).addErrback(lambda f: None)
 
     def members(self, room: str) -> defer.Deferred[list[str]]:
         d = self.conn.call("HVALS", f"{chat_base(room)}:m")
-        return d.addCallbacks(lambda values: [_nick(v) for v in values], _unavailable)
+        return d.addCallbacks(
+            lambda values: once_per_user(_member(v) for v in values), _unavailable
+        )
 
     def kick(self, user: str) -> None:
         """Published to every node, this one included (the one path for all)."""
@@ -525,12 +585,15 @@ class RedisBroker:
         if kind == b"m":
             ts, tail = rest.split(b" ", 1)
             obj = json.loads(tail)
-            msg = Message(room, int(mid_b), int(ts), obj["f"], obj["t"], obj.get("r"))
+            msg = Message(
+                room, int(mid_b), int(ts), obj["f"], obj["t"], obj.get("r"), obj.get("u", "")
+            )
             events.message(room, msg, obj.get("e"))  # (no "e" from a node older than epochs)
         elif kind == b"k":
-            events.presence(room, mid_b.decode(), "", "mark")
+            events.presence(room, mid_b.decode(), "", "mark", "")
         else:
-            events.presence(room, mid_b.decode(), _nick(rest), _KINDS[kind])
+            nick, user = _member(rest)
+            events.presence(room, mid_b.decode(), nick, _KINDS[kind], user)
 
     def _subscribed(self, channel: bytes) -> None:
         room = self._by_channel.get(channel)
@@ -571,9 +634,8 @@ class RedisBroker:
     def _resync(self) -> None:
         args: list[object] = [self.node]
         if self.events is not None:
-            for room, mid, nick, unique in self.events.live_members():
-                key = limits.nick_key(nick) if unique else ""
-                args += [room, mid, f"{key}\n{nick}"]
+            for room, mid, nick, unique, user in self.events.live_members():
+                args += [room, mid, _value(nick, unique, user)]
 
         def done(reply: list[Any]) -> None:
             for mid in reply[2]:

@@ -356,6 +356,15 @@ SETTINGS: tuple[Setting, ...] = (
         high=10_000,
     ),
     Setting(
+        "presence_debounce",
+        "seconds",
+        limits.PRESENCE_DEBOUNCE,
+        "Seconds a token user stays present in a room after its last connection there "
+        "left: a reconnect within them shows no leave and join (0: leave at once).",
+        low=0,
+        high=3600,
+    ),
+    Setting(
         "max_text",
         "size",
         limits.MAX_TEXT,
@@ -526,6 +535,7 @@ class Settings:
     db_sync: str = "normal"
     history_size: int = limits.HISTORY_SIZE
     join_history: int = limits.JOIN_HISTORY
+    presence_debounce: float = limits.PRESENCE_DEBOUNCE
     max_text: int = limits.MAX_TEXT
     rate: float = limits.RATE
     rate_burst: int = limits.RATE_BURST

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS messages (
     ts INTEGER NOT NULL,          -- milliseconds since the epoch
     sender TEXT NOT NULL,
     text TEXT NOT NULL,
+    user TEXT,                    -- the sender's token sub; NULL for anonymous senders
     PRIMARY KEY (room, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rooms (
@@ -82,6 +83,7 @@ class Message:
     sender: str
     text: str
     ref: Ref = None
+    user: str = ""  # the sender's token ``sub`` ("" for an anonymous sender or the back end)
 
 
 class History:
@@ -101,6 +103,9 @@ class History:
             self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
+        if "user" not in columns:  # a database from before users
+            self.db.execute("ALTER TABLE messages ADD COLUMN user TEXT")
         self._last: dict[str, int] = {}
         self._epochs: dict[str, str] = {}
         self._in_tx = False
@@ -148,9 +153,11 @@ class History:
         self._epochs[room] = epoch
         return epoch
 
-    def append(self, room: str, sender: str, text: str, ref: Ref = None) -> Message:
+    def append(self, room: str, sender: str, text: str, ref: Ref = None, user: str = "") -> Message:
         """Assign the next id and write the message (committed by ``commit``)."""
-        msg = Message(room, self.last_id(room) + 1, int(time.time() * 1000), sender, text, ref)
+        msg = Message(
+            room, self.last_id(room) + 1, int(time.time() * 1000), sender, text, ref, user
+        )
         if self.retention:
             if not self._in_tx:
                 self.db.execute("BEGIN")
@@ -158,8 +165,8 @@ class History:
             if room not in self._epochs and self.epoch(room) is None:
                 self._new_epoch(room)
             self.db.execute(
-                "INSERT INTO messages (room, id, ts, sender, text) VALUES (?, ?, ?, ?, ?)",
-                (room, msg.id, msg.ts, sender, text),
+                "INSERT INTO messages (room, id, ts, sender, text, user) VALUES (?, ?, ?, ?, ?, ?)",
+                (room, msg.id, msg.ts, sender, text, user or None),
             )
             n = self._since_trim.get(room, 0) + 1
             if n >= 100:  # trim now and then, not on every message
@@ -215,11 +222,11 @@ class History:
 
     def _rows(self, room: str, after: int, until: int, limit: int) -> list[Message]:
         rows = self.db.execute(
-            "SELECT id, ts, sender, text FROM messages WHERE room = ? AND id > ? AND id <= ? "
-            "ORDER BY id LIMIT ?",
+            "SELECT id, ts, sender, text, user FROM messages WHERE room = ? AND id > ? "
+            "AND id <= ? ORDER BY id LIMIT ?",
             (room, after, until, limit),
         ).fetchall()
-        return [Message(room, i, ts, s, t) for i, ts, s, t in rows]
+        return [Message(room, i, ts, s, t, None, u or "") for i, ts, s, t, u in rows]
 
     def recent(self, room: str, n: int) -> list[Message]:
         """The last ``n`` messages of a room, oldest first."""

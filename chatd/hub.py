@@ -35,15 +35,22 @@ messages from its start, tells its live members (a ``Reset`` event), then
 delivers: nothing is dropped as "already seen". When the broker's channels
 come back after a loss, each room's messages after the last id delivered
 here are read (``read_after``) before the live ones, held meanwhile.
+
+Presence is per user for members with a token (``user``): the broker counts
+a user's member ids, the hub holds a user's leave back for
+``presence_debounce`` seconds (its member id stays recorded meanwhile, and
+``live_members`` still names it), so a reconnect within it, on any node,
+shows no leave and no join. An anonymous member's leave is said at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -56,6 +63,7 @@ from chatd.broker import (
     NickTaken,
     Reset,
     Unavailable,
+    once_per_user,
 )
 from chatd.fanout import OUTBOX, Link, Outbox, broadcast
 from chatd.history import History, Message, Ref
@@ -82,7 +90,7 @@ class Renderer(Protocol):
 
     def message(self, msg: Message) -> bytes | None: ...
 
-    def presence(self, room: str, nick: str, event: str) -> bytes | None: ...
+    def presence(self, room: str, nick: str, event: str, user: str) -> bytes | None: ...
 
     def reset(self, event: Reset) -> bytes | None: ...
 
@@ -92,6 +100,7 @@ class Member:
     nick: str
     fmt: str
     unique: bool
+    user: str = ""  # the token's sub ("" for an anonymous member)
 
 
 @dataclass(slots=True)
@@ -179,12 +188,12 @@ class Local:
                 self.stats.deliveries["chat"] += n
                 self.stats.bytes_out["chat"] += n * len(payload)
 
-    def presence(self, room: str, nick: str, event: str) -> None:
+    def presence(self, room: str, nick: str, event: str, user: str) -> None:
         r = self.chat.get(room)
         if r is None:
             return
         for fmt, links in tuple(r.groups.items()):
-            payload = self.renderers[fmt].presence(room, nick, event)
+            payload = self.renderers[fmt].presence(room, nick, event, user)
             if payload is not None:
                 broadcast(tuple(links), payload, False, self.outbox)
 
@@ -201,7 +210,9 @@ class Local:
         self,
         link: Link,
         fmt: str,
-        events: Iterable[tuple[Message | Reset | tuple[str, str, str], dict[str, bytes | None]]],
+        events: Iterable[
+            tuple[Message | Reset | tuple[str, str, str, str], dict[str, bytes | None]]
+        ],
     ) -> None:
         """Events for one link only (a member catching up as it goes live).
 
@@ -236,9 +247,9 @@ class Local:
 
 # An event for a joiner, held until it goes live, with its renders by format
 # (shared by every joiner that gets it: one render per event and format).
-_Held = tuple[Message | Reset | tuple[str, str, str], dict[str, bytes | None]]
-# A room's event held while a gap is read: ("m", Message, epoch) or ("p", mid, nick, kind).
-_Event = tuple[str, Message, str | None] | tuple[str, str, str, str]
+_Held = tuple[Message | Reset | tuple[str, str, str, str], dict[str, bytes | None]]
+# A room's event held while a gap is read: ("m", Message, epoch) or ("p", mid, nick, kind, user).
+_Event = tuple[str, Message, str | None] | tuple[str, str, str, str, str]
 
 
 @dataclass(eq=False, slots=True)
@@ -279,6 +290,15 @@ class _Room:
         return not self.mids and not self.joining
 
 
+@dataclass(eq=False, slots=True)
+class _Parting:
+    """A user's member that left here, its leave held back for the presence debounce."""
+
+    room: str
+    member: Member
+    call: IDelayedCall
+
+
 class Hub:
     """Every room of this process, over a broker (see the module docstring)."""
 
@@ -288,14 +308,20 @@ class Hub:
         join_history: int = limits.JOIN_HISTORY,
         stats: Stats | None = None,
         outbox: Outbox = OUTBOX,
+        presence_debounce: float = limits.PRESENCE_DEBOUNCE,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.broker = broker
+        self.presence_debounce = presence_debounce
+        self._clock = clock
         self.stats = stats if stats is not None else Stats()
         self.local = Local(self.stats, outbox)
         self.join_history = join_history
         self.node = broker.node
         self._serial = 0
         self._rooms: dict[str, _Room] = {}
+        self._parting: dict[str, _Parting] = {}  # by member id
+        self._parting_rooms: dict[str, int] = {}  # how many of them, by room
         # Told when a user is to be closed everywhere (the front ends close theirs).
         self.kick_listeners: list[Callable[[str], object]] = []
         broker.attach(self)
@@ -332,6 +358,7 @@ class Hub:
         unique: bool = True,
         snapshot: bool = True,
         epoch: str | None = None,
+        user: str = "",
     ) -> defer.Deferred[Joined]:
         """Join (or re-join) ``room``; the history and the live stream meet exactly.
 
@@ -344,20 +371,23 @@ class Hub:
         ``since`` meaningless: the answer is a fresh join marked ``reset``.
         Fails with ``NickTaken`` (a ``unique`` nick another member has) or
         ``Unavailable``. A link already a member gets the snapshot again and
-        nothing else changes.
+        nothing else changes. With a ``user`` (a token's sub), presence counts
+        the user once, however many links it joins with; its leave is said
+        ``presence_debounce`` seconds after its last link here left, and only
+        if it has no other link in the room by then, on any node.
         """
         if not self.broker.up:
             return defer.fail(Unavailable("the message store is unreachable"))
         r = self._room(room)
         mid = r.mids.get(link)
         if mid is not None:  # joined already: history again, nothing else changes
-            return self._broker_join(r, mid, Member(nick, fmt, unique), since, snapshot, epoch)
+            member = Member(nick, fmt, unique, user)
+            return self._broker_join(r, mid, member, since, snapshot, epoch)
         if link in r.joining:
             return defer.fail(Unavailable("a join of this room is in progress"))
         self._serial += 1
-        j = _Joining(
-            link, f"{self.node}.{self._serial}", Member(nick, fmt, unique), since, snapshot, epoch
-        )
+        mid = f"{self.node}.{self._serial}"
+        j = _Joining(link, mid, Member(nick, fmt, unique, user), since, snapshot, epoch)
         r.joining[link] = j
         r.by_mid[j.mid] = j
         if r.subscribed:
@@ -388,13 +418,13 @@ class Hub:
         epoch: str | None,
     ) -> defer.Deferred[Joined]:
         return self.broker.join(
-            r.name, mid, m.nick, m.unique, since, snapshot, self.join_history, epoch
+            r.name, mid, m.nick, m.unique, since, snapshot, self.join_history, epoch, m.user
         )
 
     def _start_join(self, r: _Room, j: _Joining) -> None:
         def answered(reply: Joined) -> None:
             if j.cancelled:
-                self._leave(r, j.mid)
+                self._leave(r.name, j.mid)
                 return
             j.reply = reply
             self._maybe_live(r, j)
@@ -454,7 +484,7 @@ class Hub:
             if j in r.before_sub:
                 r.before_sub.remove(j)
             elif j.reply is not None:
-                self._leave(r, j.mid)
+                self._leave(r.name, j.mid)
             self._drop_join(r, j, Unavailable("left before the join completed"))
             return False
         mid = r.mids.pop(link, None)
@@ -462,15 +492,42 @@ class Hub:
             return False
         del r.live[mid]
         member = self.local.chat_remove(room, link)
-        if member is not None:
-            self.local.presence(room, member.nick, "leave")
-        self._leave(r, mid)
+        if member is not None and member.user and self.presence_debounce > 0:
+            self._part_later(room, mid, member)
+        else:
+            if member is not None and not member.user:  # (a user's leave comes from the broker)
+                self.local.presence(room, member.nick, "leave", "")
+            self._leave(room, mid)
         self._forget_if_empty(r)
         return True
 
-    def _leave(self, r: _Room, mid: str) -> None:
-        now = self._rooms.get(r.name)  # the room may have been forgotten and made anew
-        self.broker.leave(r.name, mid, now is None or now.empty())
+    def _leave(self, room: str, mid: str) -> None:
+        now = self._rooms.get(room)  # the room may have been forgotten and made anew
+        last = (now is None or now.empty()) and room not in self._parting_rooms
+        self.broker.leave(room, mid, last)
+
+    def _part_later(self, room: str, mid: str, member: Member) -> None:
+        """A user's member left: tell the broker after the debounce (a reconnect
+        meanwhile, here or on another node, keeps the user present: no leave, no join)."""
+        clock = self._clock
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = self._clock = cast(IReactorTime, reactor)
+        call = clock.callLater(self.presence_debounce, self._parted, mid)
+        self._parting[mid] = _Parting(room, member, call)
+        self._parting_rooms[room] = self._parting_rooms.get(room, 0) + 1
+
+    def _parted(self, mid: str) -> None:
+        p = self._parting.pop(mid, None)
+        if p is None:
+            return
+        n = self._parting_rooms[p.room] - 1
+        if n:
+            self._parting_rooms[p.room] = n
+        else:
+            del self._parting_rooms[p.room]
+        self._leave(p.room, mid)
 
     def kick(self, user: str) -> None:
         """Close every connection of ``user`` on every node (best effort)."""
@@ -481,11 +538,13 @@ class Hub:
         return self.broker.members(room)
 
     def members(self, room: str) -> list[str]:
-        """The nicks of this process's live members of ``room``."""
+        """The nicks of this process's live members of ``room`` (a user once)."""
         r = self.local.chat.get(room)
-        return [m.nick for m in r.members.values()] if r else []
+        return once_per_user((m.nick, m.user) for m in r.members.values()) if r else []
 
-    def post(self, room: str, sender: str, text: str, ref: Ref = None) -> defer.Deferred[Message]:
+    def post(
+        self, room: str, sender: str, text: str, ref: Ref = None, user: str = ""
+    ) -> defer.Deferred[Message]:
         """Store a message and send it to the room's members, everywhere (there may be none).
 
         Fires with the stored ``Message`` once the broker has it (every
@@ -495,7 +554,7 @@ class Hub:
         """
         if not self.broker.up:
             return defer.fail(Unavailable("the message store is unreachable"))
-        return self.broker.publish(room, sender, text, ref)
+        return self.broker.publish(room, sender, text, ref, user)
 
     def flush(self) -> None:
         """Complete what was posted so far (a batch), now."""
@@ -509,6 +568,10 @@ class Hub:
 
     def close(self) -> defer.Deferred[None] | None:
         """Complete what is pending, take this process's members out, let the broker go."""
+        for mid, p in tuple(self._parting.items()):  # no debounce past the process's end
+            if p.call.active():
+                p.call.cancel()
+            self._parted(mid)
         return self.broker.close()
 
     # -- BrokerEvents: from the broker, in each room's order -----------------
@@ -531,19 +594,22 @@ class Hub:
             return  # read already while filling a gap
         self._deliver(r, msg)
 
-    def presence(self, room: str, mid: str, nick: str, kind: str) -> None:
+    def presence(self, room: str, mid: str, nick: str, kind: str, user: str) -> None:
         r = self._rooms.get(room)
         if r is None:
             return
         if r.filling is not None:
-            r.filling.append(("p", mid, nick, kind))
+            r.filling.append(("p", mid, nick, kind, user))
             return
-        self._presence(r, mid, nick, kind)
+        self._presence(r, mid, nick, kind, user)
 
-    def _presence(self, r: _Room, mid: str, nick: str, kind: str) -> None:
-        ours = mid.startswith(self.node)
-        if r.marked and kind != "mark" and not (ours and kind == "leave"):
-            item: _Held = ((r.name, nick, kind), {})
+    def _presence(self, r: _Room, mid: str, nick: str, kind: str, user: str) -> None:
+        # An anonymous member's leave from here was told here at once; a user's
+        # leave (after its debounce, and only after its last member id) comes
+        # from the broker alone, here too.
+        told = kind == "leave" and mid.startswith(self.node) and not user
+        if r.marked and kind != "mark" and not told:
+            item: _Held = ((r.name, nick, kind, user), {})
             for j in r.marked:
                 j.held.append(item)
         # The members here are told before a joiner of this process goes live,
@@ -551,9 +617,9 @@ class Hub:
         # gets its own join. (A member live here already, written back after a
         # reconnect, is news to no one here.)
         if kind == "join" and mid not in r.live:
-            self.local.presence(r.name, nick, "join")
-        elif kind == "leave" and not ours:  # this process told its own members at once
-            self.local.presence(r.name, nick, "leave")
+            self.local.presence(r.name, nick, "join", user)
+        elif kind == "leave" and not told:
+            self.local.presence(r.name, nick, "leave", user)
         joiner = r.by_mid.get(mid)
         if joiner is not None and not joiner.marked:
             joiner.marked = True
@@ -598,12 +664,14 @@ class Hub:
                     self._drop_join(r, j, Unavailable("the message store connection was lost"))
                 r.before_sub = []
 
-    def live_members(self) -> Iterator[tuple[str, str, str, bool]]:
+    def live_members(self) -> Iterator[tuple[str, str, str, bool, str]]:
         for r in self._rooms.values():
             members = self.local.chat[r.name].members if r.mids else {}
             for link, mid in r.mids.items():
                 member = members[link]
-                yield r.name, mid, member.nick, member.unique
+                yield r.name, mid, member.nick, member.unique, member.user
+        for mid, p in self._parting.items():  # present until their debounce ends
+            yield p.room, mid, p.member.nick, p.member.unique, p.member.user
 
     # -- gaps and epochs ---------------------------------------------------------
     def _deliver(self, r: _Room, msg: Message) -> None:
@@ -618,7 +686,7 @@ class Hub:
         if ev[0] == "m":
             self._message(r, ev[1], ev[2])  # type: ignore[arg-type]
         else:
-            self._presence(r, ev[1], ev[2], ev[3])  # type: ignore[arg-type, misc]
+            self._presence(r, ev[1], ev[2], ev[3], ev[4])  # type: ignore[arg-type, misc]
 
     def _fill(self, r: _Room, held: list[_Event] | None = None) -> None:
         """Deliver what was published while the stream was down, then the rest, in order.
@@ -697,6 +765,8 @@ def InMemoryHub(  # (a factory for what used to be a class)
     join_history: int = limits.JOIN_HISTORY,
     stats: Stats | None = None,
     outbox: Outbox = OUTBOX,
+    presence_debounce: float = limits.PRESENCE_DEBOUNCE,
+    clock: IReactorTime | None = None,
 ) -> Hub:
     """A hub of one process: a ``MemoryBroker`` (SQLite ``history``; in memory if None)."""
     stats = stats if stats is not None else Stats()
@@ -704,4 +774,4 @@ def InMemoryHub(  # (a factory for what used to be a class)
         broker = MemoryBroker(history, stats=stats)
     else:
         broker = MemoryBroker(history, call_soon, stats)
-    return Hub(broker, join_history, stats, outbox)
+    return Hub(broker, join_history, stats, outbox, presence_debounce, clock)

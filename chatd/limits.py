@@ -51,6 +51,9 @@ PING_FLOOD = 100
 MAX_TEXT = 16 * KiB  # bytes of UTF-8 in one chat message (v1: error "too_long")
 HISTORY_SIZE = 1000  # messages kept per room; "since" can recover this many
 JOIN_HISTORY = 50  # messages sent with "joined" when the client gives no "since"
+# Seconds a token user's presence outlives its last connection in a room: a
+# reconnect within it (a network switch, a reload) shows no leave and join.
+PRESENCE_DEBOUNCE = 5.0
 MAX_ROOMS_PER_CONNECTION = 16
 # chatd.v1 frames that arrive while a join is being answered wait for it, up
 # to this many; one more closes the connection with 1008.

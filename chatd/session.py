@@ -108,6 +108,8 @@ def message_obj(msg: Message) -> dict[str, Any]:
         "from": msg.sender,
         "text": msg.text,
     }
+    if msg.user:
+        obj["user"] = msg.user
     if msg.ref is not None:
         obj["ref"] = msg.ref
     return obj
@@ -205,8 +207,11 @@ class V1Renderer:
     def message(self, msg: Message) -> bytes:
         return encode(message_obj(msg))
 
-    def presence(self, room: str, nick: str, event: str) -> bytes:
-        return encode({"type": "presence", "room": room, "nick": nick, "event": event})
+    def presence(self, room: str, nick: str, event: str, user: str) -> bytes:
+        obj = {"type": "presence", "room": room, "nick": nick, "event": event}
+        if user:
+            obj["user"] = user
+        return encode(obj)
 
     def reset(self, e: Reset) -> bytes:
         return encode({"type": "reset", "room": e.room, "epoch": e.epoch, "last_id": e.last_id})
@@ -546,9 +551,11 @@ class ChatSession:
         assert self.link is not None
         self.joining = room
         # A token's holder is its sub, not its name: two users may share a display
-        # name, and one user may join from several tabs (each a member for now).
-        unique = self.identity is None
-        d = self.hub.chat_join(room, self.link, self.nick, "v1", since, unique=unique, epoch=epoch)
+        # name, and one user may join from several tabs (present once, as the user).
+        user = self.identity.sub if self.identity is not None else ""
+        d = self.hub.chat_join(
+            room, self.link, self.nick, "v1", since, unique=not user, epoch=epoch, user=user
+        )
         d.addCallbacks(
             self._joined, self._join_failed, callbackArgs=(ref,), errbackArgs=(room, ref)
         )
@@ -622,7 +629,7 @@ class ChatSession:
         if len(text.encode("utf-8")) > max_text:
             raise ProtocolError("too_long", f"a message is at most {max_text} bytes of UTF-8")
         assert self.nick is not None
-        d = self.hub.post(room, self.nick, text, ref)
+        d = self.hub.post(room, self.nick, text, ref, self.identity.sub if self.identity else "")
         d.addCallbacks(self._posted, self._unavailable, errbackArgs=(ref,))
 
     def _posted(self, msg: Message) -> None:

@@ -385,7 +385,7 @@ def _cluster_hub(settings: Settings, stats: Stats, health: Health) -> Hub:
         stats=stats,
         on_state=state,
     )
-    hub = Hub(broker, settings.join_history, stats)
+    hub = Hub(broker, settings.join_history, stats, presence_debounce=settings.presence_debounce)
     from twisted.internet import reactor
 
     reactor.callWhenRunning(hub.start)
@@ -410,7 +410,12 @@ def makeService(options: Options) -> service.IService:
             history = History(settings.db, settings.history_size, settings.db_sync)
         except sqlite3.Error as e:
             fail(f"{options.label('db')}: cannot open the history database {settings.db!r}: {e}")
-        hub = InMemoryHub(history, join_history=settings.join_history, stats=stats)
+        hub = InMemoryHub(
+            history,
+            join_history=settings.join_history,
+            stats=stats,
+            presence_debounce=settings.presence_debounce,
+        )
     web = make_web(settings, hub, stats, health)
     labels = {k: options.label(k) for k in ("port", "interface", "endpoint", "metrics_endpoint")}
     if settings.endpoint:

@@ -515,14 +515,17 @@ def test_a_personal_room_gets_the_back_ends_pushes_and_a_dm_only_its_two_users(d
     assert (msg["room"], msg["from"], msg["text"]) == ("@alice", "shop", "your order shipped")
     # Stored like any message: a later join with since gets it.
     again = user("alice")
-    assert [m["text"] for m in again.join("@alice", since=0)["history"]] == ["your order shipped"]
-    assert alice.next("presence")["nick"] == "alice"  # (her other tab: per connection, for now)
+    joined = again.join("@alice", since=0)
+    assert [m["text"] for m in joined["history"]] == ["your order shipped"]
+    assert joined["members"] == ["alice"]  # her two tabs: one user, listed once
     # Direct messages: the sorted pair, its two users only.
-    alice.join("dm:alice,bob")
+    alice.join("dm:alice,bob")  # (her first tab got nothing of her second: this comes next)
     bob.join("dm:alice,bob")
     bob.say("dm:alice,bob", "hi alice")
-    assert alice.next("presence")["event"] == "join"
-    assert alice.next("message")["text"] == "hi alice"
+    p = alice.next("presence")
+    assert (p["room"], p["event"], p["user"], p["nick"]) == ("dm:alice,bob", "join", "bob", "bob")
+    msg = alice.next("message")
+    assert (msg["text"], msg["from"], msg["user"]) == ("hi alice", "bob", "bob")
     assert bob.next("message")["text"] == "hi alice"  # his own copy: the acknowledgement
     for c, room in ((carol, "dm:alice,bob"), (bob, "dm:bob,alice")):
         c.req("join", room=room)
@@ -565,7 +568,7 @@ def test_the_admin_api_lists_members_and_closes_a_users_connections(daemon) -> N
         signed_in(d.port, "bob"),
     )
     status, body = api(d.port, "GET", "/api/rooms/lobby/members")
-    assert status == 200 and sorted(body["members"]) == ["Alice", "Alice", "Bob"]
+    assert status == 200 and sorted(body["members"]) == ["Alice", "Bob"]  # a user once
     assert api(d.port, "DELETE", "/api/users/alice/connections") == (202, {"user": "alice"})
     for tab in (tab1, tab2):
         assert tab.expect_close() == 4003  # (skipping the others' presence)

@@ -38,15 +38,15 @@ class Recorder:
         self.events: list[tuple[Any, ...]] = []
         self.subscriptions: set[str] = set()
         self.states: list[bool] = []
-        self.live: list[tuple[str, str, str, bool]] = []
+        self.live: list[tuple[str, str, str, bool, str]] = []
         self._waits: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
 
     # BrokerEvents
     def message(self, room: str, msg: Message, epoch: str | None) -> None:
         self._add(("m", room, msg.id, msg.sender, msg.text, epoch))
 
-    def presence(self, room: str, mid: str, nick: str, kind: str) -> None:
-        self._add(("p", room, mid, nick, kind))
+    def presence(self, room: str, mid: str, nick: str, kind: str, user: str) -> None:
+        self._add(("p", room, mid, nick, kind, user) if user else ("p", room, mid, nick, kind))
 
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         self._add(("r", room, payload, binary))
@@ -65,7 +65,7 @@ class Recorder:
         self.states.append(up)
         self._check()
 
-    def live_members(self) -> Iterator[tuple[str, str, str, bool]]:
+    def live_members(self) -> Iterator[tuple[str, str, str, bool, str]]:
         return iter(self.live)
 
     # for the tests
@@ -290,6 +290,41 @@ def test_nick_keys_are_exclusive_a_rejoin_is_a_mark_and_leave_frees_the_nick(kit
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_users_presence_is_counted_once_however_many_member_ids_it_has(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    n = b.node
+    first = yield b.join("tea", f"{n}.1", "Alice", False, None, True, 10, None, user="a1")
+    assert first.members == ["Alice"]
+    second = yield b.join("tea", f"{n}.2", "Alice", False, None, True, 10, None, user="a1")
+    assert second.members == ["Alice"]  # her second tab: listed once
+    yield b.join("tea", f"{n}.3", "Alice", False, None, True, 10, None, user="a2")  # another
+    yield b.join("tea", f"{n}.4", "ann", True, None, True, 10, None)  # anonymous, as before
+    assert sorted((yield b.members("tea"))) == ["Alice", "Alice", "ann"]
+    b.leave("tea", f"{n}.1", False)  # a1 still has .2: nothing to say
+    b.leave("tea", f"{n}.2", False)  # her last: she leaves
+    again = yield b.join("tea", f"{n}.5", "Alice", False, None, True, 10, None, user="a1")
+    assert sorted(again.members) == ["Alice", "Alice", "ann"]
+    rec = b.recorder
+    yield rec.until(lambda: len(rec.kinds("tea")) == 6, "six presence events")
+    assert rec.kinds("tea") == [
+        ("p", f"{n}.1", "Alice", "join", "a1"),
+        ("p", f"{n}.2", "", "mark"),
+        ("p", f"{n}.3", "Alice", "join", "a2"),
+        ("p", f"{n}.4", "ann", "join"),
+        ("p", f"{n}.2", "Alice", "leave", "a1"),
+        ("p", f"{n}.5", "Alice", "join", "a1"),
+    ]
+    m = yield b.publish("tea", "Alice", "hi", None, "a1")  # a message carries its user
+    assert m.user == "a1"
+    yield rec.until(lambda: rec.ids("tea") == [m.id], "the message")
+    _, stored = yield b.read_after("tea", None, 0)
+    assert [(x.sender, x.user) for x in stored] == [("Alice", "a1")]
+    recent = yield b.join("tea", f"{n}.6", "bob", True, None, True, 10, None)
+    assert [(x.text, x.user) for x in recent.history] == [("hi", "a1")]
+
+
+@pytest_twisted.inlineCallbacks
 def test_snapshots_recent_since_truncated_and_without_history(kit):
     b = yield kit.broker(retention=5)
     yield kit.subscribed(b, "tea")
@@ -382,10 +417,10 @@ def test_relay_reaches_the_other_processes_not_the_publisher(kit):
     assert relayed(a) == []
 
 
-def _turn() -> defer.Deferred[None]:
+def _turn(seconds: float = 0.01) -> defer.Deferred[None]:
     from twisted.internet.task import deferLater
 
-    return deferLater(reactor, 0.01, lambda: None)
+    return deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.inlineCallbacks
@@ -406,6 +441,39 @@ def test_presence_expires_with_a_silent_process_and_comes_back_after_a_resync(ki
     assert held.members == ["ann"]
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_users_presence_expires_once_with_its_silent_process(kit):
+    kit.needs_processes()
+    a = yield kit.broker(ttl=1.0)
+    b = yield kit.broker(ttl=1.0)
+    yield kit.subscribed(b, "tea")
+    for i in (1, 2):  # two tabs of one user on node a
+        yield a.join("tea", f"{a.node}.{i}", "Alice", False, None, True, 10, None, user="a1")
+    yield b.join("tea", f"{b.node}.1", "Alice", False, None, True, 10, None, user="a1")
+    a._beat.stop()  # node a goes silent: its two member ids are reaped, the user stays (on b)
+    yield _reaped(b, a.node)
+    assert (yield b.members("tea")) == ["Alice"]
+    b.leave("tea", f"{b.node}.1", True)
+    yield b.recorder.until(
+        lambda: ("p", f"{b.node}.1", "Alice", "leave", "a1") in b.recorder.kinds("tea"),
+        "her last member id leaves",
+    )
+    kinds = [e for e in b.recorder.kinds("tea") if e[0] == "p"]
+    assert [e[3] for e in kinds] == ["join", "mark", "mark", "leave"]  # once each
+    assert (yield b.members("tea")) == []
+
+
+@defer.inlineCallbacks
+def _reaped(b: Any, node: str) -> Any:
+    """Until none of ``node``'s member ids is left in the room (polled, bounded)."""
+    for _ in range(int(WAIT / 0.05)):
+        left = yield b.conn.call("HKEYS", "chatd:c:{tea}:m")
+        if not any(k.decode().startswith(node + ".") for k in left):
+            return
+        yield _turn(0.05)
+    raise AssertionError(f"{node}'s members were not reaped within {WAIT} s")
+
+
 # -- the hub, written once, over either broker ----------------------------------------------
 
 
@@ -415,7 +483,7 @@ class Plain:
     def message(self, msg: Message) -> bytes:
         return f"m {msg.id} {msg.sender}: {msg.text}".encode()
 
-    def presence(self, room: str, nick: str, event: str) -> bytes:
+    def presence(self, room: str, nick: str, event: str, user: str) -> bytes:
         return f"p {nick} {event}".encode()
 
     def reset(self, event: Any) -> bytes:

@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 
+import jwt
 import pytest
 from test_ops import TOKEN, request
 from v1client import V1
@@ -710,8 +711,6 @@ def test_replay_trimmed_under_a_slow_reader_is_never_a_silent_gap(node) -> None:
 
 
 def test_personal_rooms_members_and_closing_a_user_span_the_nodes(node) -> None:
-    import jwt
-
     secret = "a-secret-of-at-least-32-bytes-for-the-cluster"
     args = ("--auth", "token", "--jwt-key", secret, "--api-token", "an-api-token-for-the-back-end")
     a, b = node(*args), node(*args)
@@ -747,7 +746,7 @@ def test_personal_rooms_members_and_closing_a_user_span_the_nodes(node) -> None:
         headers={"Authorization": "Bearer an-api-token-for-the-back-end"},
     )
     with urllib.request.urlopen(req, timeout=30) as r:  # every node's members, from Redis
-        assert sorted(json.loads(r.read())["members"]) == ["alice", "alice", "bob"]
+        assert sorted(json.loads(r.read())["members"]) == ["alice", "bob"]  # a user once
     req = urllib.request.Request(
         f"http://127.0.0.1:{a.port}/api/users/alice/connections",
         method="DELETE",
@@ -761,3 +760,52 @@ def test_personal_rooms_members_and_closing_a_user_span_the_nodes(node) -> None:
     while (m := bob.next())["type"] != "message":
         assert m["type"] == "presence"
     assert m["text"] == "still here"
+
+
+def test_a_user_switching_nodes_within_the_debounce_never_leaves(node, redis) -> None:
+    """Presence per user across nodes: a phone whose connection drops on node a and
+    comes back on node b within --presence-debounce shows no leave and no join; its
+    leave, when it goes for good, is said once (docs/PROTOCOL.md, presence)."""
+    secret = "a-secret-of-at-least-32-bytes-for-the-cluster"
+    args = ("--auth", "token", "--jwt-key", secret, "--presence-debounce", "1")
+    a, b = node(*args), node(*args)
+
+    def user(d: Daemon, sub: str) -> V1:
+        c = V1(d.port)
+        claims = {"sub": sub, "exp": time.time() + 600, "rooms": {"lobby": "rw"}}
+        c.req("hello", token=jwt.encode(claims, secret, algorithm="HS256"))
+        c.next("welcome")
+        return c
+
+    bob = user(b, "bob")
+    bob.join("lobby")
+    phone = user(a, "alice")
+    phone.join("lobby")
+    joined = bob.next("presence")
+    assert (joined["event"], joined["user"], joined["nick"]) == ("join", "alice", "alice")
+
+    def held() -> list[bytes]:
+        return redis.command("HKEYS", "chatd:c:{lobby}:m").split()
+
+    on_a = node_prefix(a)
+    assert any(k.startswith(on_a) for k in held())
+    phone.sock.close()  # the network goes away under it
+    again = user(b, "alice")
+    assert sorted(again.join("lobby")["members"]) == ["alice", "bob"]
+    # Node a removes its member id once the debounce is over (polled, bounded).
+    deadline = time.monotonic() + 30
+    while any(k.startswith(on_a) for k in held()):
+        assert time.monotonic() < deadline, held()
+        time.sleep(0.05)
+    bob.say("lobby", "still here?")
+    assert bob.next("message")["text"] == "still here?"  # nothing came before it
+    again.close()
+    left = bob.next("presence")  # once she is gone for good, after the debounce
+    assert (left["event"], left["user"]) == ("leave", "alice")
+
+
+def node_prefix(d: Daemon) -> bytes:
+    """The member id prefix of ``d``'s node, as its log says it (``cluster node <id>``)."""
+    m = re.search(r"cluster node (\S+)", d.log())
+    assert m, d.log()
+    return (m.group(1) + ".").encode()

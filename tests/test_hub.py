@@ -110,3 +110,65 @@ def test_compressing_link_frames_itself() -> None:
     assert sent == [(b"abc", True)]
     assert m.transport.value() == b""
     assert plain.transport.value() == b"\x82\x03abc"
+
+
+# -- presence per user: counted once, its leave debounced (time injected) -------------------
+
+
+def _sent(m: Member) -> list[dict]:
+    """The JSON frames written to ``m`` so far (short unmasked text frames), and clear them."""
+    import json
+
+    data, out = m.transport.value(), []
+    m.transport.clear()
+    while data:
+        assert data[0] == 0x81 and data[1] < 126
+        out.append(json.loads(data[2 : 2 + data[1]]))
+        data = data[2 + data[1] :]
+    return out
+
+
+def test_a_user_is_present_once_and_leaves_after_the_debounce_unless_back() -> None:
+    from twisted.internet.task import Clock
+
+    from chatd.session import V1Renderer
+
+    clock = Clock()
+    hub = InMemoryHub(call_soon=turns.append, outbox=outbox, presence_debounce=5, clock=clock)
+    hub.add_format("v1", V1Renderer())
+    watcher, tab1, tab2 = Member(), Member(), Member()
+    hub.chat_join("r", watcher.link, "bob", "v1")
+    hub.chat_join("r", tab1.link, "Alice", "v1", unique=False, user="a1")
+    end_turn()
+    assert _sent(watcher) == [
+        {"type": "presence", "room": "r", "nick": "Alice", "event": "join", "user": "a1"}
+    ]
+    j = hub.chat_join("r", tab2.link, "Alice", "v1", unique=False, user="a1").result
+    assert sorted(j.members) == ["Alice", "bob"] and hub.members("r") == ["bob", "Alice"]
+    hub.chat_leave("r", tab1.link)  # one tab of two closes
+    hub.chat_leave("r", tab2.link)  # the other too: a reload, or a phone switching networks
+    clock.advance(4.9)
+    back = Member()
+    hub.chat_join("r", back.link, "Alice", "v1", unique=False, user="a1")  # back within 5 s
+    clock.advance(10)
+    end_turn()
+    assert _sent(watcher) == []  # no leave, no join: she never left
+    hub.chat_leave("r", back.link)
+    clock.advance(4.9)
+    end_turn()
+    assert _sent(watcher) == []
+    clock.advance(0.1)  # her last link left 5 s ago
+    end_turn()
+    assert _sent(watcher) == [
+        {"type": "presence", "room": "r", "nick": "Alice", "event": "leave", "user": "a1"}
+    ]
+    assert hub.members("r") == ["bob"] and clock.getDelayedCalls() == []
+    # A leave still held back when the process stops is said at once.
+    hub.chat_join("r", tab1.link, "Alice", "v1", unique=False, user="a1")
+    hub.chat_leave("r", tab1.link)
+    end_turn()
+    assert [f["event"] for f in _sent(watcher)] == ["join"]
+    hub.close()
+    end_turn()
+    assert [f["event"] for f in _sent(watcher)] == ["leave"]
+    assert clock.getDelayedCalls() == []

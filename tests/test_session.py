@@ -188,15 +188,17 @@ class BrokenHub:
     def __init__(self, hub: InMemoryHub) -> None:
         self.hub = hub
 
-    def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None):
+    def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None, user=""):
         if room == "down":
             return fail(Unavailable("redis is away"))
-        return self.hub.chat_join(room, link, nick, fmt, since, unique=unique, epoch=epoch)
+        return self.hub.chat_join(
+            room, link, nick, fmt, since, unique=unique, epoch=epoch, user=user
+        )
 
     def chat_leave(self, room, link):
         raise RuntimeError("a bug")
 
-    def post(self, room, sender, text, ref=None):
+    def post(self, room, sender, text, ref=None, user=""):
         return fail(Unavailable("disk full"))
 
 
@@ -372,7 +374,7 @@ class SlowHub:
         self.hub = hub
         self.joins: list[tuple[tuple, Deferred]] = []
 
-    def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None):
+    def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None, user=""):
         d: Deferred = Deferred()
         self.joins.append(((room, link, nick, fmt, since, epoch), d))
         return d
@@ -387,8 +389,8 @@ class SlowHub:
     def chat_leave(self, room, link):
         return self.hub.chat_leave(room, link)
 
-    def post(self, room, sender, text, ref=None):
-        return self.hub.post(room, sender, text, ref)
+    def post(self, room, sender, text, ref=None, user=""):
+        return self.hub.post(room, sender, text, ref, user)
 
 
 def test_frames_behind_a_pending_join_are_answered_in_order() -> None:
@@ -496,13 +498,13 @@ def test_a_send_answered_after_leaving_is_copied_to_the_sender_alone() -> None:
         def __init__(self) -> None:
             self.posted: list[Deferred] = []
 
-        def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None):
+        def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None, user=""):
             return _fired(Joined(room, [nick], [], 0, False))
 
         def chat_leave(self, room, link):
             return True
 
-        def post(self, room, sender, text, ref=None):
+        def post(self, room, sender, text, ref=None, user=""):
             self.posted.append(Deferred())
             return self.posted[-1]
 
@@ -608,7 +610,7 @@ def test_pages_wait_for_a_slow_cursor_and_wake_the_link() -> None:
     cursor = SlowCursor(msgs)
 
     class Hub:
-        def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None):
+        def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None, user=""):
             return _fired(Joined(room, [nick], [], 6, False, "e1", False, cursor))  # type: ignore[arg-type]
 
     out = Output()
@@ -638,7 +640,7 @@ def test_a_failed_cursor_read_fails_the_pages() -> None:
     cursor = SlowCursor([Message("tea", 1, 0, "w", "x")])
 
     class Hub:
-        def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None):
+        def chat_join(self, room, link, nick, fmt, since=None, unique=True, epoch=None, user=""):
             return _fired(Joined(room, [nick], [], 1, False, "e1", False, cursor))  # type: ignore[arg-type]
 
     out = Output()

@@ -61,7 +61,7 @@ class PlainRenderer:
     def message(self, msg: Message) -> bytes:
         return f"{msg.sender}: {plain_text(msg.text)}".encode()
 
-    def presence(self, room: str, nick: str, event: str) -> None:
+    def presence(self, room: str, nick: str, event: str, user: str) -> None:
         return None
 
     def reset(self, event: object) -> None:
