@@ -185,6 +185,30 @@ def test_a_database_from_before_epochs_gets_one_on_first_use(tmp_path) -> None:
     again.close()
 
 
+def test_a_database_from_before_users_keeps_its_messages_and_stores_senders_users(
+    tmp_path,
+) -> None:
+    path = str(tmp_path / "old.sqlite3")
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)  # (no user column either)
+    db.execute("INSERT INTO messages VALUES ('r', 1, 0, 'ann', 'old')")
+    db.commit()
+    db.close()
+    h = History(path, retention=5)
+    h.append("r", "Alice", "new", None, "a1")
+    h.append("r", "bob", "anonymous")
+    h.commit()
+    h.close()
+    again = History(path, retention=5)
+    got = again.since("r", 0)[0]
+    assert [(m.sender, m.text, m.user) for m in got] == [
+        ("ann", "old", ""),
+        ("Alice", "new", "a1"),
+        ("bob", "anonymous", ""),
+    ]
+    again.close()
+
+
 def test_without_storage_the_epoch_is_new_each_run() -> None:
     h = History(":memory:", retention=0)
     h.append("r", "a", "x")
