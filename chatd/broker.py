@@ -155,6 +155,11 @@ class BrokerEvents(Protocol):
     def kicked(self, user: str) -> None:
         """Close every connection of ``user`` here (``Broker.kick``, from any process)."""
 
+    def resume(self, secret: str, user: str) -> list[str] | None:
+        """Another process asks (``Broker.resume``): close the session of this process
+        holding ``secret``, if it is ``user``'s ("" for anonymous), and give its rooms;
+        None if there is none."""
+
     def subscribed(self, room: str) -> None:
         """The room's events reach this process from now on (again, after a loss)."""
 
@@ -238,6 +243,13 @@ class Broker(Protocol):
 
     def kick(self, user: str) -> None:
         """Tell every process (this one too) to close ``user``'s connections (best effort)."""
+
+    def resume(self, node: str, secret: str, user: str) -> Deferred[list[str] | None]:
+        """Ask process ``node`` to hand over its session holding ``secret``
+        (``BrokerEvents.resume`` there); fires with the session's rooms, or None if
+        there is none, or no answer came within ``limits.RESUME_ASK_TIMEOUT``.
+        Everything the session held (its members, its nick) was let go of before
+        the answer fires. Never fails."""
 
     # -- relay rooms (best effort) -----------------------------------------------
     def relay_subscribe(self, room: str) -> None: ...
@@ -464,6 +476,10 @@ class MemoryBroker:
     def kick(self, user: str) -> None:
         assert self.events is not None
         self.events.kicked(user)
+
+    def resume(self, node: str, secret: str, user: str) -> Deferred[list[str] | None]:
+        """One process: another node's session is nowhere (the hub asks its own itself)."""
+        return succeed(None)
 
     # -- relay rooms: one process has no one else to tell -------------------------
     def relay_subscribe(self, room: str) -> None:

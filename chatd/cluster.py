@@ -65,7 +65,9 @@ from chatd.stats import Stats
 _log = Logger()
 _tail = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
-CONTROL = b"chatd:ctl"  # every node's channel: "k <user>" closes that user's connections
+# Every node's channel: "k <user>" closes that user's connections; "r <json>" asks
+# a node to hand a resumed session over, "R <json>" is its answer (``resume``).
+CONTROL = b"chatd:ctl"
 CLOSE_TIMEOUT = 5.0  # seconds a stopping node waits for Redis before it goes anyway
 NODES = "chatd:nodes"  # sorted set: node id -> last heartbeat, ms (Redis clock)
 
@@ -384,6 +386,8 @@ class RedisBroker:
         self._inflight: set[defer.Deferred[Any]] = set()
         self._on_state = on_state
         self.events: BrokerEvents | None = None
+        self._asks: dict[str, tuple[defer.Deferred[list[str] | None], Any]] = {}
+        self._serial = 0
         self.conn = RedisConnection(
             url,
             self._received,
@@ -553,6 +557,43 @@ class RedisBroker:
         """Published to every node, this one included (the one path for all)."""
         self.conn.publish(CONTROL, b"k " + user.encode())
 
+    def resume(self, node: str, secret: str, user: str) -> defer.Deferred[list[str] | None]:
+        """Asked on the control channel; the node holding the session answers there."""
+        if not self.conn.up:
+            return defer.succeed(None)
+        self._serial += 1
+        ask = f"{self.node}.{self._serial}"
+        d: defer.Deferred[list[str] | None] = defer.Deferred()
+        timer = self.reactor.callLater(limits.RESUME_ASK_TIMEOUT, self._answered, ask, None)
+        self._asks[ask] = (d, timer)
+        self.conn.publish(CONTROL, b"r " + _tail([ask, node, secret, user]).encode())
+        return d
+
+    def _control(self, head: bytes, args: list[Any]) -> None:
+        events = self.events
+        assert events is not None
+        if head == b"r ":
+            ask, node, secret, user = args
+            if node == self.node:  # the session is ours: close it, say its rooms
+                # (its leaves go out on this connection before the answer does)
+                rooms = events.resume(str(secret), str(user))
+                self.conn.publish(CONTROL, b"R " + _tail([ask, rooms]).encode())
+        else:
+            ask, rooms = args
+            if isinstance(rooms, list) and all(isinstance(r, str) for r in rooms):
+                self._answered(str(ask), rooms)
+            else:
+                self._answered(str(ask), None)
+
+    def _answered(self, ask: str, rooms: list[str] | None) -> None:
+        pending = self._asks.pop(ask, None)
+        if pending is None:
+            return
+        d, timer = pending
+        if timer.active():
+            timer.cancel()
+        d.callback(rooms)
+
     # -- relay rooms --------------------------------------------------------
     def relay_subscribe(self, room: str) -> None:
         self.conn.subscribe(relay_channel(room))
@@ -570,8 +611,14 @@ class RedisBroker:
         events = self.events
         assert events is not None
         if channel == CONTROL:
-            if payload[:2] == b"k ":
-                events.kicked(payload[2:].decode())
+            head, body = payload[:2], payload[2:]
+            if head == b"k ":
+                events.kicked(body.decode())
+            elif head in (b"r ", b"R "):
+                try:
+                    self._control(head, json.loads(body))
+                except (ValueError, TypeError):
+                    _log.warn("cluster: a malformed control message was ignored")
             return
         if channel.startswith(b"chatd:r:"):
             if payload[:12] != self._node_b:
@@ -662,6 +709,8 @@ class RedisBroker:
         """Wait for what is in flight, take this node's members out, disconnect."""
         if self._beat.running:
             self._beat.stop()
+        for ask in tuple(self._asks):  # no answer now: those clients join afresh
+            self._answered(ask, None)
         try:
             if self._inflight:
                 pending = defer.DeferredList(list(self._inflight), consumeErrors=True)

@@ -324,6 +324,8 @@ class Hub:
         self._parting_rooms: dict[str, int] = {}  # how many of them, by room
         # Told when a user is to be closed everywhere (the front ends close theirs).
         self.kick_listeners: list[Callable[[str], object]] = []
+        # Asked to hand a session over (``resume``): its rooms, or None if not theirs.
+        self.resume_listeners: list[Callable[[str, str], list[str] | None]] = []
         broker.attach(self)
 
     def start(self) -> None:
@@ -533,6 +535,17 @@ class Hub:
         """Close every connection of ``user`` on every node (best effort)."""
         self.broker.kick(user)
 
+    def take_over(self, secret: str, user: str) -> defer.Deferred[list[str] | None]:
+        """Close the session holding resume ``secret`` (``f"{node}.{...}"``), on whichever
+        node holds it, if it is ``user``'s; fires with its rooms, or None. Its members
+        and nick are let go of before this fires."""
+        node = secret.rpartition(".")[0]
+        if node == self.node:
+            return defer.succeed(self.resume(secret, user))
+        if not node:
+            return defer.succeed(None)
+        return self.broker.resume(node, secret, user)
+
     def everyone(self, room: str) -> defer.Deferred[list[str]]:
         """The nicks of ``room``'s members on every node."""
         return self.broker.members(room)
@@ -632,6 +645,13 @@ class Hub:
     def kicked(self, user: str) -> None:
         for listener in self.kick_listeners:
             listener(user)
+
+    def resume(self, secret: str, user: str) -> list[str] | None:
+        for listener in self.resume_listeners:
+            rooms = listener(secret, user)
+            if rooms is not None:
+                return rooms
+        return None
 
     def subscribed(self, room: str) -> None:
         r = self._rooms.get(room)

@@ -54,6 +54,9 @@ JOIN_HISTORY = 50  # messages sent with "joined" when the client gives no "since
 # Seconds a token user's presence outlives its last connection in a room: a
 # reconnect within it (a network switch, a reload) shows no leave and join.
 PRESENCE_DEBOUNCE = 5.0
+# Seconds a cluster node waits for another node to hand a resumed session over
+# (a node that is gone never answers: the client then joins afresh).
+RESUME_ASK_TIMEOUT = 3.0
 MAX_ROOMS_PER_CONNECTION = 16
 # chatd.v1 frames that arrive while a join is being answered wait for it, up
 # to this many; one more closes the connection with 1008.

@@ -5,9 +5,10 @@ out) from the loops that drive it, the chatd.v1 logic lives here, apart from
 the WebSocket connection that carries it (``chatd.protocols.v1.V1Chat``, a
 thin adapter). A ``ChatSession`` parses and checks each frame, takes the
 rate limit's verdict, keeps the frames that arrive behind a join the hub has
-not answered (in order, at most ``limits.MAX_WAITING_REQUESTS``), turns
-refusals into ``error`` frames (the table of docs/PROTOCOL.md) and renders
-the answers, the join's history pages included. Rooms, ids, history and
+not answered, or a hello whose resume another node has not (in order, at
+most ``limits.MAX_WAITING_REQUESTS``), turns refusals into ``error`` frames
+(the table of docs/PROTOCOL.md) and renders the answers, the join's history
+pages included. Rooms, ids, history and
 presence are the hub's; the session reaches them only through the ``Hub``
 interface (``chat_join``, ``chat_leave``, ``post``).
 
@@ -35,7 +36,7 @@ What the session sends goes to its ``Output`` (the adapter implements it):
   not ready (``b""``: a cursor reading from Redis) is, and gives up on the
   connection if the pages fail or pass ``--max-backlog``;
 - ``fail(code, reason)``: close the connection with a WebSocket close code
-  (1008 for a flood or too many frames behind a join);
+  (1008 for a flood or too many frames behind a pending join or hello);
 - ``writable``: False once nothing more reaches the client (closing, or
   given up on by the fan-out): answers are then not rendered at all.
 
@@ -91,6 +92,9 @@ PAGE_BYTES = 64 * 1024  # a joined or history frame, unless one message alone is
 INT_LIMIT = 2**53
 
 _log = Logger(namespace="chatd.v1")
+
+# What a resume gives: the taken-over session's rooms, None, or a Deferred of them.
+Resumed = list[str] | None | Deferred[list[str] | None]
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -330,6 +334,7 @@ class ChatSession:
         "session",
         "stats",
         "waiting",
+        "welcoming",
     )
 
     def __init__(
@@ -346,7 +351,8 @@ class ChatSession:
         stats: Stats | None = None,
         policy: Policy = NO_AUTH,
         identity: Identity | None = None,
-        resume: Callable[[str, str | None], list[str] | None] | None = None,
+        resume: Callable[[str, str | None], Resumed] | None = None,
+        node: str = "local",
     ) -> None:
         self.hub = hub
         self.policy = policy
@@ -364,9 +370,11 @@ class ChatSession:
         # The secret a client shows in a later hello to take this session over
         # (a phone on a new network), and how to: ``resume(secret, sub)`` closes
         # the session holding that secret (if it is the same user's) and gives its
-        # rooms, or None.
-        self.resume_secret = secrets.token_urlsafe(24)
+        # rooms, or None (or a Deferred of them: the session may be on another
+        # node). The secret starts with the node's id, so any node can tell whose.
+        self.resume_secret = f"{node}.{secrets.token_urlsafe(24)}"
         self.resume = resume
+        self.welcoming = False  # a hello waits for another node to hand its session over
         self.closed = False
 
     # -- driving ------------------------------------------------------------
@@ -380,11 +388,14 @@ class ChatSession:
         if verdict == limits.TokenBucket.FLOOD:
             self.output.fail(limits.CLOSE_POLICY_VIOLATION, "rate limit: sustained flood")
             return
-        if self.joining is not None:
-            # Requests are answered in order: what follows a join waits for it
-            # (over the Redis broker a join is answered only after Redis has).
+        if self.joining is not None or self.welcoming:
+            # Requests are answered in order: what follows a join (or a hello that
+            # resumes) waits for it (over the Redis broker a join is answered only
+            # after Redis has).
             if len(self.waiting) >= limits.MAX_WAITING_REQUESTS:
-                self.output.fail(limits.CLOSE_POLICY_VIOLATION, "too many requests behind a join")
+                self.output.fail(
+                    limits.CLOSE_POLICY_VIOLATION, "too many requests behind a pending one"
+                )
                 return
             self.waiting.append((payload, verdict))
             return
@@ -478,9 +489,25 @@ class ChatSession:
             # Before the nick is taken: the old session lets go of it and its rooms.
             sub = self.identity.sub if self.identity is not None else None
             rooms = self.resume(secret, sub)
-            out["resumed"] = rooms is not None
-            if rooms is not None:
-                out["rooms"] = rooms
+            if isinstance(rooms, Deferred):  # maybe on another node: what follows waits
+                self.welcoming = True
+                rooms.addCallback(self._resumed, nick, out, ref)
+                return
+            self._resumed(rooms, nick, out, ref)
+            return
+        self._welcome(nick, out, ref)
+
+    def _resumed(self, rooms: list[str] | None, nick: str, out: dict[str, Any], ref: Ref) -> None:
+        self.welcoming = False
+        if self.closed:
+            return
+        out["resumed"] = rooms is not None
+        if rooms is not None:
+            out["rooms"] = rooms
+        self._welcome(nick, out, ref)
+        self._handle_waiting()
+
+    def _welcome(self, nick: str, out: dict[str, Any], ref: Ref) -> None:
         self.nick = nick
         out["nick"] = nick
         out["session"] = self.session
@@ -559,16 +586,19 @@ class ChatSession:
         d.addCallbacks(
             self._joined, self._join_failed, callbackArgs=(ref,), errbackArgs=(room, ref)
         )
-        d.addBoth(self._resume, room)
+        d.addBoth(self._join_done, room)
 
-    def _resume(self, result: object, room: str) -> object:
+    def _join_done(self, result: object, room: str) -> object:
         """The join is answered: handle what came in meanwhile, in order."""
         if self.joining != room:
             return result
         self.joining = None
-        while self.waiting and self.joining is None and not self.closed:
-            self.handle(*self.waiting.popleft())
+        self._handle_waiting()
         return result
+
+    def _handle_waiting(self) -> None:
+        while self.waiting and self.joining is None and not self.welcoming and not self.closed:
+            self.handle(*self.waiting.popleft())
 
     def _join_failed(self, failure: Failure, room: str, ref: Ref) -> None:
         # (Twisted's Failure.check and .trap have no annotations)

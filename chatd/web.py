@@ -818,6 +818,9 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
     hub.kick_listeners.append(
         lambda user: clients.close_user(user, limits.CLOSE_FORBIDDEN, "closed by the server")
     )
+    hub.resume_listeners.append(
+        lambda secret, user: V1Chat.hand_over(clients.resumable, secret, user)
+    )
     policy = settings.auth_policy()
     for factory in (plain, v1, relay):
         factory.inbound = inbound

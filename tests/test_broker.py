@@ -39,6 +39,7 @@ class Recorder:
         self.subscriptions: set[str] = set()
         self.states: list[bool] = []
         self.live: list[tuple[str, str, str, bool, str]] = []
+        self.sessions: dict[str, tuple[str, list[str]]] = {}  # resume secret -> (user, rooms)
         self._waits: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
 
     # BrokerEvents
@@ -53,6 +54,14 @@ class Recorder:
 
     def kicked(self, user: str) -> None:
         self._add(("k", "", user))
+
+    def resume(self, secret: str, user: str) -> list[str] | None:
+        held = self.sessions.get(secret)
+        if held is None or held[0] != user:
+            return None
+        del self.sessions[secret]
+        self._add(("t", "", secret))
+        return held[1]
 
     def subscribed(self, room: str) -> None:
         self.subscriptions.add(room)
@@ -472,6 +481,26 @@ def _reaped(b: Any, node: str) -> Any:
             return
         yield _turn(0.05)
     raise AssertionError(f"{node}'s members were not reaped within {WAIT} s")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_session_is_handed_over_by_the_process_holding_it_once(kit, monkeypatch):
+    if not kit.multi:  # one process: no other node's session to ask for
+        b = yield kit.broker()
+        assert (yield b.resume("elsewhere", "elsewhere.x", "")) is None
+        return
+    monkeypatch.setattr("chatd.limits.RESUME_ASK_TIMEOUT", 0.5)
+    a = yield kit.broker()
+    b = yield kit.broker()
+    a.recorder.sessions[f"{a.node}.s1"] = ("", ["lobby", "tea"])
+    a.recorder.sessions[f"{a.node}.s2"] = ("alice", ["dm:alice,bob"])
+    assert (yield b.resume(a.node, f"{a.node}.s1", "")) == ["lobby", "tea"]
+    assert (yield b.resume(a.node, f"{a.node}.s1", "")) is None  # once
+    assert (yield b.resume(a.node, f"{a.node}.s2", "mallory")) is None  # another user's
+    assert (yield b.resume(a.node, f"{a.node}.s2", "alice")) == ["dm:alice,bob"]
+    # A node that is gone (or never was) does not answer: None after the timeout.
+    assert (yield b.resume("0123456789ab", "0123456789ab.s3", "")) is None
+    assert [e for e in b.recorder.events if e[0] == "t"] == []  # b held none of them
 
 
 # -- the hub, written once, over either broker ----------------------------------------------

@@ -809,3 +809,35 @@ def node_prefix(d: Daemon) -> bytes:
     m = re.search(r"cluster node (\S+)", d.log())
     assert m, d.log()
     return (m.group(1) + ".").encode()
+
+
+def test_a_session_resumes_on_another_node(node) -> None:
+    """An anonymous phone on node a loses its network and comes back on node b
+    with its resume secret: node a closes the old connection (4000) and lets go
+    of its nick before node b welcomes it, so it joins its rooms again at once
+    under the same nick (without the resume: nick_taken until a ping timeout)."""
+    a, b = node(), node()
+    phone = V1(a.port)
+    phone.req("hello", nick="ann")
+    secret = phone.next("welcome")["resume"]
+    phone.join("lobby")
+    phone.join("tea")
+    watcher = V1(b.port)
+    watcher.req("hello", nick="bob")
+    watcher.next("welcome")
+    watcher.join("tea")
+    back = V1(b.port)
+    back.req("hello", nick="ann", resume=secret, ref=1)
+    back.req("join", room="tea", ref=2)  # sent at once: it waits behind the hello
+    welcome = back.next("welcome")
+    assert (welcome["resumed"], welcome["rooms"], welcome["ref"]) == (True, ["lobby", "tea"], 1)
+    joined = back.next("joined")
+    assert joined["ref"] == 2 and sorted(joined["members"]) == ["ann", "bob"]
+    assert phone.expect_close() == 4000
+    again = V1(a.port)  # the secret works once
+    again.req("hello", nick="ann2", resume=secret)
+    assert again.next("welcome")["resumed"] is False
+    # A secret naming a node that is gone gets an answer too (after a bounded wait).
+    lost = V1(b.port)
+    lost.req("hello", nick="cy", resume="0123456789ab." + "x" * 32)
+    assert lost.next("welcome")["resumed"] is False

@@ -131,7 +131,8 @@ def test_hello_join_send_leave_answers() -> None:
         "resume": ann.session.resume_secret,
         "ref": 1,
     }
-    assert len(ann.session.session) == 16 and len(ann.session.resume_secret) == 32
+    assert len(ann.session.session) == 16 and ann.session.resume_secret.startswith("local.")
+    assert len(ann.session.resume_secret) == len("local.") + 32
     [joined] = ann(type="join", room="tea", ref="j")
     assert joined == {
         "type": "joined",
@@ -460,7 +461,7 @@ def test_one_frame_past_max_waiting_requests_closes_1008() -> None:
         assert c(type="nope") == []
     assert c.out.failed is None
     c.raw(b'{"type":"nope"}')
-    assert c.out.failed == (1008, "too many requests behind a join")
+    assert c.out.failed == (1008, "too many requests behind a pending one")
     assert len(c.session.waiting) == limits.MAX_WAITING_REQUESTS
 
 
@@ -669,3 +670,29 @@ def test_the_session_imports_neither_autobahn_nor_the_reactor() -> None:
     assert not any(n.startswith("autobahn") for n in names)
     assert not any(n.startswith("twisted.internet.reactor") for n in names)
     assert "twisted.internet.reactor" not in Path(chatd.session.__file__).read_text()
+
+
+def test_a_hello_that_resumes_elsewhere_holds_what_follows_until_it_is_answered() -> None:
+    turns = Turns()
+    hub = make_hub(turns)
+    asked: list[tuple[str, str | None, Deferred]] = []
+
+    def resume(secret: str, sub: str | None) -> Deferred:
+        asked.append((secret, sub, Deferred()))
+        return asked[-1][2]
+
+    c = Client(hub, resume=resume)
+    assert c(type="hello", nick="ann", resume="n2.secret", ref=1) == []  # not yet
+    assert c(type="join", room="tea", ref=2) == []  # behind the hello, in order
+    [(secret, sub, d)] = asked
+    assert (secret, sub) == ("n2.secret", None)
+    d.callback(["tea"])
+    welcome, joined = c.out.take()
+    assert (welcome["type"], welcome["resumed"], welcome["rooms"]) == ("welcome", True, ["tea"])
+    assert (joined["type"], joined["ref"]) == ("joined", 2)
+    # Closed while the other node has not answered: the answer finds no one.
+    late = Client(hub, resume=resume)
+    late(type="hello", nick="bob", resume="n2.other")
+    late.session.close()
+    asked[-1][2].callback(None)
+    assert late.out.take() == []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 
 from chatd import limits
@@ -69,6 +70,7 @@ class V1Chat(Connection):
             policy=self.factory.policy,
             identity=self.identity,
             resume=self._take_over,
+            node=self.hub.node,
         )
         self.factory.clients.resumable[self.chat.resume_secret] = self
         self._watch_expiry()
@@ -78,14 +80,22 @@ class V1Chat(Connection):
         identity = chat.identity if chat is not None else self.identity
         return identity.sub if identity is not None else None
 
-    def _take_over(self, secret: str, sub: str | None) -> list[str] | None:
-        """Close the session holding ``secret`` (4000) and give its rooms; None if there
-        is none here, or it is another user's."""
-        resumable = self.factory.clients.resumable
+    def _take_over(self, secret: str, sub: str | None) -> Deferred[list[str] | None]:
+        """The session holding ``secret``, on this node or another, is closed (4000)
+        and its rooms given; None if there is none, or it is another user's."""
+        if self.chat is not None and secret == self.chat.resume_secret:
+            return succeed(None)
+        return self.hub.take_over(secret, sub or "")
+
+    @staticmethod
+    def hand_over(resumable: dict[str, Connection], secret: str, user: str) -> list[str] | None:
+        """This node's part of a take-over (``Hub.resume_listeners``): close the session
+        of ``resumable`` holding ``secret`` (4000) if it is ``user``'s ("" anonymous),
+        and give its rooms, which it has left by then; None if there is none here."""
         old = resumable.get(secret)
-        if not isinstance(old, V1Chat) or old is self or old.chat is None:
+        if not isinstance(old, V1Chat) or old.chat is None:
             return None
-        if old.user() != sub:
+        if (old.user() or "") != user:
             return None
         del resumable[secret]
         rooms = sorted(old.chat.joined)
