@@ -312,8 +312,9 @@ class Policy:
     def enabled(self) -> bool:
         return self.mode != "none"
 
-    def anonymous_rooms(self) -> Rights:
-        """What a client without a token may do in chat rooms (mode none: everything)."""
+    def anonymous_rights(self) -> Rights:
+        """What a client without a token may do, in chat and relay rooms alike
+        (mode none: everything)."""
         return ALL_RIGHTS if self.mode == "none" else self.anonymous
 
     def chat_right(self, identity: Identity | None, room: str) -> str:
@@ -323,10 +324,7 @@ class Policy:
             return identity.chat_right(room)
         if self.mode != "none" and reserved(room):
             return ""
-        return self.anonymous_rooms().right(room)
-
-    def anonymous_relay(self) -> Rights:
-        return ALL_RIGHTS if self.mode == "none" else self.anonymous
+        return self.anonymous_rights().right(room)
 
     def verify(self, token: object, now: float | None = None) -> Identity:
         if self.verifier is None:

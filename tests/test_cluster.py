@@ -710,20 +710,26 @@ def test_replay_trimmed_under_a_slow_reader_is_never_a_silent_gap(node) -> None:
     w.close()
 
 
+JWT_KEY = "a-secret-of-at-least-32-bytes-for-the-cluster"
+
+
+def signed_in(d: Daemon, sub: str, room: str | None = None) -> V1:
+    """A chatd.v1 client of ``d`` with a token for ``sub`` (rw in lobby), in ``room`` if given."""
+    c = V1(d.port)
+    claims = {"sub": sub, "exp": time.time() + 600, "rooms": {"lobby": "rw"}}
+    c.req("hello", token=jwt.encode(claims, JWT_KEY, algorithm="HS256"))
+    c.next("welcome")
+    if room is not None:
+        c.join(room)
+    return c
+
+
 def test_personal_rooms_members_and_closing_a_user_span_the_nodes(node) -> None:
-    secret = "a-secret-of-at-least-32-bytes-for-the-cluster"
-    args = ("--auth", "token", "--jwt-key", secret, "--api-token", "an-api-token-for-the-back-end")
+    args = ("--auth", "token", "--jwt-key", JWT_KEY, "--api-token", "an-api-token-for-the-back-end")
     a, b = node(*args), node(*args)
-
-    def user(d: Daemon, sub: str) -> V1:
-        c = V1(d.port)
-        claims = {"sub": sub, "exp": time.time() + 600, "rooms": {"lobby": "rw"}}
-        c.req("hello", token=jwt.encode(claims, secret, algorithm="HS256"))
-        c.next("welcome")
-        c.join("lobby")
-        return c
-
-    on_a, on_b, bob = user(a, "alice"), user(b, "alice"), user(b, "bob")
+    on_a, on_b, bob = (
+        signed_in(d, sub, "lobby") for d, sub in ((a, "alice"), (b, "alice"), (b, "bob"))
+    )
     # A notification posted on one node reaches the user's personal room on another.
     on_a.req("join", room="@alice")
     while on_a.next()["type"] != "joined":  # (the others' presence in lobby may come first)
@@ -766,21 +772,10 @@ def test_a_user_switching_nodes_within_the_debounce_never_leaves(node, redis) ->
     """Presence per user across nodes: a phone whose connection drops on node a and
     comes back on node b within --presence-debounce shows no leave and no join; its
     leave, when it goes for good, is said once (docs/PROTOCOL.md, presence)."""
-    secret = "a-secret-of-at-least-32-bytes-for-the-cluster"
-    args = ("--auth", "token", "--jwt-key", secret, "--presence-debounce", "1")
+    args = ("--auth", "token", "--jwt-key", JWT_KEY, "--presence-debounce", "1")
     a, b = node(*args), node(*args)
-
-    def user(d: Daemon, sub: str) -> V1:
-        c = V1(d.port)
-        claims = {"sub": sub, "exp": time.time() + 600, "rooms": {"lobby": "rw"}}
-        c.req("hello", token=jwt.encode(claims, secret, algorithm="HS256"))
-        c.next("welcome")
-        return c
-
-    bob = user(b, "bob")
-    bob.join("lobby")
-    phone = user(a, "alice")
-    phone.join("lobby")
+    bob = signed_in(b, "bob", "lobby")
+    phone = signed_in(a, "alice", "lobby")
     joined = bob.next("presence")
     assert (joined["event"], joined["user"], joined["nick"]) == ("join", "alice", "alice")
 
@@ -790,7 +785,7 @@ def test_a_user_switching_nodes_within_the_debounce_never_leaves(node, redis) ->
     on_a = node_prefix(a)
     assert any(k.startswith(on_a) for k in held())
     phone.sock.close()  # the network goes away under it
-    again = user(b, "alice")
+    again = signed_in(b, "alice")
     assert sorted(again.join("lobby")["members"]) == ["alice", "bob"]
     # Node a removes its member id once the debounce is over (polled, bounded).
     deadline = time.monotonic() + 30

@@ -38,7 +38,7 @@ class Relay(Connection):
         policy = self.factory.policy
         if policy.enabled:
             identity = self.identify(request, policy.required)
-            rights = identity.relay if identity is not None else policy.anonymous_relay()
+            rights = identity.relay if identity is not None else policy.anonymous_rights()
             if not rights.can_read(name):
                 raise Refused(403, "forbidden", f"no right to relay room {name}")
             self.may_publish = rights.can_write(name)
