@@ -170,3 +170,17 @@ class Site:
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         fields = dict(line.split(": ", 1) for line in header_lines)
         return int(status_line.split(" ", 2)[1]), fields, data
+
+
+def text_frames(transport: StringTransport) -> list[Any]:
+    """The JSON text frames written to ``transport`` so far, and clear it (short
+    unmasked server frames only: each payload under 126 bytes)."""
+    import json
+
+    data, frames = transport.value(), []
+    transport.clear()
+    while data:
+        assert data[0] == 0x81 and data[1] < 126
+        frames.append(json.loads(data[2 : 2 + data[1]]))
+        data = data[2 + data[1] :]
+    return frames

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from inproc import text_frames
 from twisted.internet.testing import StringTransport
 
 from chatd.fanout import Link, Outbox, broadcast, encode_frame
@@ -116,16 +117,8 @@ def test_compressing_link_frames_itself() -> None:
 
 
 def _sent(m: Member) -> list[dict]:
-    """The JSON frames written to ``m`` so far (short unmasked text frames), and clear them."""
-    import json
-
-    data, out = m.transport.value(), []
-    m.transport.clear()
-    while data:
-        assert data[0] == 0x81 and data[1] < 126
-        out.append(json.loads(data[2 : 2 + data[1]]))
-        data = data[2 + data[1] :]
-    return out
+    """The JSON frames written to ``m`` so far, and clear them."""
+    return text_frames(m.transport)
 
 
 def test_a_user_is_present_once_and_leaves_after_the_debounce_unless_back() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from inproc import text_frames
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -103,13 +104,7 @@ class Client:
 
     def live(self) -> list[dict[str, Any]]:
         """What the hub fanned out to this link (text frames, each payload under 126 bytes)."""
-        data, frames = self.transport.value(), []
-        self.transport.clear()
-        while data:
-            assert data[0] == 0x81 and data[1] < 126
-            frames.append(json.loads(data[2 : 2 + data[1]]))
-            data = data[2 + data[1] :]
-        return frames
+        return text_frames(self.transport)
 
 
 def hello(c: Client, nick: str) -> None:
