@@ -119,6 +119,17 @@ def message_obj(msg: Message) -> dict[str, Any]:
     return obj
 
 
+def recovery_problem(j: Joined, since: int) -> str | None:
+    """Why a join with ``since`` could not give every message after it, or None."""
+    if j.reset:
+        return "epoch"  # the client's ids count in another history
+    if since > j.last_id:
+        return "unknown_id"  # no such id in this history (one that was lost, or made up)
+    if j.truncated:
+        return "truncated"  # some were dropped by retention
+    return None
+
+
 class HistoryPages:
     """A join's answer: ``joined`` with the first page, then ``history`` frames.
 
@@ -584,7 +595,7 @@ class ChatSession:
             room, self.link, self.nick, "v1", since, unique=not user, epoch=epoch, user=user
         )
         d.addCallbacks(
-            self._joined, self._join_failed, callbackArgs=(ref,), errbackArgs=(room, ref)
+            self._joined, self._join_failed, callbackArgs=(ref, since), errbackArgs=(room, ref)
         )
         d.addBoth(self._join_done, room)
 
@@ -609,7 +620,7 @@ class ChatSession:
         else:
             failure.raiseException()
 
-    def _joined(self, j: Joined, ref: Ref) -> None:
+    def _joined(self, j: Joined, ref: Ref, since: int | None) -> None:
         room = j.room
         self.joined.add(room)
         head: dict[str, Any] = {"type": "joined", "room": room, "members": j.members}
@@ -619,6 +630,11 @@ class ChatSession:
             out["truncated"] = True
         if j.reset:
             out["reset"] = True
+        if since is not None:  # was every message after it served? Never a partial as whole.
+            reason = recovery_problem(j, since)
+            out["recovered"] = reason is None
+            if reason is not None:
+                out["reason"] = reason
         if ref is not None:
             out["ref"] = ref
         pages = HistoryPages(j, out, head)

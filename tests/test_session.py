@@ -691,3 +691,34 @@ def test_a_hello_that_resumes_elsewhere_holds_what_follows_until_it_is_answered(
     late.session.close()
     asked[-1][2].callback(None)
     assert late.out.take() == []
+
+
+def test_joined_says_whether_since_was_recovered_completely_and_if_not_why() -> None:
+    turns = Turns()
+    hub = make_hub(turns, History(":memory:", 3))  # three messages kept per room
+    writer = Client(hub)
+    hello(writer, "ann")
+    writer(type="join", room="tea")
+    for i in range(5):
+        writer(type="send", room="tea", text=f"t{i + 1}")
+    turns.end()
+    c = Client(hub)
+    hello(c, "bob")
+
+    def join(**fields: Any) -> dict[str, Any]:
+        [joined] = c(type="join", room="tea", **fields)
+        c(type="leave", room="tea")
+        c.out.take()
+        return joined
+
+    assert "recovered" not in join()  # no since: nothing to recover
+    ok = join(since=2)
+    assert (ok["recovered"], [m["id"] for m in ok["history"]]) == (True, [3, 4, 5])
+    assert "reason" not in ok
+    assert join(since=5)["recovered"] is True  # nothing missed is recovered too
+    lost = join(since=1)  # 2 is gone
+    assert (lost["recovered"], lost["reason"], lost["truncated"]) == (False, "truncated", True)
+    ahead = join(since=9)
+    assert (ahead["recovered"], ahead["reason"]) == (False, "unknown_id")
+    other = join(since=2, epoch="not-this-one")
+    assert (other["recovered"], other["reason"], other["reset"]) == (False, "epoch", True)
