@@ -32,7 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from chatd import jsonin, limits
 from chatd.config import Settings
 from chatd.history import Message
-from chatd.hub import Hub, Unavailable
+from chatd.hub import Duplicate, Hub, Unavailable
 from chatd.stats import Stats
 
 DEFAULT_SENDER = "api"
@@ -184,20 +184,37 @@ class PushAPI(Resource):
         problem = limits.nick_problem(sender)
         if problem:
             raise ApiError(400, f"'from': {problem}")
-        d = self.hub.post(room, sender, text)
+        d = self.hub.post(room, sender, text, key=self._idempotency_key(request))
 
-        def done(msg: Message) -> None:
+        def done(msg: Message, status: int = 201) -> None:
             body = {"room": msg.room, "id": msg.id, "ts": msg.ts}
-            request.write(self._json(request, 201, body))
+            if status == 200:
+                body["duplicate"] = True
+            request.write(self._json(request, status, body))
             request.finish()
 
         def failed(f: Failure) -> None:
+            if f.check(Duplicate):
+                done(f.value.original, 200)
+                return
             f.trap(Unavailable)
             request.write(self._json(request, 503, {"error": "history unavailable; not sent"}))
             request.finish()
 
         d.addCallbacks(done, failed)
         return NOT_DONE_YET
+
+    @staticmethod
+    def _idempotency_key(request: Request) -> str:
+        """The send's key from an ``Idempotency-Key`` header ("" without one): a retry
+        with the same key gets the first message's answer (200, ``duplicate``)."""
+        header = request.getHeader(b"idempotency-key")
+        if header is None:
+            return ""
+        cid = header.decode("latin-1")
+        if not (0 < len(cid) <= 64 and cid.isascii() and cid.isprintable()):
+            raise ApiError(400, "Idempotency-Key is 1-64 printable ASCII characters")
+        return f"api\n{cid}"
 
     def _members(self, request: Request, room: str) -> int:
         def done(members: list[str]) -> None:

@@ -39,6 +39,11 @@ in the room and ``leave`` after its last, and lists the user once in
 silent process's members expire). The debounce of a user's leave is the
 hub's: it calls ``leave`` late.
 
+**Idempotent.** ``publish`` with a ``key`` first looks for a message the
+key made in the room within the dedupe window, in the same atomic step: a
+retry, even one racing the first send from another process, stores nothing
+and fails with ``Duplicate`` (the first message).
+
 **Ordered.** A room's events (messages, presence, markers) reach
 ``BrokerEvents`` in the one order the broker applied them, messages in id
 order, from the moment ``subscribed(room)`` was called for the room until
@@ -83,6 +88,7 @@ from chatd.stats import Stats
 __all__ = [
     "Broker",
     "BrokerEvents",
+    "Duplicate",
     "HistoryCursor",
     "Joined",
     "MemoryBroker",
@@ -98,6 +104,14 @@ class NickTaken(Exception):
 
 class Unavailable(Exception):
     """The message could not be stored (or the join recorded), so nothing was done."""
+
+
+class Duplicate(Exception):
+    """A send with this idempotency key made ``original`` already: nothing was stored."""
+
+    def __init__(self, original: Message) -> None:
+        super().__init__(f"message {original.id} of {original.room} was sent with this key")
+        self.original = original
 
 
 class HistoryCursor(Protocol):
@@ -198,10 +212,13 @@ class Broker(Protocol):
     def unsubscribe(self, room: str) -> None: ...
 
     def publish(
-        self, room: str, sender: str, text: str, ref: Ref = None, user: str = ""
+        self, room: str, sender: str, text: str, ref: Ref = None, user: str = "", key: str = ""
     ) -> Deferred[Message]:
         """Id, append and publish, atomically; fires with the stored Message
-        (``user``: the sender's token ``sub``, stored with it)."""
+        (``user``: the sender's token ``sub``, stored with it). With an idempotency
+        ``key``: if a message of the room was made with it within the dedupe window,
+        nothing is done and the Deferred fails with ``Duplicate`` (that message);
+        the check and the store are one atomic step."""
 
     def flush(self) -> None:
         """Complete what ``publish`` has accepted so far (a batch), now."""
@@ -316,6 +333,7 @@ class MemoryBroker:
         self.node = "local"
         self._call_soon = call_soon
         self._pending: list[tuple[Message, Deferred[Message]]] = []
+        self._repeats: list[tuple[Message, Deferred[Message]]] = []  # of a pending message
         self._presence: dict[str, _Presence] = {}
         self.events: BrokerEvents | None = None
 
@@ -338,10 +356,14 @@ class MemoryBroker:
         pass
 
     def publish(
-        self, room: str, sender: str, text: str, ref: Ref = None, user: str = ""
+        self, room: str, sender: str, text: str, ref: Ref = None, user: str = "", key: str = ""
     ) -> Deferred[Message]:
         try:
-            msg = self.history.append(room, sender, text, ref, user)
+            if key:
+                made = self.history.sent(room, key)
+                if made is not None:
+                    return self._duplicate(made)
+            msg = self.history.append(room, sender, text, ref, user, key)
         except sqlite3.Error as e:
             # Nothing of this batch can be trusted now: fail it all, publish none.
             self._fail_pending(e)
@@ -369,12 +391,25 @@ class MemoryBroker:
         for msg, d in pending:
             events.message(msg.room, msg, epoch(msg.room))
             d.callback(msg)
+        repeats, self._repeats = self._repeats, []
+        for msg, d in repeats:
+            d.errback(Duplicate(msg))
+
+    def _duplicate(self, made: Message) -> Deferred[Message]:
+        """Fail with ``Duplicate``; if ``made`` is still in the batch, once it is committed."""
+        for msg, _ in self._pending:
+            if msg.id == made.id and msg.room == made.room:
+                waiting: Deferred[Message] = Deferred()
+                self._repeats.append((msg, waiting))
+                return waiting
+        return fail(Duplicate(made))
 
     def _fail_pending(self, error: Exception) -> None:
         """Roll back the uncommitted batch: none of it is sent, every sender is told."""
         self.history.rollback()
         pending, self._pending = self._pending, []
-        for _, d in pending:
+        repeats, self._repeats = self._repeats, []
+        for _, d in pending + repeats:
             d.errback(Unavailable(str(error)))
 
     def read_after(

@@ -57,7 +57,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import limits
-from chatd.broker import BrokerEvents, Joined, NickTaken, Unavailable, once_per_user
+from chatd.broker import (
+    BrokerEvents,
+    Duplicate,
+    Joined,
+    NickTaken,
+    Unavailable,
+    once_per_user,
+)
 from chatd.history import PAGE_BYTES, PAGE_ROWS, Message, Ref, new_epoch
 from chatd.redisconn import RedisConnection, RedisDown
 from chatd.stats import Stats
@@ -144,10 +151,16 @@ end
 )
 
 SCRIPTS = {
-    # KEYS: seq, log, epoch. ARGV: channel, retention, sender, text, JSON tail
-    # (an object without its "{"), a new epoch in case the room needs one, the
-    # sender's user or ''. The epoch goes into the published JSON as "e".
+    # KEYS: seq, log, epoch, and the send's idempotency key if it has one. ARGV:
+    # channel, retention, sender, text, JSON tail (an object without its "{"), a new
+    # epoch in case the room needs one, the sender's user or '', the dedupe window
+    # in ms. The epoch goes into the published JSON as "e". Returns {id, ts}, or
+    # {'dup', id, entries} when the key made message id already (nothing done).
     "post": r"""
+if KEYS[4] then
+  local made = redis.call('GET', KEYS[4])
+  if made then return {'dup', made, redis.call('XRANGE', KEYS[2], made .. '-0', made .. '-0')} end
+end
 local epoch = redis.call('GET', KEYS[3])
 local id = redis.call('INCR', KEYS[1])
 if not epoch or id == 1 then  -- the room's first id (or its counter was lost): a new epoch
@@ -165,6 +178,7 @@ if tonumber(ARGV[2]) > 0 then
   end
 end
 redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' {"e":"' .. epoch .. '",' .. ARGV[5])
+if KEYS[4] then redis.call('SET', KEYS[4], id, 'PX', ARGV[8]) end
 return {id, ts}
 """,
     # KEYS: members, nicks, node rooms, seq, log, epoch, users.
@@ -380,6 +394,7 @@ class RedisBroker:
         self.reactor = reactor
         self.stats = stats if stats is not None else Stats()
         self.retention, self.ttl = retention, ttl
+        self.dedupe_ms = int(limits.DEDUPE_WINDOW * 1000)  # idempotency keys kept this long
         self.node = secrets.token_hex(6)
         self._node_b = self.node.encode()
         self._by_channel: dict[bytes, str] = {}  # subscribed chat channels -> room
@@ -428,7 +443,7 @@ class RedisBroker:
         self.conn.unsubscribe(channel)
 
     def publish(
-        self, room: str, sender: str, text: str, ref: Ref = None, user: str = ""
+        self, room: str, sender: str, text: str, ref: Ref = None, user: str = "", key: str = ""
     ) -> defer.Deferred[Message]:
         """Id, store and publish in one script; every node (this one too) delivers from there."""
         if not self.conn.up:
@@ -439,13 +454,30 @@ class RedisBroker:
         if user:
             tail["u"] = user
         base = chat_base(room)
+        keys: list[object] = [f"{base}:seq", f"{base}:log", f"{base}:epoch"]
+        if key:
+            keys.append(f"{base}:send:{key}")
         d = self._script(
             "post",
-            [f"{base}:seq", f"{base}:log", f"{base}:epoch"],
-            [base, self.retention, sender, text, _tail(tail)[1:], new_epoch(), user],
+            keys,
+            [
+                base,
+                self.retention,
+                sender,
+                text,
+                _tail(tail)[1:],
+                new_epoch(),
+                user,
+                self.dedupe_ms,
+            ],
         )
 
-        def stored(reply: list[bytes]) -> Message:
+        def stored(reply: list[Any]) -> Message:
+            if reply[0] == b"dup":
+                made = int(reply[1])
+                if reply[2]:
+                    raise Duplicate(_message(room, reply[2][0]))
+                raise Duplicate(Message(room, made, 0, "", ""))  # (retention dropped it)
             return Message(room, int(reply[0]), int(reply[1]), sender, text, ref, user)
 
         return d.addCallback(stored)

@@ -356,6 +356,15 @@ SETTINGS: tuple[Setting, ...] = (
         high=10_000,
     ),
     Setting(
+        "dedupe_window",
+        "seconds",
+        limits.DEDUPE_WINDOW,
+        "Seconds a send's idempotency key (chatd.v1 'cid', the push API's Idempotency-Key) "
+        "is kept: a retry within them is answered with the first send's message.",
+        low=1,
+        high=86_400,
+    ),
+    Setting(
         "presence_debounce",
         "seconds",
         limits.PRESENCE_DEBOUNCE,
@@ -535,6 +544,7 @@ class Settings:
     db_sync: str = "normal"
     history_size: int = limits.HISTORY_SIZE
     join_history: int = limits.JOIN_HISTORY
+    dedupe_window: float = limits.DEDUPE_WINDOW
     presence_debounce: float = limits.PRESENCE_DEBOUNCE
     max_text: int = limits.MAX_TEXT
     rate: float = limits.RATE

@@ -21,6 +21,11 @@ epoch, so a client holding ids from the old one can tell (docs/PROTOCOL.md).
 With ``retention`` 0 nothing is stored and ids restart with the process, so
 the epoch lives in memory and is new each run too.
 
+A send with an idempotency key (a client's ``cid``) records, in the same
+transaction as the message, which message the key made (table ``sends``,
+trimmed with the messages); ``sent`` finds it again within the dedupe
+window, across restarts (in memory without storage).
+
 A long replay is read in pages (``page`` and its ``Cursor``), as fast as
 the client takes it, not all at once: a batch is sized to about a 64 KiB
 page from the sizes of the previous one. While a cursor is open on a room,
@@ -52,6 +57,13 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS rooms (
     room TEXT PRIMARY KEY,
     epoch TEXT NOT NULL           -- created with the room's first id
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sends (
+    room TEXT NOT NULL,
+    key TEXT NOT NULL,            -- the sender's idempotency key (who, and the client's cid)
+    id INTEGER NOT NULL,          -- the message it made
+    ts INTEGER NOT NULL,          -- milliseconds since the epoch
+    PRIMARY KEY (room, key)
 ) WITHOUT ROWID;
 """
 
@@ -112,6 +124,9 @@ class History:
         self._since_trim: dict[str, int] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()  # rooms in the caches, LRU first
         self._cursors: dict[str, weakref.WeakSet[Cursor]] = {}  # open replays, by room
+        # Idempotency keys are kept this long (ms); without storage, in memory.
+        self.dedupe_ms = 600_000
+        self._sends: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
 
     def _touch(self, room: str) -> None:
         """``room`` was used: keep its cached values; forget the least recently used room's."""
@@ -153,11 +168,37 @@ class History:
         self._epochs[room] = epoch
         return epoch
 
-    def append(self, room: str, sender: str, text: str, ref: Ref = None, user: str = "") -> Message:
-        """Assign the next id and write the message (committed by ``commit``)."""
+    def sent(self, room: str, key: str) -> Message | None:
+        """The message an idempotency ``key`` made in ``room`` within the dedupe window
+        (one of an uncommitted batch too); its text is empty if retention dropped it."""
+        floor = int(time.time() * 1000) - self.dedupe_ms
+        if not self.retention:
+            found = self._sends.get((room, key))
+            if found is None or found[1] < floor:
+                return None
+            return Message(room, found[0], found[1], "", "")
+        row = self.db.execute(
+            "SELECT id, ts FROM sends WHERE room = ? AND key = ? AND ts >= ?", (room, key, floor)
+        ).fetchone()
+        if row is None:
+            return None
+        msgs = self._rows(room, row[0] - 1, row[0], 1)
+        return msgs[0] if msgs else Message(room, row[0], row[1], "", "")
+
+    def append(
+        self, room: str, sender: str, text: str, ref: Ref = None, user: str = "", key: str = ""
+    ) -> Message:
+        """Assign the next id and write the message (committed by ``commit``); with an
+        idempotency ``key``, remember which message the key made (``sent``)."""
         msg = Message(
             room, self.last_id(room) + 1, int(time.time() * 1000), sender, text, ref, user
         )
+        if key and not self.retention:
+            sends = self._sends
+            sends[(room, key)] = (msg.id, msg.ts)
+            sends.move_to_end((room, key))
+            while sends and next(iter(sends.values()))[1] < msg.ts - self.dedupe_ms:
+                sends.popitem(last=False)
         if self.retention:
             if not self._in_tx:
                 self.db.execute("BEGIN")
@@ -168,6 +209,11 @@ class History:
                 "INSERT INTO messages (room, id, ts, sender, text, user) VALUES (?, ?, ?, ?, ?, ?)",
                 (room, msg.id, msg.ts, sender, text, user or None),
             )
+            if key:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO sends (room, key, id, ts) VALUES (?, ?, ?, ?)",
+                    (room, key, msg.id, msg.ts),
+                )
             n = self._since_trim.get(room, 0) + 1
             if n >= 100:  # trim now and then, not on every message
                 floor = msg.id - self.retention
@@ -175,6 +221,9 @@ class History:
                 if cursors:  # keep what an open replay has still to read
                     floor = min(floor, *(c.after for c in cursors))
                 self.db.execute("DELETE FROM messages WHERE room = ? AND id <= ?", (room, floor))
+                self.db.execute(  # idempotency keys past the window
+                    "DELETE FROM sends WHERE room = ? AND ts < ?", (room, msg.ts - self.dedupe_ms)
+                )
                 n = 0
             self._since_trim[room] = n
         elif room not in self._epochs:

@@ -57,6 +57,7 @@ from twisted.python.failure import Failure
 from chatd import limits
 from chatd.broker import (
     Broker,
+    Duplicate,
     HistoryCursor,
     Joined,
     MemoryBroker,
@@ -70,6 +71,7 @@ from chatd.history import History, Message, Ref
 from chatd.stats import Stats
 
 __all__ = [
+    "Duplicate",
     "HistoryCursor",
     "Hub",
     "InMemoryHub",
@@ -556,18 +558,19 @@ class Hub:
         return once_per_user((m.nick, m.user) for m in r.members.values()) if r else []
 
     def post(
-        self, room: str, sender: str, text: str, ref: Ref = None, user: str = ""
+        self, room: str, sender: str, text: str, ref: Ref = None, user: str = "", key: str = ""
     ) -> defer.Deferred[Message]:
         """Store a message and send it to the room's members, everywhere (there may be none).
 
         Fires with the stored ``Message`` once the broker has it (every
         member, here or on another node, gets it from the broker's stream);
         fails with ``Unavailable`` if it could not be stored, and then no one
-        gets it. Who may post is the caller's check.
+        gets it; fails with ``Duplicate`` if an idempotency ``key`` made a message
+        of the room already (see ``Broker.publish``). Who may post is the caller's check.
         """
         if not self.broker.up:
             return defer.fail(Unavailable("the message store is unreachable"))
-        return self.broker.publish(room, sender, text, ref, user)
+        return self.broker.publish(room, sender, text, ref, user, key)
 
     def flush(self) -> None:
         """Complete what was posted so far (a batch), now."""

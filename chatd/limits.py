@@ -57,6 +57,9 @@ PRESENCE_DEBOUNCE = 5.0
 # Seconds a cluster node waits for another node to hand a resumed session over
 # (a node that is gone never answers: the client then joins afresh).
 RESUME_ASK_TIMEOUT = 3.0
+# Seconds a send's idempotency key (v1 "cid", the push API's Idempotency-Key) is
+# remembered: a retry within them gets the first send's message back, once stored.
+DEDUPE_WINDOW = 600.0
 MAX_ROOMS_PER_CONNECTION = 16
 # chatd.v1 frames that arrive while a join is being answered wait for it, up
 # to this many; one more closes the connection with 1008.

@@ -79,7 +79,7 @@ from twisted.python.failure import Failure
 from chatd import jsonin, limits
 from chatd.auth import EXPIRY_GRACE, NO_AUTH, AuthError, Identity, Policy
 from chatd.history import Message, Ref
-from chatd.hub import Hub, Joined, NickTaken, Reset, Unavailable
+from chatd.hub import Duplicate, Hub, Joined, NickTaken, Reset, Unavailable
 from chatd.stats import Stats
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ PAGE_BYTES = 64 * 1024  # a joined or history frame, unless one message alone is
 INT_LIMIT = 2**53
 
 _log = Logger(namespace="chatd.v1")
+
+CID_MAX = 64  # characters of a send's client message id
 
 # What a resume gives: the taken-over session's rooms, None, or a Deferred of them.
 Resumed = list[str] | None | Deferred[list[str] | None]
@@ -674,9 +676,16 @@ class ChatSession:
         max_text = self.max_text
         if len(text.encode("utf-8")) > max_text:
             raise ProtocolError("too_long", f"a message is at most {max_text} bytes of UTF-8")
+        cid = _field(obj, "cid", str, required=False)
+        if cid is not None and not (0 < len(cid) <= CID_MAX and cid.isprintable()):
+            raise ProtocolError("bad_field", f"'cid' is 1-{CID_MAX} printable characters")
         assert self.nick is not None
-        d = self.hub.post(room, self.nick, text, ref, self.identity.sub if self.identity else "")
-        d.addCallbacks(self._posted, self._unavailable, errbackArgs=(ref,))
+        user = self.identity.sub if self.identity is not None else ""
+        key = ""
+        if cid is not None:  # idempotent: the same cid of the same sender in the room is one send
+            key = f"@{user}\n{cid}" if user else f"~{limits.nick_key(self.nick)}\n{cid}"
+        d = self.hub.post(room, self.nick, text, ref, user, key)
+        d.addCallbacks(self._posted, self._not_posted, errbackArgs=(ref,))
 
     def _posted(self, msg: Message) -> None:
         """Stored and sent to the room: the sender's copy is its acknowledgement.
@@ -693,8 +702,17 @@ class ChatSession:
             stats.bytes_out["chat"] += len(payload)
             output.send_payload(payload)
 
-    def _unavailable(self, failure: Failure, ref: Ref) -> None:
-        failure.trap(Unavailable)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+    def _not_posted(self, failure: Failure, ref: Ref) -> None:
+        # (Twisted's Failure.trap has no annotations)
+        if failure.check(Duplicate):  # type: ignore[no-untyped-call]
+            # A retry: the first send's message is the answer, to this connection only.
+            obj = message_obj(failure.value.original)
+            obj.pop("ref", None)  # (the first send's, if it is still in the batch)
+            if ref is not None:
+                obj["ref"] = ref
+            self.reply(obj)
+            return
+        failure.trap(Unavailable)  # type: ignore[no-untyped-call]
         self.error("unavailable", "the message could not be stored and was not sent", ref)
 
     HANDLERS: dict[str, Callable[[ChatSession, dict[str, Any], Ref], None]] = {

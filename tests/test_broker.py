@@ -22,7 +22,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from chatd.broker import Joined, MemoryBroker, NickTaken, Unavailable
+from chatd.broker import Duplicate, Joined, MemoryBroker, NickTaken, Unavailable
 from chatd.cluster import RedisBroker
 from chatd.history import History, Message
 from tools.redis import RedisServer
@@ -214,6 +214,29 @@ def test_refs_come_back_with_the_stored_message(kit):
     yield kit.subscribed(b, "tea")
     m = yield b.publish("tea", "ann", "x", 7)
     assert (m.sender, m.text, m.ref) == ("ann", "x", 7)
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_idempotency_key_makes_one_message_and_a_retry_gets_it_back(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    first = yield b.publish("tea", "ann", "hello", None, "", "~ann\nc1")
+    with pytest.raises(Duplicate) as again:
+        yield b.publish("tea", "ann", "hello", None, "", "~ann\nc1")
+    made = again.value.original
+    assert (made.id, made.text, made.sender, made.ts) == (first.id, "hello", "ann", first.ts)
+    other = yield b.publish("tea", "ann", "hello", None, "", "~ann\nc2")  # another cid
+    elsewhere = yield b.publish("cafe", "ann", "hello", None, "", "~ann\nc1")  # another room
+    assert (other.id, elsewhere.id) == (2, 1)
+    # Retries racing the first (one batch, or in flight together): still one message.
+    ds = [b.publish("tea", "bob", "hi", None, "", "~bob\nc9") for _ in range(3)]
+    results = yield defer.DeferredList(ds, consumeErrors=True)
+    stored = [r for ok, r in results if ok]
+    repeats = [r.value.original for ok, r in results if not ok and r.check(Duplicate)]
+    assert len(stored) == 1 and [m.id for m in repeats] == [stored[0].id] * 2
+    rec = b.recorder
+    yield rec.until(lambda: rec.ids("tea") == [1, 2, 3], "three messages, once each")
+    assert [e[4] for e in rec.events if e[0] == "m" and e[1] == "tea"] == ["hello", "hello", "hi"]
 
 
 @pytest_twisted.inlineCallbacks

@@ -836,3 +836,39 @@ def test_a_session_resumes_on_another_node(node) -> None:
     lost = V1(b.port)
     lost.req("hello", nick="cy", resume="0123456789ab." + "x" * 32)
     assert lost.next("welcome")["resumed"] is False
+
+
+def test_retries_of_one_cid_on_two_nodes_at_once_are_stored_once(node) -> None:
+    """A user's send whose answer was lost is retried, from another tab on another
+    node, while the first may still be in flight: one message, the same id for
+    both, and the room sees it once."""
+    args = ("--auth", "token", "--jwt-key", JWT_KEY)
+    a, b = node(*args), node(*args)
+    tab_a, tab_b = signed_in(a, "alice", "lobby"), signed_in(b, "alice", "lobby")
+    watcher = signed_in(b, "bob", "lobby")
+    for i in range(20):  # twenty cids, each sent on both nodes in the same instant
+        tab_a.say("lobby", f"m{i}", cid=f"cid-{i}", ref=f"a{i}")
+        tab_b.say("lobby", f"m{i}", cid=f"cid-{i}", ref=f"b{i}")
+    ids: dict[str, set[int]] = {}
+    for tab, mine in ((tab_a, "a"), (tab_b, "b")):
+        # Every send is answered once with its ref: the room's copy if it was stored,
+        # the stored message itself (to this tab alone) if the other tab's won.
+        answered: set[str] = set()
+        texts: set[str] = set()
+        while len(answered) < 20 or len(texts) < 20:
+            m = tab.next()
+            if m["type"] != "message":
+                continue
+            ids.setdefault(m["text"], set()).add(m["id"])
+            texts.add(m["text"])
+            if m.get("ref", "").startswith(mine):
+                assert m["ref"] not in answered
+                answered.add(m["ref"])
+    assert sorted(ids) == sorted(f"m{i}" for i in range(20))
+    assert all(len(v) == 1 for v in ids.values()), ids  # one id per cid, on both nodes
+    watcher.say("lobby", "end")
+    texts = []
+    while (m := watcher.next())["type"] != "message" or m["text"] != "end":
+        if m["type"] == "message":
+            texts.append(m["text"])
+    assert sorted(texts) == sorted(f"m{i}" for i in range(20))  # each once

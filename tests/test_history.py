@@ -302,3 +302,32 @@ def test_without_storage_an_evicted_room_starts_a_new_epoch(monkeypatch) -> None
         h.append(f"other{i}", "ann", "x")
     assert h.append("r", "ann", "y").id == 1  # its ids restart...
     assert h.epoch("r") not in (None, before)  # ...and clients can tell by the epoch
+
+
+def test_an_idempotency_key_is_kept_for_the_window_and_across_a_restart(
+    tmp_path, monkeypatch
+) -> None:
+    now = [1_000_000.0]
+    monkeypatch.setattr("chatd.history.time.time", lambda: now[0])
+    path = str(tmp_path / "h.sqlite3")
+    h = History(path, retention=5)
+    h.dedupe_ms = 60_000
+    made = h.append("r", "ann", "once", None, "", "~ann\nc1")
+    h.commit()
+    h.close()
+    h = History(path, retention=5)  # a restart keeps the keys
+    h.dedupe_ms = 60_000
+    now[0] += 59.0
+    assert h.sent("r", "~ann\nc1") == made
+    assert h.sent("r", "~bob\nc1") is None and h.sent("other", "~ann\nc1") is None
+    now[0] += 2.0  # past the window: a new send
+    assert h.sent("r", "~ann\nc1") is None
+    h.close()
+    # Without storage the keys live in memory, and expire the same way.
+    m = History(":memory:", 0)
+    m.dedupe_ms = 60_000
+    first = m.append("r", "ann", "once", None, "", "k")
+    assert m.sent("r", "k").id == first.id  # (no text kept without storage)
+    now[0] += 61.0
+    m.append("r", "ann", "another", None, "", "k2")  # expired keys are dropped as keys come
+    assert m.sent("r", "k") is None and list(m._sends) == [("r", "k2")]

@@ -194,7 +194,7 @@ class BrokenHub:
     def chat_leave(self, room, link):
         raise RuntimeError("a bug")
 
-    def post(self, room, sender, text, ref=None, user=""):
+    def post(self, room, sender, text, ref=None, user="", key=""):
         return fail(Unavailable("disk full"))
 
 
@@ -385,8 +385,8 @@ class SlowHub:
     def chat_leave(self, room, link):
         return self.hub.chat_leave(room, link)
 
-    def post(self, room, sender, text, ref=None, user=""):
-        return self.hub.post(room, sender, text, ref, user)
+    def post(self, room, sender, text, ref=None, user="", key=""):
+        return self.hub.post(room, sender, text, ref, user, key)
 
 
 def test_frames_behind_a_pending_join_are_answered_in_order() -> None:
@@ -500,7 +500,7 @@ def test_a_send_answered_after_leaving_is_copied_to_the_sender_alone() -> None:
         def chat_leave(self, room, link):
             return True
 
-        def post(self, room, sender, text, ref=None, user=""):
+        def post(self, room, sender, text, ref=None, user="", key=""):
             self.posted.append(Deferred())
             return self.posted[-1]
 

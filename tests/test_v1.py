@@ -13,6 +13,7 @@ import time
 
 import pytest
 from inproc import Site
+from test_ops import request
 from v1client import V1
 from wsclient import TEXT, Client, HandshakeError, frame
 
@@ -520,3 +521,47 @@ def test_a_phone_on_a_new_network_takes_its_session_over_with_the_resume_secret(
     again = V1(chatd.port)
     again.req("hello", nick="other", resume=secret)
     assert again.next("welcome")["resumed"] is False
+
+
+def test_a_send_retried_with_its_cid_is_stored_once(chatd: Daemon) -> None:
+    room = "cid-room"
+    alice, bob = V1(chatd.port, "alice"), V1(chatd.port, "bob")
+    alice.join(room)
+    bob.join(room)
+    alice.next("presence")
+    alice.say(room, "only once", cid="c-1", ref=1)
+    first = alice.next("message")
+    assert (first["text"], first["ref"]) == ("only once", 1)
+    assert bob.next("message")["id"] == first["id"]
+    alice.say(room, "only once", cid="c-1", ref=2)  # its answer was lost: a retry
+    again = alice.next("message")
+    assert (again["id"], again["text"], again["ref"]) == (first["id"], "only once", 2)
+    bob.say(room, "next")  # bob got no second copy: his own message comes next
+    assert bob.next("message")["text"] == "next"
+    assert alice.next("message")["text"] == "next"
+    alice.say(room, "x", cid="")
+    assert alice.next("error")["code"] == "bad_field"
+    alice.say(room, "x", cid="c" * 65)
+    assert alice.next("error")["code"] == "bad_field"
+
+
+def test_the_push_api_takes_an_idempotency_key(daemon) -> None:
+    token = "an-api-token-for-the-idempotency-test"
+    d = daemon("--api-token", token)
+
+    def post(key: str | None) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        status, _, body = request(
+            d.port, "POST", "/api/rooms/news/messages", b'{"text": "deploy done"}', headers
+        )
+        return status, json.loads(body)
+
+    status, first = post("deploy-42")
+    assert status == 201 and "duplicate" not in first
+    status, again = post("deploy-42")
+    assert status == 200 and again == {**first, "duplicate": True}
+    assert post(None)[1]["id"] == first["id"] + 1  # without a key, every post is new
+    assert post("x" * 65)[0] == 400
+    assert post("")[0] == 400
