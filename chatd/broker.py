@@ -93,6 +93,7 @@ __all__ = [
     "Joined",
     "MemoryBroker",
     "NickTaken",
+    "Page",
     "Reset",
     "Unavailable",
 ]
@@ -139,6 +140,15 @@ class Joined:
     # The rest of the history after ``history``, read as the client takes it
     # (None: ``history`` is all of it).
     more: HistoryCursor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of a room's history, asked for by id (``Broker.history``)."""
+
+    messages: list[Message]
+    more: bool  # more are kept beyond them, on the side asked for (``Broker.read_page``)
+    epoch: str | None  # the epoch the ids count in
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +238,13 @@ class Broker(Protocol):
     ) -> Deferred[tuple[str | None, list[Message]]]:
         """The room's epoch and its messages after ``after`` (all of them if the
         epoch is not ``epoch``): how a gap in the stream is filled."""
+
+    def read_page(
+        self, room: str, after: int, before: int | None, limit: int, newest: bool
+    ) -> Deferred[Page]:
+        """A page of the kept history: up to ``limit`` messages with ``after`` < id <
+        ``before`` (None: no bound), oldest first, the ``newest`` of them or the
+        oldest; ``more``: whether more are kept on that side."""
 
     # -- presence ---------------------------------------------------------------
     def join(
@@ -424,6 +441,17 @@ class MemoryBroker:
         except sqlite3.Error as e:
             return fail(Unavailable(str(e)))
         return succeed((current, msgs))
+
+    def read_page(
+        self, room: str, after: int, before: int | None, limit: int, newest: bool
+    ) -> Deferred[Page]:
+        self.flush()
+        try:
+            msgs, more = self.history.range(room, after, before, limit, newest)
+            epoch = self.history.epoch(room)
+        except sqlite3.Error as e:
+            return fail(Unavailable(str(e)))
+        return succeed(Page(msgs, more, epoch))
 
     # -- presence ---------------------------------------------------------------
     def join(

@@ -62,6 +62,7 @@ from chatd.broker import (
     Duplicate,
     Joined,
     NickTaken,
+    Page,
     Unavailable,
     once_per_user,
 )
@@ -495,6 +496,32 @@ class RedisBroker:
             return reply[0].decode() or None, [_message(room, e) for e in reply[1]]
 
         return d.addCallback(read)
+
+    def read_page(
+        self, room: str, after: int, before: int | None, limit: int, newest: bool
+    ) -> defer.Deferred[Page]:
+        """XRANGE (or XREVRANGE) of the room's stream, and its epoch: two commands, not
+        one step (the epoch labels the ids; a new epoch between them is met as a reset)."""
+        base = chat_base(room)
+        low = f"({after}-0"
+        high = f"({before}-0" if before is not None else "+"
+        if newest:
+            d = self.conn.call("XREVRANGE", f"{base}:log", high, low, "COUNT", limit + 1)
+        else:
+            d = self.conn.call("XRANGE", f"{base}:log", low, high, "COUNT", limit + 1)
+        epoch = self.conn.call("GET", f"{base}:epoch")
+
+        def read(replies: list[Any]) -> Page:
+            entries, tag = replies
+            msgs = [_message(room, e) for e in entries]
+            more = len(msgs) > limit
+            msgs = msgs[:limit]
+            if newest:
+                msgs.reverse()
+            return Page(msgs, more, tag.decode() if tag else None)
+
+        both = defer.gatherResults([d, epoch], consumeErrors=True)
+        return both.addCallbacks(read, lambda f: Failure(Unavailable(f.getErrorMessage())))
 
     # -- presence ---------------------------------------------------------------
     def join(

@@ -269,6 +269,26 @@ class History:
             return msgs, first > after + 1, cursor
         return msgs, first > after + 1, None
 
+    def range(
+        self, room: str, after: int, before: int | None, limit: int, newest: bool
+    ) -> tuple[list[Message], bool]:
+        """Up to ``limit`` kept messages with ``after`` < id < ``before`` (None: no
+        bound), oldest first: the ``newest`` of them, or the oldest; and whether more
+        are kept beyond them (older ones if ``newest``, newer ones otherwise)."""
+        if not self.retention:
+            return [], False
+        after = max(after, self.last_id(room) - self.retention)  # (trimmed lazily)
+        rows = self.db.execute(
+            "SELECT id, ts, sender, text, user FROM messages WHERE room = ? AND id > ? "
+            f"AND id < ? ORDER BY id {'DESC' if newest else 'ASC'} LIMIT ?",
+            (room, after, before if before is not None else 2**62, limit + 1),
+        ).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if newest:
+            rows.reverse()
+        return [Message(room, i, ts, s, t, None, u or "") for i, ts, s, t, u in rows], more
+
     def _rows(self, room: str, after: int, until: int, limit: int) -> list[Message]:
         rows = self.db.execute(
             "SELECT id, ts, sender, text, user FROM messages WHERE room = ? AND id > ? "

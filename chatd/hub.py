@@ -62,6 +62,7 @@ from chatd.broker import (
     Joined,
     MemoryBroker,
     NickTaken,
+    Page,
     Reset,
     Unavailable,
     once_per_user,
@@ -79,6 +80,7 @@ __all__ = [
     "Local",
     "Member",
     "NickTaken",
+    "Page",
     "Renderer",
     "Reset",
     "Unavailable",
@@ -571,6 +573,15 @@ class Hub:
         if not self.broker.up:
             return defer.fail(Unavailable("the message store is unreachable"))
         return self.broker.publish(room, sender, text, ref, user, key)
+
+    def read_page(
+        self, room: str, after: int, before: int | None, limit: int, newest: bool
+    ) -> defer.Deferred[Page]:
+        """A page of ``room``'s kept history by id (``Broker.read_page``); who may read
+        it is the caller's check."""
+        if not self.broker.up:
+            return defer.fail(Unavailable("the message store is unreachable"))
+        return self.broker.read_page(room, after, before, limit, newest)
 
     def flush(self) -> None:
         """Complete what was posted so far (a batch), now."""

@@ -79,7 +79,7 @@ from twisted.python.failure import Failure
 from chatd import jsonin, limits
 from chatd.auth import EXPIRY_GRACE, NO_AUTH, AuthError, Identity, Policy
 from chatd.history import Message, Ref
-from chatd.hub import Duplicate, Hub, Joined, NickTaken, Reset, Unavailable
+from chatd.hub import Duplicate, Hub, Joined, NickTaken, Page, Reset, Unavailable
 from chatd.stats import Stats
 
 if TYPE_CHECKING:
@@ -94,6 +94,8 @@ INT_LIMIT = 2**53
 _log = Logger(namespace="chatd.v1")
 
 CID_MAX = 64  # characters of a send's client message id
+HISTORY_LIMIT = 50  # messages of a history page when the request gives no limit
+HISTORY_LIMIT_MAX = 100  # ... and at most
 
 # What a resume gives: the taken-over session's rooms, None, or a Deferred of them.
 Resumed = list[str] | None | Deferred[list[str] | None]
@@ -715,10 +717,62 @@ class ChatSession:
         failure.trap(Unavailable)  # type: ignore[no-untyped-call]
         self.error("unavailable", "the message could not be stored and was not sent", ref)
 
+    def on_history(self, obj: dict[str, Any], ref: Ref) -> None:
+        """A page of the kept history by id: ``before`` (older than), ``after`` (newer
+        than), both, or neither (the latest); one frame, at most ``PAGE_BYTES``."""
+        if self.nick is None:
+            raise ProtocolError("hello_first", "say hello with a nick first")
+        room = _room(obj)
+        if not self._right(room):
+            raise ProtocolError("forbidden", f"no right to read {room}")
+        before = _field(obj, "before", int, required=False)
+        after = _field(obj, "after", int, required=False)
+        limit = _field(obj, "limit", int, required=False)
+        if limit is None:
+            limit = HISTORY_LIMIT
+        if not 0 < limit <= HISTORY_LIMIT_MAX:
+            raise ProtocolError("bad_field", f"'limit' is 1-{HISTORY_LIMIT_MAX}")
+        if (before is not None and before < 1) or (after is not None and after < 0):
+            raise ProtocolError("bad_field", "'before' and 'after' are ids (before >= 1)")
+        # Scrolling up (before, or neither) wants the newest of the range; after, the oldest.
+        newest = after is None
+        d = self.hub.read_page(room, after or 0, before, limit, newest)
+        d.addCallbacks(
+            self._page, self._unavailable_page, callbackArgs=(room, newest, ref), errbackArgs=(ref,)
+        )
+
+    def _page(self, page: Page, room: str, newest: bool, ref: Ref) -> None:
+        if not self.output.writable:
+            return
+        objs = [message_obj(m) for m in page.messages]
+        more = page.more
+        # Under PAGE_BYTES: whole messages only, those nearest the asked-for end kept.
+        parts = [encode(o) for o in objs]
+        size, keep = 0, 0
+        for part in reversed(parts) if newest else parts:
+            if keep and size + len(part) + 1 > PAGE_BYTES:
+                more = True
+                break
+            size += len(part) + 1
+            keep += 1
+        chosen = parts[len(parts) - keep :] if newest else parts[:keep]
+        tail: dict[str, Any] = {"more": more, "epoch": page.epoch}
+        if ref is not None:
+            tail["ref"] = ref
+        head = encode({"type": "history", "room": room})[:-1]
+        self.output.send_payload(
+            head + b',"messages":[' + b",".join(chosen) + b"]," + encode(tail)[1:]
+        )
+
+    def _unavailable_page(self, failure: Failure, ref: Ref) -> None:
+        failure.trap(Unavailable)  # type: ignore[no-untyped-call]
+        self.error("unavailable", "the history cannot be read now; try again", ref)
+
     HANDLERS: dict[str, Callable[[ChatSession, dict[str, Any], Ref], None]] = {
         "hello": on_hello,
         "refresh": on_refresh,
         "join": on_join,
         "leave": on_leave,
         "send": on_send,
+        "history": on_history,
     }

@@ -499,6 +499,8 @@ def test_a_personal_room_gets_the_back_ends_pushes_and_a_dm_only_its_two_users(d
     alice.join("@alice")
     bob.req("join", room="@alice", ref=1)
     assert bob.next("error")["code"] == "forbidden"
+    bob.req("history", room="@alice")  # nor read its history by id
+    assert bob.next("error")["code"] == "forbidden"
     alice.say("@alice", "to myself", ref=2)
     assert alice.next("error")["code"] == "forbidden"  # the back end writes there
     req = urllib.request.Request(

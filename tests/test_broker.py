@@ -240,6 +240,32 @@ def test_an_idempotency_key_makes_one_message_and_a_retry_gets_it_back(kit):
 
 
 @pytest_twisted.inlineCallbacks
+def test_pages_of_the_kept_history_by_id(kit):
+    b = yield kit.broker(retention=8)
+    yield kit.subscribed(b, "tea")
+    yield gather(
+        [b.publish("tea", "ann", f"t{i}", None, "a1" if i % 2 else "") for i in range(1, 11)]
+    )
+
+    @defer.inlineCallbacks
+    def page(after: int, before: int | None, limit: int, newest: bool) -> Any:
+        p = yield b.read_page("tea", after, before, limit, newest)
+        assert p.epoch is not None
+        return [m.id for m in p.messages], p.more
+
+    assert (yield page(0, None, 3, True)) == ([8, 9, 10], True)
+    assert (yield page(0, 8, 3, True)) == ([5, 6, 7], True)
+    assert (yield page(0, 5, 3, True)) == ([3, 4], False)  # 1 and 2 are past the retention
+    assert (yield page(5, None, 2, False)) == ([6, 7], True)
+    assert (yield page(5, 8, 10, False)) == ([6, 7], False)
+    assert (yield page(10, None, 5, False)) == ([], False)
+    p = yield b.read_page("tea", 8, None, 1, False)
+    assert [(m.id, m.text, m.sender, m.user) for m in p.messages] == [(9, "t9", "ann", "a1")]
+    empty = yield b.read_page("nowhere", 0, None, 5, True)
+    assert (empty.messages, empty.more, empty.epoch) == ([], False, None)
+
+
+@pytest_twisted.inlineCallbacks
 def test_two_processes_see_one_order(kit):
     kit.needs_processes()
     a = yield kit.broker()

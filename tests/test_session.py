@@ -722,3 +722,46 @@ def test_joined_says_whether_since_was_recovered_completely_and_if_not_why() -> 
     assert (ahead["recovered"], ahead["reason"]) == (False, "unknown_id")
     other = join(since=2, epoch="not-this-one")
     assert (other["recovered"], other["reason"], other["reset"]) == (False, "epoch", True)
+
+
+def test_history_pages_by_id_newest_or_oldest_first_and_under_the_frame_size() -> None:
+    turns = Turns()
+    hub = make_hub(turns, History(":memory:", 8))  # ids 3..10 kept of 10
+    c = Client(hub)
+    hello(c, "ann")
+    c(type="join", room="tea")
+    for i in range(10):
+        c(type="send", room="tea", text=f"t{i + 1}")
+    turns.end()
+    c.out.take()
+
+    def page(**fields: Any) -> tuple[list[int], bool]:
+        [answer] = c(type="history", room="tea", ref="h", **fields)
+        assert (answer["type"], answer["room"], answer["ref"]) == ("history", "tea", "h")
+        assert answer["epoch"] == hub.broker.history.epoch("tea")
+        return [m["id"] for m in answer["messages"]], answer["more"]
+
+    assert page(limit=3) == ([8, 9, 10], True)  # the latest
+    assert page(before=8, limit=3) == ([5, 6, 7], True)  # scrolling up
+    assert page(before=5, limit=3) == ([3, 4], False)  # the oldest kept
+    assert page(after=5, limit=2) == ([6, 7], True)  # catching up
+    assert page(after=5, before=8) == ([6, 7], False)
+    assert page(after=10) == ([], False)
+    assert page() == (list(range(3, 11)), False)
+    for bad in ({"limit": 0}, {"limit": 101}, {"before": 0}, {"after": -1}, {"limit": "3"}):
+        [error] = c(type="history", room="tea", **bad)
+        assert error["code"] == "bad_field", bad
+    # Not joined is fine (a reader may look without being present); big texts: one frame
+    # stays under PAGE_BYTES, the messages nearest the asked-for end kept.
+    big = Client(hub)
+    hello(big, "bob")
+    big(type="join", room="big")
+    for i in range(6):
+        big(type="send", room="big", text=str(i) * 16_000)
+    turns.end()
+    big.out.take()
+    [answer] = c(type="history", room="big")
+    assert [m["id"] for m in answer["messages"]] == [3, 4, 5, 6] and answer["more"] is True
+    assert len(json.dumps(answer)) <= chatd.session.PAGE_BYTES
+    [answer] = c(type="history", room="big", after=0)
+    assert [m["id"] for m in answer["messages"]] == [1, 2, 3, 4] and answer["more"] is True
