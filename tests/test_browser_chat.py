@@ -261,3 +261,23 @@ def test_a_sign_in_link_with_a_token_joins_under_the_tokens_name(browser, daemon
     for p in (alice, reader, late):
         assert p.errors == [], p.errors
         p.close()
+
+
+def test_scrolling_to_the_top_loads_older_messages_in_order(people, daemon) -> None:
+    d = daemon("--ping-interval", "0", "--rate", "1000", "--rate-burst", "1000")
+    writer = V1(d.port, "olga")
+    writer.join("older")
+    for i in range(120):
+        writer.say("older", f"m{i:03d}")
+        writer.next("message")
+    reader = people(d.port)
+    reader.join("paul", "older")
+    eventually(lambda: len(reader.texts()), 50, "the join's 50 latest")
+    for shown in (100, 120):  # two pages of up to 50 older ones, the last one short
+        reader.page.evaluate("document.getElementById('log').scrollTop = 0")
+        reader.page.evaluate("document.getElementById('log').dispatchEvent(new Event('scroll'))")
+        eventually(lambda: len(reader.texts()), shown, "older messages above")
+    assert reader.texts() == [f"m{i:03d}" for i in range(120)]
+    writer.say("older", "live")  # and the live end still works
+    reader.wait_text("live")
+    writer.close()

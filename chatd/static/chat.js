@@ -16,7 +16,12 @@
   let epoch = null;      // the history epoch lastId counts in (docs/PROTOCOL.md)
   let pendingLast = 0;   // while history pages come: the joined's last_id
   let members = [];
-  let attempt = 0, timer = null, refSeq = 0;
+  let me = "";           // with a token: its sub, which our own messages carry as `user`
+  let attempt = 0, timer = null;
+  // Sends not yet acknowledged, by cid (the send's ref too): retried with the same cid
+  // after a reconnect, so a send whose answer was lost is stored once (PROTOCOL.md).
+  const unsent = new Map();
+  let older = "idle";    // older history on scroll: "idle", "loading" or "done"
 
   // A signed token (docs/AUTH.md) comes in the URL's fragment, #token=..., which
   // browsers never send to a server: kept for this tab, taken out of the address bar.
@@ -61,6 +66,30 @@
     if (stick) log.scrollTop = log.scrollHeight;
   }
 
+  function oldestId() {
+    const first = log.querySelector(".msg");
+    return first ? Number(first.dataset.id) : lastId + 1;
+  }
+
+  // Scrolled to the top: ask for the page before the oldest message shown (docs/PROTOCOL.md,
+  // the history request), and keep what was on screen where it was.
+  function loadOlder() {
+    if (older !== "idle" || !ws || ws.readyState !== WebSocket.OPEN) return;
+    if (oldestId() <= 1 || log.childElementCount >= MAX_LINES) { older = "done"; return; }
+    older = "loading";
+    send({ type: "history", room, before: oldestId(), limit: 50, ref: "older" });
+  }
+
+  function prependOlder(msgs, more) {
+    const before = log.scrollHeight;
+    const first = log.firstChild, bound = oldestId();
+    for (const h of msgs) {
+      if (h.id < bound) log.insertBefore(messageNode(h), first);   // oldest first, in order
+    }
+    log.scrollTop += log.scrollHeight - before;
+    older = more ? "idle" : "done";
+  }
+
   function sys(line) {
     const div = document.createElement("div");
     div.className = "sys";
@@ -69,8 +98,12 @@
   }
 
   function addMessage(m) {
+    append(messageNode(m));
+  }
+
+  function messageNode(m) {
     const div = document.createElement("div");
-    div.className = "msg" + (m.from === nick ? " mine" : "");
+    div.className = "msg" + ((me ? m.user === me : m.from === nick) ? " mine" : "");
     div.dataset.id = m.id;
     const t = document.createElement("time");
     const d = new Date(m.ts);
@@ -84,7 +117,7 @@
     body.className = "text";
     body.textContent = m.text;
     div.append(t, from, body);
-    append(div);
+    return div;
   }
 
   function renderMembers() {
@@ -140,6 +173,7 @@
     switch (m.type) {
       case "welcome":
         nick = m.nick;                       // (with a token: its name)
+        me = m.user || "";
         if (m.resume) sessionStorage.setItem("chatd.resume", m.resume);
         send(lastId ? { type: "join", room, since: lastId, ...(epoch ? { epoch } : {}), ref: "join" }
                     : { type: "join", room, ref: "join" });
@@ -150,7 +184,9 @@
           lastId = 0;
           sys("the server's history was reset");
         }
-        if (m.truncated) sys("some messages are too old to recover");
+        if (m.recovered === false && m.reason === "truncated") {
+          sys("some messages are too old to recover");
+        }
         showHistory(m.history);
         // Pages may follow (a long history comes in "history" frames, then live ones).
         if (m.more) pendingLast = m.last_id;
@@ -160,6 +196,8 @@
         renderMembers();
         if (attempt) sys("reconnected");
         attempt = 0;
+        older = "idle";
+        for (const [cid, value] of unsent) send({ type: "send", room, text: value, cid, ref: cid });
         showNotice("");
         setState("open", nick + " in " + room);
         break;
@@ -174,10 +212,12 @@
         break;
       case "history":
         if (m.room !== room) return;
+        if (m.ref === "older") { prependOlder(m.messages, m.more); return; }
         showHistory(m.messages);
         if (!m.more) lastId = Math.max(lastId, pendingLast);
         break;
       case "message":
+        if (m.ref !== undefined) unsent.delete(m.ref);    // ours, stored
         if (m.room !== room || m.id <= lastId) return;   // never shown twice
         lastId = m.id;
         addMessage(m);
@@ -198,6 +238,8 @@
             : m.message);
           if (ws) ws.close(1000);
         } else {
+          if (m.ref === "older") older = "idle";
+          else if (unsent.has(m.ref) && m.code !== "unavailable") unsent.delete(m.ref);
           sys("error: " + m.message);
         }
         break;
@@ -208,7 +250,7 @@
     ev.preventDefault();
     nick = nickEl.value.trim();
     const newRoom = roomEl.value.trim();
-    if (newRoom !== room) { log.replaceChildren(); lastId = 0; epoch = null; }
+    if (newRoom !== room) { log.replaceChildren(); lastId = 0; epoch = null; unsent.clear(); }
     room = newRoom;
     localStorage.setItem("chatd.nick", nick);
     localStorage.setItem("chatd.room", room);
@@ -231,11 +273,14 @@
     ev.preventDefault();
     const value = text.value;
     if (!value.trim() || !ws || ws.readyState !== WebSocket.OPEN) return;
-    send({ type: "send", room, text: value, ref: "r" + ++refSeq });
+    const cid = "c" + Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
+    unsent.set(cid, value);
+    send({ type: "send", room, text: value, cid, ref: cid });
     text.value = "";
   });
 
   window.addEventListener("online", () => { if (wanted && !ws) connect(); });
+  log.addEventListener("scroll", () => { if (log.scrollTop < 40) loadOlder(); });
 
   setState("closed", "not connected");
   // A reload (or a token) rejoins and shows the history.
