@@ -176,6 +176,10 @@ class BrokerEvents(Protocol):
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         """Another process published to a relay room this process subscribed to."""
 
+    def typing(self, room: str, user: str, name: str) -> None:
+        """A member of ``room`` (``user``, or "" for an anonymous one named ``name``)
+        is typing (``Broker.typing``, from any process; this one too)."""
+
     def kicked(self, user: str) -> None:
         """Close every connection of ``user`` here (``Broker.kick``, from any process)."""
 
@@ -284,6 +288,10 @@ class Broker(Protocol):
         there is none, or no answer came within ``limits.RESUME_ASK_TIMEOUT``.
         Everything the session held (its members, its nick) was let go of before
         the answer fires. Never fails."""
+
+    def typing(self, room: str, user: str, name: str) -> None:
+        """Tell every process holding members of ``room`` (this one too) that ``user``
+        (``name``) is typing: not stored, best effort, in the room's order."""
 
     # -- relay rooms (best effort) -----------------------------------------------
     def relay_subscribe(self, room: str) -> None: ...
@@ -543,6 +551,10 @@ class MemoryBroker:
     def resume(self, node: str, secret: str, user: str) -> Deferred[list[str] | None]:
         """One process: another node's session is nowhere (the hub asks its own itself)."""
         return succeed(None)
+
+    def typing(self, room: str, user: str, name: str) -> None:
+        assert self.events is not None
+        self.events.typing(room, user, name)
 
     # -- relay rooms: one process has no one else to tell -------------------------
     def relay_subscribe(self, room: str) -> None:

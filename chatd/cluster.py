@@ -653,6 +653,11 @@ class RedisBroker:
             timer.cancel()
         d.callback(rooms)
 
+    def typing(self, room: str, user: str, name: str) -> None:
+        """On the room's channel, so it reaches the nodes holding its members."""
+        if self.conn.commands is not None:
+            self.conn.publish(chat_base(room).encode(), b"t 0 " + _tail([user, name]).encode())
+
     # -- relay rooms --------------------------------------------------------
     def relay_subscribe(self, room: str) -> None:
         self.conn.subscribe(relay_channel(room))
@@ -697,9 +702,12 @@ class RedisBroker:
             events.message(room, msg, obj.get("e"))  # (no "e" from a node older than epochs)
         elif kind == b"k":
             events.presence(room, mid_b.decode(), "", "mark", "")
-        else:
+        elif kind in _KINDS:
             nick, user = _member(rest)
             events.presence(room, mid_b.decode(), nick, _KINDS[kind], user)
+        elif kind == b"t":
+            user, name = json.loads(rest)
+            events.typing(room, str(user), str(name))
 
     def _subscribed(self, channel: bytes) -> None:
         room = self._by_channel.get(channel)

@@ -98,6 +98,8 @@ class Renderer(Protocol):
 
     def reset(self, event: Reset) -> bytes | None: ...
 
+    def typing(self, room: str, user: str, name: str) -> bytes | None: ...
+
 
 @dataclass(slots=True)
 class Member:
@@ -200,6 +202,27 @@ class Local:
             payload = self.renderers[fmt].presence(room, nick, event, user)
             if payload is not None:
                 broadcast(tuple(links), payload, False, self.outbox)
+
+    def typing(self, room: str, user: str, name: str) -> None:
+        """To the room's members here but the typer (all of its connections)."""
+        r = self.chat.get(room)
+        if r is None:
+            return
+        for fmt, links in tuple(r.groups.items()):
+            payload = self.renderers[fmt].typing(room, user, name)
+            if payload is None:
+                continue
+            members = r.members
+            others = tuple(
+                link
+                for link in links
+                if not (
+                    members[link].user == user
+                    if user
+                    else not members[link].user and members[link].nick == name
+                )
+            )
+            broadcast(others, payload, False, self.outbox)
 
     def reset(self, event: Reset) -> None:
         r = self.chat.get(event.room)
@@ -655,6 +678,17 @@ class Hub:
 
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         self.local.relay_send(room, payload, binary)
+
+    def typing(self, room: str, user: str, name: str) -> None:
+        """``BrokerEvents.typing``, and how a member says it (``Broker.typing``): the
+        members of this process are told when the broker's event comes back."""
+        if room in self._rooms:
+            self.local.typing(room, user, name)
+
+    def say_typing(self, room: str, user: str, name: str) -> None:
+        """A member is typing in ``room``: every node's other members are told
+        (not stored; best effort). Who may, and how often, is the caller's check."""
+        self.broker.typing(room, user, name)
 
     def kicked(self, user: str) -> None:
         for listener in self.kick_listeners:

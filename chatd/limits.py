@@ -60,6 +60,10 @@ RESUME_ASK_TIMEOUT = 3.0
 # Seconds a send's idempotency key (v1 "cid", the push API's Idempotency-Key) is
 # remembered: a retry within them gets the first send's message back, once stored.
 DEDUPE_WINDOW = 600.0
+# "typing": at most one is passed on per this many seconds from a connection and
+# room; receivers show it for TYPING_TIMEOUT seconds unless another comes.
+TYPING_INTERVAL = 1.0
+TYPING_TIMEOUT = 5.0
 MAX_ROOMS_PER_CONNECTION = 16
 # chatd.v1 frames that arrive while a join is being answered wait for it, up
 # to this many; one more closes the connection with 1008.

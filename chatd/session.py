@@ -232,6 +232,12 @@ class V1Renderer:
             obj["user"] = user
         return encode(obj)
 
+    def typing(self, room: str, user: str, name: str) -> bytes:
+        obj = {"type": "typing", "room": room, "name": name}
+        if user:
+            obj["user"] = user
+        return encode(obj)
+
     def reset(self, e: Reset) -> bytes:
         return encode({"type": "reset", "room": e.room, "epoch": e.epoch, "last_id": e.last_id})
 
@@ -342,12 +348,14 @@ class ChatSession:
         "link",
         "max_text",
         "nick",
+        "now",
         "output",
         "policy",
         "resume",
         "resume_secret",
         "session",
         "stats",
+        "typed",
         "waiting",
         "welcoming",
     )
@@ -375,6 +383,8 @@ class ChatSession:
         self.link: Link | None = link
         self.output: Output = output
         self.bucket = limits.TokenBucket(rate, rate_burst, rate_flood, now)
+        self.now = now  # the time of the frame being handled
+        self.typed: dict[str, float] = {}  # room -> when its last typing went out
         self.max_text = max_text
         self.stats = stats if stats is not None else Stats()
         self.nick: str | None = None
@@ -397,6 +407,7 @@ class ChatSession:
         """One whole text frame from the client, at ``now``."""
         if self.closed:
             return
+        self.now = now
         verdict = self.bucket.take(now)
         if verdict != limits.TokenBucket.OK:
             self.stats.rate_limited["v1"] += 1
@@ -659,6 +670,7 @@ class ChatSession:
         # reached this link with the rest, see _posted.)
         self.hub.chat_leave(room, self.link)
         self.joined.discard(room)
+        self.typed.pop(room, None)
         out: dict[str, Any] = {"type": "left", "room": room}
         if ref is not None:
             out["ref"] = ref
@@ -716,6 +728,21 @@ class ChatSession:
             return
         failure.trap(Unavailable)  # type: ignore[no-untyped-call]
         self.error("unavailable", "the message could not be stored and was not sent", ref)
+
+    def on_typing(self, obj: dict[str, Any], ref: Ref) -> None:
+        """Not stored, not answered: the room's others get ``typing`` (at most one per
+        ``limits.TYPING_INTERVAL`` from a connection and room; repeats are dropped)."""
+        room = _room(obj)
+        if room not in self.joined:
+            raise ProtocolError("not_joined", f"join {room} first")
+        if self._right(room) != "rw":
+            raise ProtocolError("forbidden", f"no right to send to {room}")
+        last = self.typed.get(room)
+        if last is not None and self.now - last < limits.TYPING_INTERVAL:
+            return
+        self.typed[room] = self.now
+        assert self.nick is not None
+        self.hub.say_typing(room, self.identity.sub if self.identity else "", self.nick)
 
     def on_history(self, obj: dict[str, Any], ref: Ref) -> None:
         """A page of the kept history by id: ``before`` (older than), ``after`` (newer
@@ -775,4 +802,5 @@ class ChatSession:
         "leave": on_leave,
         "send": on_send,
         "history": on_history,
+        "typing": on_typing,
     }

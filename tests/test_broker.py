@@ -52,6 +52,9 @@ class Recorder:
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         self._add(("r", room, payload, binary))
 
+    def typing(self, room: str, user: str, name: str) -> None:
+        self._add(("t", room, user, name))
+
     def kicked(self, user: str) -> None:
         self._add(("k", "", user))
 
@@ -263,6 +266,28 @@ def test_pages_of_the_kept_history_by_id(kit):
     assert [(m.id, m.text, m.sender, m.user) for m in p.messages] == [(9, "t9", "ann", "a1")]
     empty = yield b.read_page("nowhere", 0, None, 5, True)
     assert (empty.messages, empty.more, empty.epoch) == ([], False, None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_typing_reaches_every_process_of_the_room_and_is_not_stored(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    others = []
+    if kit.multi:
+        other = yield kit.broker()
+        yield kit.subscribed(other, "tea")
+        others.append(other)
+    b.typing("tea", "a1", "Alice")
+    b.typing("tea", "", "ann")
+    for x in (b, *others):
+        yield x.recorder.until(
+            lambda x=x: (
+                [e for e in x.recorder.events if e[0] == "t"]
+                == [("t", "tea", "a1", "Alice"), ("t", "tea", "", "ann")]
+            ),
+            "both typing events, in order",
+        )
+    assert (yield b.read_after("tea", None, 0))[1] == []  # nothing stored
 
 
 @pytest_twisted.inlineCallbacks
@@ -566,6 +591,9 @@ class Plain:
 
     def reset(self, event: Any) -> bytes:
         return f"r {event.epoch}".encode()
+
+    def typing(self, room: str, user: str, name: str) -> bytes:
+        return f"t {name}".encode()
 
 
 class Client:

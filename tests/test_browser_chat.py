@@ -281,3 +281,17 @@ def test_scrolling_to_the_top_loads_older_messages_in_order(people, daemon) -> N
     writer.say("older", "live")  # and the live end still works
     reader.wait_text("live")
     writer.close()
+
+
+def test_typing_is_shown_to_the_other_person(people) -> None:
+    quinn, rosa = people(), people()
+    quinn.join("quinn", "typing-room")
+    rosa.join("rosa", "typing-room")
+    quinn.page.type("#text", "hel")  # typing, not sent
+    rosa.page.locator("#typing").get_by_text("quinn is typing…", exact=True).wait_for(
+        timeout=WAIT_MS
+    )
+    assert quinn.page.text_content("#typing") == ""  # not to oneself
+    quinn.page.press("#text", "Enter")
+    rosa.wait_text("hel")
+    eventually(lambda: rosa.page.text_content("#typing"), "", "typing gone with the message")

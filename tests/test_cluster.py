@@ -872,3 +872,18 @@ def test_retries_of_one_cid_on_two_nodes_at_once_are_stored_once(node) -> None:
         if m["type"] == "message":
             texts.append(m["text"])
     assert sorted(texts) == sorted(f"m{i}" for i in range(20))  # each once
+
+
+def test_typing_crosses_nodes_and_skips_the_typers_other_tabs(node) -> None:
+    args = ("--auth", "token", "--jwt-key", JWT_KEY)
+    a, b = node(*args), node(*args)
+    tab_a, tab_b = signed_in(a, "alice", "lobby"), signed_in(b, "alice", "lobby")
+    bob = signed_in(b, "bob", "lobby")
+    tab_a.req("typing", room="lobby")
+    while (m := bob.next())["type"] != "typing":
+        assert m["type"] == "presence"
+    assert (m["room"], m["user"], m["name"]) == ("lobby", "alice", "alice")
+    bob.say("lobby", "hm?")  # alice's other tab got no typing of her own: this comes first
+    while (m := tab_b.next())["type"] == "presence":
+        pass
+    assert (m["type"], m["text"]) == ("message", "hm?")

@@ -165,3 +165,26 @@ def test_a_user_is_present_once_and_leaves_after_the_debounce_unless_back() -> N
     end_turn()
     assert [f["event"] for f in _sent(watcher)] == ["leave"]
     assert clock.getDelayedCalls() == []
+
+
+def test_typing_reaches_every_member_but_the_typers_own_connections() -> None:
+    from chatd.session import V1Renderer
+
+    hub = InMemoryHub(call_soon=turns.append, outbox=outbox)
+    hub.add_format("v1", V1Renderer())
+    tab1, tab2, bob, namesake = Member(), Member(), Member(), Member()
+    hub.chat_join("r", tab1.link, "Alice", "v1", unique=False, user="a1")
+    hub.chat_join("r", tab2.link, "Alice", "v1", unique=False, user="a1")
+    hub.chat_join("r", bob.link, "bob", "v1")
+    hub.chat_join("r", namesake.link, "Alice", "v1", unique=False, user="a2")  # another Alice
+    end_turn()
+    for m in (tab1, tab2, bob, namesake):
+        _sent(m)
+    hub.say_typing("r", "a1", "Alice")
+    end_turn()
+    said = {"type": "typing", "room": "r", "name": "Alice", "user": "a1"}
+    assert (_sent(bob), _sent(namesake)) == ([said], [said])
+    assert (_sent(tab1), _sent(tab2)) == ([], [])
+    hub.say_typing("r", "", "bob")  # an anonymous typer: by its nick
+    end_turn()
+    assert _sent(bob) == [] and _sent(tab1) == [{"type": "typing", "room": "r", "name": "bob"}]

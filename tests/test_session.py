@@ -765,3 +765,27 @@ def test_history_pages_by_id_newest_or_oldest_first_and_under_the_frame_size() -
     assert len(json.dumps(answer)) <= chatd.session.PAGE_BYTES
     [answer] = c(type="history", room="big", after=0)
     assert [m["id"] for m in answer["messages"]] == [1, 2, 3, 4] and answer["more"] is True
+
+
+def test_typing_goes_to_the_others_at_most_once_a_second_and_is_not_answered() -> None:
+    turns = Turns()
+    hub = make_hub(turns)
+    ann, bob = Client(hub), Client(hub)
+    hello(ann, "ann")
+    hello(bob, "bob")
+    for c in (ann, bob):
+        c(type="join", room="tea")
+    turns.end()
+    ann.live(), bob.live()
+    assert ann(type="typing", room="tea", ref=1) == []  # no answer: it is ephemeral
+    assert ann(type="typing", room="tea") == []  # a repeat within the second: dropped
+    turns.end()
+    assert bob.live() == [{"type": "typing", "room": "tea", "name": "ann"}]
+    assert ann.live() == []  # not to the typer
+    ann.clock.advance(limits.TYPING_INTERVAL)
+    ann(type="typing", room="tea")
+    turns.end()
+    assert bob.live() == [{"type": "typing", "room": "tea", "name": "ann"}]
+    [error] = ann(type="typing", room="elsewhere")
+    assert error["code"] == "not_joined"
+    assert hub.broker.history.last_id("tea") == 0  # nothing stored

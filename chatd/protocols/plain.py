@@ -67,6 +67,9 @@ class PlainRenderer:
     def reset(self, event: object) -> None:
         return None
 
+    def typing(self, room: str, user: str, name: str) -> None:
+        return None
+
 
 class PlainChat(Connection):
     kind = "plain"

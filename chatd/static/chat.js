@@ -5,7 +5,10 @@
   const $ = (id) => document.getElementById(id);
   const nickEl = $("nick"), roomEl = $("room"), joinBtn = $("join"), leaveBtn = $("leave");
   const state = $("state"), notice = $("notice"), log = $("log"), membersEl = $("members");
-  const countEl = $("count"), text = $("text"), sendBtn = $("send");
+  const countEl = $("count"), text = $("text"), sendBtn = $("send"), typingEl = $("typing");
+  const TYPING_SHOWN = 5000, TYPING_EVERY = 2000;   // docs/PROTOCOL.md, "typing"
+  const typers = new Map();  // who is typing (user, or nick) -> {name, until}
+  let typedAt = 0, mayType = true;   // (a reader's typing is refused: then stop saying it)
   const MAX_LINES = 1000;          // the page's memory stays flat on a busy room
   const BACKOFF_MIN = 500, BACKOFF_MAX = 10000;
 
@@ -120,6 +123,16 @@
     return div;
   }
 
+  function renderTyping() {
+    const now = Date.now();
+    for (const [k, t] of typers) if (t.until <= now) typers.delete(k);
+    const names = [...typers.values()].map((t) => t.name);
+    typingEl.textContent = names.length === 0 ? ""
+      : names.length === 1 ? names[0] + " is typing…"
+      : names.length <= 3 ? names.join(", ") + " are typing…" : "several people are typing…";
+  }
+  setInterval(renderTyping, 1000);
+
   function renderMembers() {
     membersEl.replaceChildren(...members.map((n) => {
       const li = document.createElement("li");
@@ -216,8 +229,14 @@
         showHistory(m.messages);
         if (!m.more) lastId = Math.max(lastId, pendingLast);
         break;
+      case "typing":
+        if (m.room !== room) return;
+        typers.set(m.user || "~" + m.name, { name: m.name, until: Date.now() + TYPING_SHOWN });
+        renderTyping();
+        break;
       case "message":
         if (m.ref !== undefined) unsent.delete(m.ref);    // ours, stored
+        if (typers.delete(m.user || "~" + m.from)) renderTyping();   // done typing
         if (m.room !== room || m.id <= lastId) return;   // never shown twice
         lastId = m.id;
         addMessage(m);
@@ -238,6 +257,7 @@
             : m.message);
           if (ws) ws.close(1000);
         } else {
+          if (m.ref === "typing") { mayType = false; break; }   // quietly: it is a hint
           if (m.ref === "older") older = "idle";
           else if (unsent.has(m.ref) && m.code !== "unavailable") unsent.delete(m.ref);
           sys("error: " + m.message);
@@ -250,7 +270,7 @@
     ev.preventDefault();
     nick = nickEl.value.trim();
     const newRoom = roomEl.value.trim();
-    if (newRoom !== room) { log.replaceChildren(); lastId = 0; epoch = null; unsent.clear(); }
+    if (newRoom !== room) { log.replaceChildren(); lastId = 0; epoch = null; unsent.clear(); mayType = true; }
     room = newRoom;
     localStorage.setItem("chatd.nick", nick);
     localStorage.setItem("chatd.room", room);
@@ -277,6 +297,14 @@
     unsent.set(cid, value);
     send({ type: "send", room, text: value, cid, ref: cid });
     text.value = "";
+  });
+
+  text.addEventListener("input", () => {
+    const now = Date.now();
+    if (mayType && text.value && now - typedAt >= TYPING_EVERY) {
+      typedAt = now;
+      send({ type: "typing", room, ref: "typing" });
+    }
   });
 
   window.addEventListener("online", () => { if (wanted && !ws) connect(); });
