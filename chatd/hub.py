@@ -88,6 +88,28 @@ __all__ = [
 
 _log = Logger()
 
+# Where a node's token users are present while anyone listens for users coming and
+# going (``Hub.user_listeners``): a chat room no client can name (limits' room
+# rule has no "!"), with the presence machinery of any room, so a user is online
+# once however many connections it has, on any node, and offline after the debounce.
+ONLINE = "!online"
+
+
+class _Silent:
+    """The render of ``ONLINE``'s members: nothing (its presence is for listeners)."""
+
+    def message(self, msg: Message) -> None:
+        return None
+
+    def presence(self, room: str, nick: str, event: str, user: str) -> None:
+        return None
+
+    def reset(self, event: Reset) -> None:
+        return None
+
+    def typing(self, room: str, user: str, name: str) -> None:
+        return None
+
 
 class Renderer(Protocol):
     """A wire format's view of chat events; None: this format does not show it."""
@@ -264,11 +286,13 @@ class Local:
 
     def room_counts(self) -> dict[str, int]:
         """How many rooms of each kind have members here, without listing them."""
-        return {"chat": len(self.chat), "relay": len(self.relay)}
+        return {"chat": len(self.chat) - (ONLINE in self.chat), "relay": len(self.relay)}
 
     def counts(self) -> dict[str, int]:
         counts = {f"relay/{name}": len(m) for name, m in self.relay.items()}
-        counts.update({f"chat/{name}": len(r.members) for name, r in self.chat.items()})
+        counts.update(
+            {f"chat/{name}": len(r.members) for name, r in self.chat.items() if name != ONLINE}
+        )
         return counts
 
 
@@ -353,6 +377,12 @@ class Hub:
         self.kick_listeners: list[Callable[[str], object]] = []
         # Asked to hand a session over (``resume``): its rooms, or None if not theirs.
         self.resume_listeners: list[Callable[[str, str], list[str] | None]] = []
+        # Told (sub, name, online) once per change of a user's being connected, across
+        # every node, on the node holding the connection that changed it (track_user).
+        self.user_listeners: list[Callable[[str, str, bool], object]] = []
+        # Told of every message stored through this node (``post``), once it is stored.
+        self.message_listeners: list[Callable[[Message], object]] = []
+        self.local.renderers["!silent"] = _Silent()
         broker.attach(self)
 
     def start(self) -> None:
@@ -433,7 +463,8 @@ class Hub:
         return r
 
     def _forget_if_empty(self, r: _Room) -> None:
-        if r.empty() and self._rooms.get(r.name) is r:
+        # (ONLINE stays: a user's offline, said after the debounce, must still reach here)
+        if r.empty() and self._rooms.get(r.name) is r and r.name != ONLINE:
             del self._rooms[r.name]
             self.broker.unsubscribe(r.name)
 
@@ -595,7 +626,27 @@ class Hub:
         """
         if not self.broker.up:
             return defer.fail(Unavailable("the message store is unreachable"))
-        return self.broker.publish(room, sender, text, ref, user, key)
+        d = self.broker.publish(room, sender, text, ref, user, key)
+        if self.message_listeners:
+            d.addCallback(self._stored)
+        return d
+
+    def _stored(self, msg: Message) -> Message:
+        for listener in self.message_listeners:
+            try:
+                listener(msg)
+            except Exception:
+                _log.failure("a message listener failed")
+        return msg
+
+    def track_user(self, link: Link, user: str, name: str) -> None:
+        """``link`` is a connection of ``user``: counted toward its being online, when
+        someone listens (``user_listeners``); ``chat_leave(ONLINE, link)`` uncounts it."""
+        if self.user_listeners and user:
+            d = self.chat_join(
+                ONLINE, link, name, "!silent", unique=False, snapshot=False, user=user
+            )
+            d.addErrback(lambda f: None)  # (a store that is away: not counted, as for a join)
 
     def read_page(
         self, room: str, after: int, before: int | None, limit: int, newest: bool
@@ -666,7 +717,14 @@ class Hub:
         # whether the snapshot came before its marker or not: the joiner never
         # gets its own join. (A member live here already, written back after a
         # reconnect, is news to no one here.)
-        if kind == "join" and mid not in r.live:
+        if r.name == ONLINE:
+            if kind != "mark" and user and mid.startswith(self.node + "."):
+                for listener in self.user_listeners:
+                    try:
+                        listener(user, nick, kind == "join")
+                    except Exception:
+                        _log.failure("a user listener failed")
+        elif kind == "join" and mid not in r.live:
             self.local.presence(r.name, nick, "join", user)
         elif kind == "leave" and not told:
             self.local.presence(r.name, nick, "leave", user)

@@ -79,7 +79,7 @@ from twisted.python.failure import Failure
 from chatd import jsonin, limits
 from chatd.auth import EXPIRY_GRACE, NO_AUTH, AuthError, Identity, Policy
 from chatd.history import Message, Ref
-from chatd.hub import Duplicate, Hub, Joined, NickTaken, Page, Reset, Unavailable
+from chatd.hub import ONLINE, Duplicate, Hub, Joined, NickTaken, Page, Reset, Unavailable
 from chatd.stats import Stats
 
 if TYPE_CHECKING:
@@ -439,6 +439,8 @@ class ChatSession:
             self.hub.chat_leave(room, link)
         if self.joining is not None:
             self.hub.chat_leave(self.joining, link)
+        if self.identity is not None:
+            self.hub.chat_leave(ONLINE, link)
         self.joined = set()
         self.waiting.clear()
         self.link = None  # (the link's on_drop holds the connection, which holds this)
@@ -535,6 +537,8 @@ class ChatSession:
 
     def _welcome(self, nick: str, out: dict[str, Any], ref: Ref) -> None:
         self.nick = nick
+        if self.identity is not None and self.link is not None:
+            self.hub.track_user(self.link, self.identity.sub, nick)  # (for user listeners)
         out["nick"] = nick
         out["session"] = self.session
         out["resume"] = self.resume_secret

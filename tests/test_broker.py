@@ -653,6 +653,43 @@ def test_the_hub_is_the_same_chat_over_either_broker(kit):
         assert hub.room_counts() == {"chat": int(hub is hubs[-1]), "relay": 0}
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_user_comes_online_and_goes_offline_once_across_every_process(kit):
+    """``Hub.user_listeners`` (what webhooks build on): a user with tabs on every node
+    is online once and offline once, each said by one node alone, after the debounce;
+    ``message_listeners`` hear of a message once, on the node that stored it."""
+    from chatd.hub import ONLINE, Hub
+
+    said: list[tuple[str, str, str, bool]] = []
+    stored: list[tuple[str, int]] = []
+    hubs = []
+    for i in range(2 if kit.multi else 1):
+        b = yield kit.broker()
+        hub = Hub(b, stats=b.stats, presence_debounce=0.2)
+        hub.user_listeners.append(lambda u, n, on, i=i: said.append((f"node{i}", u, n, on)))
+        hub.message_listeners.append(lambda m, i=i: stored.append((f"node{i}", m.id)))
+        hubs.append(hub)
+    tabs = [Client() for _ in range(4)]
+    for n, tab in enumerate(tabs):
+        hubs[n % len(hubs)].track_user(tab.link, "a1", "Alice")
+    hubs[0].track_user(Client().link, "", "anonymous")  # not tracked: no user
+    yield hubs[-1].post("tea", "Alice", "hi", None, "a1")
+    for _ in range(1500):
+        if said:
+            break
+        yield _turn()
+    assert [x[1:] for x in said] == [("a1", "Alice", True)]  # once, by one node
+    for n, tab in enumerate(tabs):
+        hubs[n % len(hubs)].chat_leave(ONLINE, tab.link)
+    for _ in range(1500):
+        if len(said) == 2:
+            break
+        yield _turn()
+    assert said[1][1:] == ("a1", "Alice", False) and len(said) == 2
+    assert stored == [(f"node{len(hubs) - 1}", 1)]
+    assert all(h.rooms() == {} for h in hubs)  # (never listed as a room)
+
+
 # -- presence lists and kicks, across processes -------------------------------------------
 
 
