@@ -140,6 +140,7 @@ class Joined:
     # The rest of the history after ``history``, read as the client takes it
     # (None: ``history`` is all of it).
     more: HistoryCursor | None = None
+    read: int = 0  # the joiner's read marker (``Broker.mark_read``; 0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +180,9 @@ class BrokerEvents(Protocol):
     def typing(self, room: str, user: str, name: str) -> None:
         """A member of ``room`` (``user``, or "" for an anonymous one named ``name``)
         is typing (``Broker.typing``, from any process; this one too)."""
+
+    def read(self, room: str, user: str, name: str, id: int) -> None:
+        """A member's read marker in ``room`` moved up to ``id`` (``Broker.mark_read``)."""
 
     def kicked(self, user: str) -> None:
         """Close every connection of ``user`` here (``Broker.kick``, from any process)."""
@@ -262,13 +266,15 @@ class Broker(Protocol):
         count: int,
         epoch: str | None,
         user: str = "",
+        reader: str = "",
     ) -> Deferred[Joined]:
         """Record member ``mid``, publish its marker, read the snapshot, atomically.
 
         ``since``: history after this id (None: the last ``count`` messages);
         ``snapshot`` False: no member list and no history; ``epoch``: the epoch
         ``since`` counts in (another epoch: as if ``since`` were None, ``reset``);
-        ``user``: the member's token ``sub`` (its presence counts per user).
+        ``user``: the member's token ``sub`` (its presence counts per user);
+        ``reader``: whose read marker the snapshot carries (``Joined.read``).
         """
 
     def leave(self, room: str, mid: str, last: bool) -> None:
@@ -292,6 +298,11 @@ class Broker(Protocol):
     def typing(self, room: str, user: str, name: str) -> None:
         """Tell every process holding members of ``room`` (this one too) that ``user``
         (``name``) is typing: not stored, best effort, in the room's order."""
+
+    def mark_read(self, room: str, reader: str, id: int, user: str, name: str) -> Deferred[int]:
+        """Move ``reader``'s marker in ``room`` up to ``id`` (never back, never past the
+        room's last id), durably; fires with the marker as it is now. When it moved,
+        every process holding the room's members is told (``BrokerEvents.read``)."""
 
     # -- relay rooms (best effort) -----------------------------------------------
     def relay_subscribe(self, room: str) -> None: ...
@@ -473,12 +484,14 @@ class MemoryBroker:
         count: int,
         epoch: str | None,
         user: str = "",
+        reader: str = "",
     ) -> Deferred[Joined]:
         self.flush()
         history = self.history
         try:
             current = history.epoch(room)
             last_id = history.last_id(room)
+            read = history.read_marker(room, reader) if reader else 0
         except sqlite3.Error as e:
             return fail(Unavailable(str(e)))
         key = limits.nick_key(nick) if unique else ""
@@ -505,7 +518,7 @@ class MemoryBroker:
         if reset:
             since = None
         if not snapshot:
-            return succeed(Joined(room, [], [], last_id, False, current, reset))
+            return succeed(Joined(room, [], [], last_id, False, current, reset, None, read))
         try:
             if since is None:
                 after = max(0, last_id - min(count, history.retention))
@@ -516,7 +529,9 @@ class MemoryBroker:
         except sqlite3.Error as e:
             return fail(Unavailable(str(e)))
         members = once_per_user((n, u) for _, n, u in p.members.values())
-        return succeed(Joined(room, members, msgs, last_id, truncated, current, reset, cursor))
+        return succeed(
+            Joined(room, members, msgs, last_id, truncated, current, reset, cursor, read)
+        )
 
     def leave(self, room: str, mid: str, last: bool) -> None:
         self.flush()
@@ -555,6 +570,18 @@ class MemoryBroker:
     def typing(self, room: str, user: str, name: str) -> None:
         assert self.events is not None
         self.events.typing(room, user, name)
+
+    def mark_read(self, room: str, reader: str, id: int, user: str, name: str) -> Deferred[int]:
+        self.flush()
+        try:
+            before = self.history.read_marker(room, reader)
+            now = self.history.mark_read(room, reader, id)
+        except sqlite3.Error as e:
+            return fail(Unavailable(str(e)))
+        if now > before:
+            assert self.events is not None
+            self.events.read(room, user, name, now)
+        return succeed(now)
 
     # -- relay rooms: one process has no one else to tell -------------------------
     def relay_subscribe(self, room: str) -> None:

@@ -182,11 +182,12 @@ redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' {"e":"' .. epoch .. 
 if KEYS[4] then redis.call('SET', KEYS[4], id, 'PX', ARGV[8]) end
 return {id, ts}
 """,
-    # KEYS: members, nicks, node rooms, seq, log, epoch, users.
+    # KEYS: members, nicks, node rooms, seq, log, epoch, users, read markers.
     # ARGV: member id, nick key, value, room, channel, 'since'|'recent'|'none', since,
     # count, the client's epoch or '', a new epoch for a room from before epochs, how
-    # many entries at most after since (the rest is read in pages: _StreamCursor).
-    # Returns {'ok', new, last, truncated, member values, entries, epoch or '', reset}.
+    # many entries at most after since (the rest is read in pages: _StreamCursor),
+    # whose read marker to give ('' for none). Returns {'ok', new, last, truncated,
+    # member values, entries, epoch or '', reset, read marker}.
     "join": _MEMBERS
     + r"""
 local mid = ARGV[1]
@@ -215,6 +216,8 @@ if ARGV[9] ~= '' and ARGV[9] ~= epoch then  -- 'since' counts in another epoch
   if mode == 'since' then mode = 'recent' end
 end
 local entries, truncated = {}, 0
+local read = 0
+if ARGV[12] ~= '' then read = tonumber(redis.call('HGET', KEYS[8], ARGV[12]) or '0') end
 if mode == 'since' then
   local since = tonumber(ARGV[7])
   if since < last then
@@ -224,11 +227,24 @@ if mode == 'since' then
     if first > since + 1 then truncated = 1 end
   end
 elseif mode == 'none' then
-  return {'ok', new, last, 0, {}, {}, epoch, reset}
+  return {'ok', new, last, 0, {}, {}, epoch, reset, read}
 elseif tonumber(ARGV[8]) > 0 then
   entries = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', ARGV[8])
 end
-return {'ok', new, last, truncated, redis.call('HVALS', KEYS[1]), entries, epoch, reset}
+return {'ok', new, last, truncated, redis.call('HVALS', KEYS[1]), entries, epoch, reset, read}
+""",
+    # KEYS: read markers, seq. ARGV: reader, id, channel, the event's JSON tail
+    # ([user, name] without its "]"). Returns the marker as it is now; publishes
+    # 'r 0 [user, name, id]' when it moved.
+    "read": r"""
+local id = math.min(tonumber(ARGV[2]), tonumber(redis.call('GET', KEYS[2]) or '0'))
+local now = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if id > now then
+  redis.call('HSET', KEYS[1], ARGV[1], id)
+  redis.call('PUBLISH', ARGV[3], 'r 0 ' .. ARGV[4] .. ',' .. id .. ']')
+  return id
+end
+return now
 """,
     # KEYS: epoch, log. ARGV: the epoch known here or '', the last id delivered here.
     # Returns {epoch or '', entries}: those after that id, or all if the epoch changed.
@@ -535,6 +551,7 @@ class RedisBroker:
         count: int,
         epoch: str | None,
         user: str = "",
+        reader: str = "",
     ) -> defer.Deferred[Joined]:
         key = limits.nick_key(nick) if unique else ""
         if not snapshot:
@@ -554,6 +571,7 @@ class RedisBroker:
                 f"{base}:log",
                 f"{base}:epoch",
                 f"{base}:u",
+                f"{base}:read",
             ],
             [
                 mid,
@@ -567,6 +585,7 @@ class RedisBroker:
                 epoch or "",
                 new_epoch(),
                 PAGE_ROWS,
+                reader,
             ],
         )
 
@@ -578,7 +597,7 @@ class RedisBroker:
         return d.addCallback(answered)
 
     def _joined(self, room: str, reply: list[Any]) -> Joined:
-        _, _, last, truncated, values, entries, epoch, reset = reply
+        _, _, last, truncated, values, entries, epoch, reset, read = reply
         history = [_message(room, e) for e in entries]
         if history and history[0].id > history[-1].id:  # XREVRANGE
             history.reverse()
@@ -595,7 +614,19 @@ class RedisBroker:
             epoch.decode() or None,
             bool(reset),
             more,
+            int(read),
         )
+
+    def mark_read(
+        self, room: str, reader: str, id: int, user: str, name: str
+    ) -> defer.Deferred[int]:
+        base = chat_base(room)
+        d = self._script(
+            "read",
+            [f"{base}:read", f"{base}:seq"],
+            [reader, id, base, _tail([user, name])[:-1]],
+        )
+        return d.addCallback(int)
 
     def leave(self, room: str, mid: str, last: bool) -> None:
         if self.conn.up:  # else the resync after the reconnect removes it
@@ -708,6 +739,9 @@ class RedisBroker:
         elif kind == b"t":
             user, name = json.loads(rest)
             events.typing(room, str(user), str(name))
+        elif kind == b"r":
+            user, name, id = json.loads(rest)
+            events.read(room, str(user), str(name), int(id))
 
     def _subscribed(self, channel: bytes) -> None:
         room = self._by_channel.get(channel)

@@ -24,7 +24,8 @@ the epoch lives in memory and is new each run too.
 A send with an idempotency key (a client's ``cid``) records, in the same
 transaction as the message, which message the key made (table ``sends``,
 trimmed with the messages); ``sent`` finds it again within the dedupe
-window, across restarts (in memory without storage).
+window, across restarts (in memory without storage). Read markers (table
+``reads``) are one row per room and reader, only ever moved up.
 
 A long replay is read in pages (``page`` and its ``Cursor``), as fast as
 the client takes it, not all at once: a batch is sized to about a 64 KiB
@@ -57,6 +58,12 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS rooms (
     room TEXT PRIMARY KEY,
     epoch TEXT NOT NULL           -- created with the room's first id
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reads (
+    room TEXT NOT NULL,
+    who TEXT NOT NULL,            -- "@<sub>" for a token user, "~<nick key>" otherwise
+    id INTEGER NOT NULL,          -- the last message it has read; never moves back
+    PRIMARY KEY (room, who)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sends (
     room TEXT NOT NULL,
@@ -127,6 +134,7 @@ class History:
         # Idempotency keys are kept this long (ms); without storage, in memory.
         self.dedupe_ms = 600_000
         self._sends: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
+        self._reads: dict[tuple[str, str], int] = {}  # without storage only
 
     def _touch(self, room: str) -> None:
         """``room`` was used: keep its cached values; forget the least recently used room's."""
@@ -167,6 +175,32 @@ class History:
             self.db.execute("INSERT INTO rooms (room, epoch) VALUES (?, ?)", (room, epoch))
         self._epochs[room] = epoch
         return epoch
+
+    def read_marker(self, room: str, who: str) -> int:
+        """The last id ``who`` has read in ``room`` (0: none)."""
+        if not self.retention:
+            return self._reads.get((room, who), 0)
+        row = self.db.execute(
+            "SELECT id FROM reads WHERE room = ? AND who = ?", (room, who)
+        ).fetchone()
+        return row[0] if row else 0
+
+    def mark_read(self, room: str, who: str, id: int) -> int:
+        """Move ``who``'s marker in ``room`` up to ``id`` (never back, never past the
+        last id); the marker it is at now. Written with the batch if one is open."""
+        id = min(id, self.last_id(room))
+        if not self.retention:
+            reads = self._reads
+            now = reads[(room, who)] = max(reads.pop((room, who), 0), id)
+            if len(reads) > ROOM_CACHE * 10:  # (kept in memory: the oldest go first)
+                del reads[next(iter(reads))]
+            return now
+        self.db.execute(
+            "INSERT INTO reads (room, who, id) VALUES (?, ?, ?) ON CONFLICT (room, who) "
+            "DO UPDATE SET id = max(id, excluded.id)",
+            (room, who, id),
+        )
+        return self.read_marker(room, who)
 
     def sent(self, room: str, key: str) -> Message | None:
         """The message an idempotency ``key`` made in ``room`` within the dedupe window

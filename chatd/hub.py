@@ -110,6 +110,9 @@ class _Silent:
     def typing(self, room: str, user: str, name: str) -> None:
         return None
 
+    def read(self, room: str, user: str, name: str, id: int) -> None:
+        return None
+
 
 class Renderer(Protocol):
     """A wire format's view of chat events; None: this format does not show it."""
@@ -121,6 +124,8 @@ class Renderer(Protocol):
     def reset(self, event: Reset) -> bytes | None: ...
 
     def typing(self, room: str, user: str, name: str) -> bytes | None: ...
+
+    def read(self, room: str, user: str, name: str, id: int) -> bytes | None: ...
 
 
 @dataclass(slots=True)
@@ -135,6 +140,16 @@ class Member:
 class ChatRoom:
     members: dict[Link, Member] = field(default_factory=dict)
     groups: dict[str, dict[Link, None]] = field(default_factory=dict)  # by format
+
+
+def _same(member: Member, user: str, name: str) -> bool:
+    """Whether ``member`` is ``user`` (or, without one, the anonymous ``name``)."""
+    return member.user == user if user else not member.user and member.nick == name
+
+
+def who(user: str, nick: str) -> str:
+    """A sender's or reader's key: its token's sub, or without one its nick (folded)."""
+    return f"@{user}" if user else f"~{limits.nick_key(nick)}"
 
 
 class Local:
@@ -232,19 +247,22 @@ class Local:
             return
         for fmt, links in tuple(r.groups.items()):
             payload = self.renderers[fmt].typing(room, user, name)
-            if payload is None:
-                continue
-            members = r.members
-            others = tuple(
-                link
-                for link in links
-                if not (
-                    members[link].user == user
-                    if user
-                    else not members[link].user and members[link].nick == name
-                )
-            )
-            broadcast(others, payload, False, self.outbox)
+            if payload is not None:
+                others = tuple(x for x in links if not _same(r.members[x], user, name))
+                broadcast(others, payload, False, self.outbox)
+
+    def read(self, room: str, user: str, name: str, id: int) -> None:
+        """To the room's members here (in a room of more than
+        ``limits.READ_RECEIPTS_MAX_MEMBERS`` here, to the reader's own connections only)."""
+        r = self.chat.get(room)
+        if r is None:
+            return
+        everyone = len(r.members) <= limits.READ_RECEIPTS_MAX_MEMBERS
+        for fmt, links in tuple(r.groups.items()):
+            payload = self.renderers[fmt].read(room, user, name, id)
+            if payload is not None:
+                to = links if everyone else [x for x in links if _same(r.members[x], user, name)]
+                broadcast(tuple(to), payload, False, self.outbox)
 
     def reset(self, event: Reset) -> None:
         r = self.chat.get(event.room)
@@ -477,8 +495,9 @@ class Hub:
         snapshot: bool,
         epoch: str | None,
     ) -> defer.Deferred[Joined]:
+        reader = who(m.user, m.nick) if snapshot else ""
         return self.broker.join(
-            r.name, mid, m.nick, m.unique, since, snapshot, self.join_history, epoch, m.user
+            r.name, mid, m.nick, m.unique, since, snapshot, self.join_history, epoch, m.user, reader
         )
 
     def _start_join(self, r: _Room, j: _Joining) -> None:
@@ -742,6 +761,18 @@ class Hub:
         members of this process are told when the broker's event comes back."""
         if room in self._rooms:
             self.local.typing(room, user, name)
+
+    def read(self, room: str, user: str, name: str, id: int) -> None:
+        """``BrokerEvents.read``: a read marker moved."""
+        if room in self._rooms:
+            self.local.read(room, user, name, id)
+
+    def mark_read(self, room: str, user: str, name: str, id: int) -> defer.Deferred[int]:
+        """Move the read marker of ``user`` (or the anonymous ``name``) in ``room`` up to
+        ``id``; fires with where it is now. Who may is the caller's check."""
+        if not self.broker.up:
+            return defer.fail(Unavailable("the message store is unreachable"))
+        return self.broker.mark_read(room, who(user, name), id, user, name)
 
     def say_typing(self, room: str, user: str, name: str) -> None:
         """A member is typing in ``room``: every node's other members are told

@@ -64,6 +64,10 @@ DEDUPE_WINDOW = 600.0
 # room; receivers show it for TYPING_TIMEOUT seconds unless another comes.
 TYPING_INTERVAL = 1.0
 TYPING_TIMEOUT = 5.0
+# A read marker that moves is told to the room's members while it has at most
+# this many on the node (beyond, to the reader's own connections only: a big
+# room's members do not need each other's markers, at O(members) each).
+READ_RECEIPTS_MAX_MEMBERS = 50
 MAX_ROOMS_PER_CONNECTION = 16
 # chatd.v1 frames that arrive while a join is being answered wait for it, up
 # to this many; one more closes the connection with 1008.

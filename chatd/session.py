@@ -79,7 +79,17 @@ from twisted.python.failure import Failure
 from chatd import jsonin, limits
 from chatd.auth import EXPIRY_GRACE, NO_AUTH, AuthError, Identity, Policy
 from chatd.history import Message, Ref
-from chatd.hub import ONLINE, Duplicate, Hub, Joined, NickTaken, Page, Reset, Unavailable
+from chatd.hub import (
+    ONLINE,
+    Duplicate,
+    Hub,
+    Joined,
+    NickTaken,
+    Page,
+    Reset,
+    Unavailable,
+    who,
+)
 from chatd.stats import Stats
 
 if TYPE_CHECKING:
@@ -234,6 +244,12 @@ class V1Renderer:
 
     def typing(self, room: str, user: str, name: str) -> bytes:
         obj = {"type": "typing", "room": room, "name": name}
+        if user:
+            obj["user"] = user
+        return encode(obj)
+
+    def read(self, room: str, user: str, name: str, id: int) -> bytes:
+        obj: dict[str, Any] = {"type": "read", "room": room, "name": name, "id": id}
         if user:
             obj["user"] = user
         return encode(obj)
@@ -649,6 +665,8 @@ class ChatSession:
             out["truncated"] = True
         if j.reset:
             out["reset"] = True
+        out["read"] = j.read  # the reader's marker, and how many came after it
+        out["unread"] = max(0, j.last_id - j.read)
         if since is not None:  # was every message after it served? Never a partial as whole.
             reason = recovery_problem(j, since)
             out["recovered"] = reason is None
@@ -701,7 +719,7 @@ class ChatSession:
         user = self.identity.sub if self.identity is not None else ""
         key = ""
         if cid is not None:  # idempotent: the same cid of the same sender in the room is one send
-            key = f"@{user}\n{cid}" if user else f"~{limits.nick_key(self.nick)}\n{cid}"
+            key = f"{who(user, self.nick)}\n{cid}"
         d = self.hub.post(room, self.nick, text, ref, user, key)
         d.addCallbacks(self._posted, self._not_posted, errbackArgs=(ref,))
 
@@ -732,6 +750,24 @@ class ChatSession:
             return
         failure.trap(Unavailable)  # type: ignore[no-untyped-call]
         self.error("unavailable", "the message could not be stored and was not sent", ref)
+
+    def on_read(self, obj: dict[str, Any], ref: Ref) -> None:
+        """Move this user's read marker up (never back): its connections, and in a
+        small room the others, get ``read`` when it moved; nothing else is answered."""
+        room = _room(obj)
+        if room not in self.joined:
+            raise ProtocolError("not_joined", f"join {room} first")
+        id = _field(obj, "id", int)
+        if id < 0:
+            raise ProtocolError("bad_field", "'id' is a message id")
+        assert self.nick is not None
+        user = self.identity.sub if self.identity is not None else ""
+        d = self.hub.mark_read(room, user, self.nick, id)
+        d.addCallbacks(lambda marker: None, self._unavailable_read, errbackArgs=(ref,))
+
+    def _unavailable_read(self, failure: Failure, ref: Ref) -> None:
+        failure.trap(Unavailable)  # type: ignore[no-untyped-call]
+        self.error("unavailable", "the read marker cannot be stored now; try again", ref)
 
     def on_typing(self, obj: dict[str, Any], ref: Ref) -> None:
         """Not stored, not answered: the room's others get ``typing`` (at most one per
@@ -807,4 +843,5 @@ class ChatSession:
         "send": on_send,
         "history": on_history,
         "typing": on_typing,
+        "read": on_read,
     }

@@ -55,6 +55,9 @@ class Recorder:
     def typing(self, room: str, user: str, name: str) -> None:
         self._add(("t", room, user, name))
 
+    def read(self, room: str, user: str, name: str, id: int) -> None:
+        self._add(("rd", room, user, name, id))
+
     def kicked(self, user: str) -> None:
         self._add(("k", "", user))
 
@@ -288,6 +291,33 @@ def test_typing_reaches_every_process_of_the_room_and_is_not_stored(kit):
             "both typing events, in order",
         )
     assert (yield b.read_after("tea", None, 0))[1] == []  # nothing stored
+
+
+@pytest_twisted.inlineCallbacks
+def test_read_markers_only_move_up_are_told_when_they_move_and_come_with_a_join(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    yield gather([b.publish("tea", "ann", f"t{i}") for i in range(5)])
+    assert (yield b.mark_read("tea", "@a1", 3, "a1", "Alice")) == 3
+    assert (yield b.mark_read("tea", "@a1", 2, "a1", "Alice")) == 3  # never back
+    assert (yield b.mark_read("tea", "@a1", 99, "a1", "Alice")) == 5  # never past the last
+    assert (yield b.mark_read("tea", "~bob", 1, "", "bob")) == 1  # (anonymous: by nick)
+    joined = yield b.join("tea", f"{b.node}.1", "Alice", False, None, True, 10, None, "a1", "@a1")
+    assert (joined.read, joined.last_id) == (5, 5)
+    other = yield b.join("tea", f"{b.node}.2", "cy", True, None, False, 0, None, "", "~cy")
+    assert other.read == 0  # (none yet; a join without snapshot has it too)
+    rec = b.recorder
+    yield rec.until(
+        lambda: (
+            [e for e in rec.events if e[0] == "rd"]
+            == [
+                ("rd", "tea", "a1", "Alice", 3),
+                ("rd", "tea", "a1", "Alice", 5),
+                ("rd", "tea", "", "bob", 1),
+            ]
+        ),
+        "three moves told, the one back not",
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -594,6 +624,9 @@ class Plain:
 
     def typing(self, room: str, user: str, name: str) -> bytes:
         return f"t {name}".encode()
+
+    def read(self, room: str, user: str, name: str, id: int) -> bytes:
+        return f"rd {name} {id}".encode()
 
 
 class Client:

@@ -887,3 +887,22 @@ def test_typing_crosses_nodes_and_skips_the_typers_other_tabs(node) -> None:
     while (m := tab_b.next())["type"] == "presence":
         pass
     assert (m["type"], m["text"]) == ("message", "hm?")
+
+
+def test_read_markers_work_across_nodes(node) -> None:
+    args = ("--auth", "token", "--jwt-key", JWT_KEY)
+    a, b = node(*args), node(*args)
+    writer = signed_in(a, "bob", "lobby")
+    for i in range(5):
+        writer.say("lobby", f"t{i}")
+    phone = signed_in(a, "alice", "lobby")
+    phone.req("read", room="lobby", id=3)
+    while (m := writer.next())["type"] != "read":  # the room is small: bob is told
+        pass
+    assert (m["user"], m["id"]) == ("alice", 3)
+    laptop = signed_in(b, "alice")  # her other device, on the other node
+    joined = laptop.join("lobby")
+    assert (joined["read"], joined["unread"], joined["last_id"]) == (3, 2, 5)
+    laptop.req("read", room="lobby", id=5)
+    while (m := phone.next())["type"] != "read" or m["id"] != 5:  # her phone follows
+        pass

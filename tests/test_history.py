@@ -331,3 +331,16 @@ def test_an_idempotency_key_is_kept_for_the_window_and_across_a_restart(
     now[0] += 61.0
     m.append("r", "ann", "another", None, "", "k2")  # expired keys are dropped as keys come
     assert m.sent("r", "k") is None and list(m._sends) == [("r", "k2")]
+
+
+def test_read_markers_survive_a_restart_and_never_move_back(tmp_path) -> None:
+    path = str(tmp_path / "h.sqlite3")
+    h = History(path, retention=5)
+    for i in range(4):
+        h.append("r", "ann", f"t{i}")
+    h.commit()
+    assert h.mark_read("r", "@a1", 3) == 3 and h.mark_read("r", "@a1", 1) == 3
+    h.close()
+    again = History(path, retention=5)
+    assert again.read_marker("r", "@a1") == 3 and again.read_marker("r", "@b2") == 0
+    again.close()

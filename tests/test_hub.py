@@ -188,3 +188,33 @@ def test_typing_reaches_every_member_but_the_typers_own_connections() -> None:
     hub.say_typing("r", "", "bob")  # an anonymous typer: by its nick
     end_turn()
     assert _sent(bob) == [] and _sent(tab1) == [{"type": "typing", "room": "r", "name": "bob"}]
+
+
+def test_in_a_big_room_a_read_marker_goes_to_the_readers_own_connections_only() -> None:
+    from chatd import limits
+    from chatd.session import V1Renderer
+
+    hub = InMemoryHub(call_soon=turns.append, outbox=outbox)
+    hub.add_format("v1", V1Renderer())
+    tab1, tab2 = Member(), Member()
+    hub.chat_join("r", tab1.link, "Alice", "v1", unique=False, user="a1")
+    hub.chat_join("r", tab2.link, "Alice", "v1", unique=False, user="a1")
+    others = [Member() for _ in range(limits.READ_RECEIPTS_MAX_MEMBERS - 1)]
+    for i, m in enumerate(others):
+        hub.chat_join("r", m.link, f"m{i}", "v1")
+    hub.post("r", "m0", "hi")
+    hub.flush()
+    end_turn()
+    for m in (tab1, tab2, *others):
+        _sent(m)
+    said = {"type": "read", "room": "r", "name": "Alice", "id": 1, "user": "a1"}
+    hub.local.read("r", "a1", "Alice", 1)  # 51 members here: more than the bound
+    end_turn()
+    assert (_sent(tab1), _sent(tab2)) == ([said], [said])
+    assert all(_sent(m) == [] for m in others)
+    hub.chat_leave("r", others[0].link)  # 50: at the bound, everyone is told
+    end_turn()
+    _sent(tab1), _sent(tab2), [_sent(m) for m in others]
+    hub.local.read("r", "a1", "Alice", 1)
+    end_turn()
+    assert _sent(others[1]) == [said] and _sent(tab1) == [said]

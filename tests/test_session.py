@@ -136,6 +136,8 @@ def test_hello_join_send_leave_answers() -> None:
         "history": [],
         "last_id": 0,
         "epoch": None,
+        "read": 0,
+        "unread": 0,
         "ref": "j",
     }
     assert ann(type="send", room="tea", text="hi", ref=7) == []  # acknowledged by its copy
@@ -789,3 +791,31 @@ def test_typing_goes_to_the_others_at_most_once_a_second_and_is_not_answered() -
     [error] = ann(type="typing", room="elsewhere")
     assert error["code"] == "not_joined"
     assert hub.broker.history.last_id("tea") == 0  # nothing stored
+
+
+def test_read_markers_reach_the_readers_tabs_and_the_room_and_come_back_with_joined() -> None:
+    turns = Turns()
+    hub = make_hub(turns)
+    ann, bob = Client(hub), Client(hub)
+    hello(ann, "ann")
+    hello(bob, "bob")
+    for c in (ann, bob):
+        c(type="join", room="tea")
+    for i in range(4):
+        bob(type="send", room="tea", text=f"t{i}")
+    turns.end()
+    ann.live(), bob.live()
+    assert ann(type="read", room="tea", id=3, ref=1) == []  # answered by the event
+    turns.end()
+    said = {"type": "read", "room": "tea", "name": "ann", "id": 3}
+    assert ann.live() == [said] and bob.live() == [said]
+    ann(type="read", room="tea", id=2)  # never back: nothing happens
+    turns.end()
+    assert ann.live() == [] and bob.live() == []
+    [joined] = ann(type="join", room="tea")  # (a resynchronisation: the marker comes with it)
+    assert (joined["read"], joined["unread"], joined["last_id"]) == (3, 1, 4)
+    for bad in ({"id": -1}, {"id": "3"}, {}):
+        [error] = ann(type="read", room="tea", **bad)
+        assert error["code"] == "bad_field", bad
+    [error] = ann(type="read", room="elsewhere", id=1)
+    assert error["code"] == "not_joined"

@@ -56,6 +56,8 @@ def test_join_presence_send_leave(chatd: Daemon) -> None:
         "history": [],
         "last_id": 0,
         "epoch": None,  # no message yet
+        "read": 0,  # nothing read yet (a read marker: docs/PROTOCOL.md)
+        "unread": 0,
     }
     b = V1(chatd.port, "bob")
     j = b.join("room1")

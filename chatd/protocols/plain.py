@@ -70,6 +70,9 @@ class PlainRenderer:
     def typing(self, room: str, user: str, name: str) -> None:
         return None
 
+    def read(self, room: str, user: str, name: str, id: int) -> None:
+        return None
+
 
 class PlainChat(Connection):
     kind = "plain"

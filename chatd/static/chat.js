@@ -8,6 +8,7 @@
   const countEl = $("count"), text = $("text"), sendBtn = $("send"), typingEl = $("typing");
   const TYPING_SHOWN = 5000, TYPING_EVERY = 2000;   // docs/PROTOCOL.md, "typing"
   const typers = new Map();  // who is typing (user, or nick) -> {name, until}
+  let readSent = 0, readTimer = null;   // the read marker said to the server, and when next
   let typedAt = 0, mayType = true;   // (a reader's typing is refused: then stop saying it)
   const MAX_LINES = 1000;          // the page's memory stays flat on a busy room
   const BACKOFF_MIN = 500, BACKOFF_MAX = 10000;
@@ -133,6 +134,19 @@
   }
   setInterval(renderTyping, 1000);
 
+  // What is on screen while the tab is visible is read: tell the server (at most every 2 s),
+  // so the user's other devices and, in a small room, the others know (PROTOCOL.md, read).
+  function markRead() {
+    if (document.hidden || lastId <= readSent || readTimer) return;
+    readTimer = setTimeout(() => {
+      readTimer = null;
+      if (document.hidden || lastId <= readSent) return;
+      readSent = lastId;
+      send({ type: "read", room, id: lastId });
+    }, 2000);
+  }
+  document.addEventListener("visibilitychange", markRead);
+
   function renderMembers() {
     membersEl.replaceChildren(...members.map((n) => {
       const li = document.createElement("li");
@@ -205,6 +219,9 @@
         if (m.more) pendingLast = m.last_id;
         else lastId = Math.max(lastId, m.last_id);
         epoch = m.epoch;
+        readSent = Math.max(readSent, m.read || 0);
+        if (m.unread > 0 && m.read > 0) sys(m.unread + " new since you last read");
+        markRead();
         members = m.members.slice();
         renderMembers();
         if (attempt) sys("reconnected");
@@ -240,6 +257,7 @@
         if (m.room !== room || m.id <= lastId) return;   // never shown twice
         lastId = m.id;
         addMessage(m);
+        markRead();
         break;
       case "presence":
         if (m.room !== room) return;
@@ -270,7 +288,9 @@
     ev.preventDefault();
     nick = nickEl.value.trim();
     const newRoom = roomEl.value.trim();
-    if (newRoom !== room) { log.replaceChildren(); lastId = 0; epoch = null; unsent.clear(); mayType = true; }
+    if (newRoom !== room) {
+      log.replaceChildren(); lastId = 0; epoch = null; unsent.clear(); mayType = true; readSent = 0;
+    }
     room = newRoom;
     localStorage.setItem("chatd.nick", nick);
     localStorage.setItem("chatd.room", room);
