@@ -77,9 +77,10 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 
 from chatd import limits
 from chatd.history import History, Message, Ref
@@ -313,6 +314,11 @@ class Broker(Protocol):
         """For the other processes' members (this process has delivered already)."""
 
 
+_log = Logger()
+
+SWEEP_EVERY = 60.0  # seconds between sweeps of expired messages (``History.sweep``)
+
+
 def _later(f: Callable[[], object]) -> None:
     from twisted.internet import reactor
 
@@ -370,6 +376,7 @@ class MemoryBroker:
         self._call_soon = call_soon
         self._pending: list[tuple[Message, Deferred[Message]]] = []
         self._repeats: list[tuple[Message, Deferred[Message]]] = []  # of a pending message
+        self._sweeper: Any = None  # a LoopingCall deleting expired messages (--history-ttl)
         self._presence: dict[str, _Presence] = {}
         self.events: BrokerEvents | None = None
 
@@ -377,9 +384,22 @@ class MemoryBroker:
         self.events = events
 
     def start(self) -> None:
-        pass
+        if self.history.ttl_ms:  # expired messages of quiet rooms go too, a few rooms a time
+            from twisted.internet import task
+
+            self._sweeper = task.LoopingCall(self._sweep)
+            self._sweeper.start(SWEEP_EVERY, now=False)
+
+    def _sweep(self) -> None:
+        self.flush()
+        try:
+            self.history.sweep()
+        except sqlite3.Error as e:  # tried again next time; what is expired is never read
+            _log.warn("history: expired messages not deleted now: {error}", error=str(e))
 
     def close(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
         self.flush()
         self.history.close()
 

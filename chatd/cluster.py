@@ -155,8 +155,11 @@ SCRIPTS = {
     # KEYS: seq, log, epoch, and the send's idempotency key if it has one. ARGV:
     # channel, retention, sender, text, JSON tail (an object without its "{"), a new
     # epoch in case the room needs one, the sender's user or '', the dedupe window
-    # in ms. The epoch goes into the published JSON as "e". Returns {id, ts}, or
-    # {'dup', id, entries} when the key made message id already (nothing done).
+    # in ms, the history's time to live in ms (0: none). The epoch goes into the
+    # published JSON as "e". Returns {id, ts}, or {'dup', id, entries} when the key
+    # made message id already (nothing done). With a time to live, the oldest
+    # entries past it go as new ones come (a few a post), and a quiet room's whole
+    # log expires with its last message (ids go on: seq and epoch stay).
     "post": r"""
 if KEYS[4] then
   local made = redis.call('GET', KEYS[4])
@@ -176,6 +179,16 @@ if tonumber(ARGV[2]) > 0 then
                'u', ARGV[7])
   else
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id .. '-0', 'ts', ts, 'f', ARGV[3], 't', ARGV[4])
+  end
+  local ttl = tonumber(ARGV[9])
+  if ttl > 0 then
+    local cutoff = tonumber(ts) - ttl
+    local keep = id .. '-0'
+    for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 8)) do
+      if tonumber(e[2][2]) >= cutoff then keep = e[1]; break end
+    end
+    redis.call('XTRIM', KEYS[2], 'MINID', keep)
+    redis.call('PEXPIRE', KEYS[2], ttl)
   end
 end
 redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' {"e":"' .. epoch .. '",' .. ARGV[5])
@@ -412,6 +425,7 @@ class RedisBroker:
         self.stats = stats if stats is not None else Stats()
         self.retention, self.ttl = retention, ttl
         self.dedupe_ms = int(limits.DEDUPE_WINDOW * 1000)  # idempotency keys kept this long
+        self.ttl_ms = 0  # messages older than this (ms) are dropped too (0: by count alone)
         self.node = secrets.token_hex(6)
         self._node_b = self.node.encode()
         self._by_channel: dict[bytes, str] = {}  # subscribed chat channels -> room
@@ -486,6 +500,7 @@ class RedisBroker:
                 new_epoch(),
                 user,
                 self.dedupe_ms,
+                self.ttl_ms,
             ],
         )
 

@@ -356,6 +356,14 @@ SETTINGS: tuple[Setting, ...] = (
         high=10_000,
     ),
     Setting(
+        "history_ttl",
+        "seconds",
+        0.0,
+        "Seconds a chat message is kept at most, alongside history_size (0: no limit by age).",
+        low=0,
+        high=10 * 365 * 86_400,
+    ),
+    Setting(
         "dedupe_window",
         "seconds",
         limits.DEDUPE_WINDOW,
@@ -544,6 +552,7 @@ class Settings:
     db_sync: str = "normal"
     history_size: int = limits.HISTORY_SIZE
     join_history: int = limits.JOIN_HISTORY
+    history_ttl: float = 0.0
     dedupe_window: float = limits.DEDUPE_WINDOW
     presence_debounce: float = limits.PRESENCE_DEBOUNCE
     max_text: int = limits.MAX_TEXT

@@ -135,6 +135,10 @@ class History:
         self.dedupe_ms = 600_000
         self._sends: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
         self._reads: dict[tuple[str, str], int] = {}  # without storage only
+        # Messages older than this (ms) are gone too (0: kept by count alone). They
+        # are deleted as new ones come and by ``sweep``; reads skip them meanwhile.
+        self.ttl_ms = 0
+        self._swept = ""  # the room a sweep stopped after
 
     def _touch(self, room: str) -> None:
         """``room`` was used: keep its cached values; forget the least recently used room's."""
@@ -258,6 +262,8 @@ class History:
                 self.db.execute(  # idempotency keys past the window
                     "DELETE FROM sends WHERE room = ? AND ts < ?", (room, msg.ts - self.dedupe_ms)
                 )
+                if self.ttl_ms:
+                    self._expire(room, msg.ts - self.ttl_ms)
                 n = 0
             self._since_trim[room] = n
         elif room not in self._epochs:
@@ -285,6 +291,43 @@ class History:
         msgs, truncated, _ = self.page(room, after, None)
         return msgs, truncated
 
+    def _floor(self, room: str, after: int) -> int:
+        """``after``, raised past the room's messages the retention (count or age) dropped."""
+        after = max(after, self.last_id(room) - self.retention)
+        if self.ttl_ms:
+            row = self.db.execute(
+                "SELECT id FROM messages WHERE room = ? AND id > ? AND ts >= ? ORDER BY id LIMIT 1",
+                (room, after, int(time.time() * 1000) - self.ttl_ms),
+            ).fetchone()
+            after = row[0] - 1 if row else max(after, self.last_id(room))
+        return after
+
+    def sweep(self, rooms: int = 100) -> int:
+        """Delete the expired messages (``ttl_ms``) of up to ``rooms`` rooms, taking
+        the rooms in turn across calls (quiet rooms too); how many rows went."""
+        if not self.ttl_ms or not self.retention or self._in_tx:
+            return 0
+        names = [
+            r[0]
+            for r in self.db.execute(
+                "SELECT room FROM rooms WHERE room > ? ORDER BY room LIMIT ?", (self._swept, rooms)
+            )
+        ]
+        self._swept = names[-1] if len(names) == rooms else ""
+        cutoff, gone = int(time.time() * 1000) - self.ttl_ms, 0
+        for room in names:
+            gone += self._expire(room, cutoff)
+        return gone
+
+    def _expire(self, room: str, cutoff: int) -> int:
+        """Delete ``room``'s messages older than ``cutoff`` that no open replay still needs."""
+        query, args = "DELETE FROM messages WHERE room = ? AND ts < ?", [room, cutoff]
+        cursors = self._cursors.get(room)
+        if cursors:
+            query += " AND id <= ?"
+            args.append(min(c.after for c in cursors))
+        return self.db.execute(query, args).rowcount
+
     def page(
         self, room: str, after: int, limit: int | None = PAGE_ROWS
     ) -> tuple[list[Message], bool, Cursor | None]:
@@ -294,7 +337,7 @@ class History:
         last = self.last_id(room)
         if not self.retention:
             return [], after < last, None
-        start = max(after, last - self.retention)
+        start = self._floor(room, after)
         cursor = Cursor(self, room, start, last)
         msgs = cursor.read(limit if limit is not None else -1)
         first = msgs[0].id if msgs else last + 1
@@ -311,7 +354,7 @@ class History:
         are kept beyond them (older ones if ``newest``, newer ones otherwise)."""
         if not self.retention:
             return [], False
-        after = max(after, self.last_id(room) - self.retention)  # (trimmed lazily)
+        after = self._floor(room, after)  # (trimmed lazily)
         rows = self.db.execute(
             "SELECT id, ts, sender, text, user FROM messages WHERE room = ? AND id > ? "
             f"AND id < ? ORDER BY id {'DESC' if newest else 'ASC'} LIMIT ?",

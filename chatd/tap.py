@@ -386,6 +386,7 @@ def _cluster_hub(settings: Settings, stats: Stats, health: Health) -> Hub:
         on_state=state,
     )
     broker.dedupe_ms = int(settings.dedupe_window * 1000)
+    broker.ttl_ms = int(settings.history_ttl * 1000)
     hub = Hub(broker, settings.join_history, stats, presence_debounce=settings.presence_debounce)
     from twisted.internet import reactor
 
@@ -412,6 +413,7 @@ def makeService(options: Options) -> service.IService:
         except sqlite3.Error as e:
             fail(f"{options.label('db')}: cannot open the history database {settings.db!r}: {e}")
         history.dedupe_ms = int(settings.dedupe_window * 1000)
+        history.ttl_ms = int(settings.history_ttl * 1000)
         hub = InMemoryHub(
             history,
             join_history=settings.join_history,

@@ -321,6 +321,29 @@ def test_read_markers_only_move_up_are_told_when_they_move_and_come_with_a_join(
 
 
 @pytest_twisted.inlineCallbacks
+def test_messages_past_the_history_ttl_are_not_replayed(kit):
+    import time
+
+    b = yield kit.broker()
+    if kit.kind == "memory":
+        b.history.ttl_ms = 400
+    else:
+        b.ttl_ms = 400
+    yield kit.subscribed(b, "tea")
+    old = yield gather([b.publish("tea", "ann", f"old{i}") for i in range(3)])
+    for _ in range(200):  # until the three are past the TTL (bounded: 2 s at most)
+        if time.time() * 1000 > old[-1].ts + 450:
+            break
+        yield _turn(0.01)
+    new = yield b.publish("tea", "ann", "new")
+    assert new.id == 4  # ids go on
+    joined = yield b.join("tea", f"{b.node}.1", "bob", True, 0, True, 10, None)
+    assert [m.text for m in joined.history] == ["new"] and joined.truncated
+    page = yield b.read_page("tea", 0, None, 10, True)
+    assert [m.id for m in page.messages] == [4]
+
+
+@pytest_twisted.inlineCallbacks
 def test_two_processes_see_one_order(kit):
     kit.needs_processes()
     a = yield kit.broker()

@@ -344,3 +344,27 @@ def test_read_markers_survive_a_restart_and_never_move_back(tmp_path) -> None:
     again = History(path, retention=5)
     assert again.read_marker("r", "@a1") == 3 and again.read_marker("r", "@b2") == 0
     again.close()
+
+
+def test_messages_past_the_ttl_are_gone_from_reads_and_storage(tmp_path, monkeypatch) -> None:
+    now = [1_000_000.0]
+    monkeypatch.setattr("chatd.history.time.time", lambda: now[0])
+    h = History(str(tmp_path / "h.sqlite3"), retention=100)
+    h.ttl_ms = 60_000
+    for i in range(3):  # ids 1-3 in "quiet", 1-3 in "busy", a second apart
+        h.append("quiet", "ann", f"q{i}")
+        h.append("busy", "ann", f"b{i}")
+        now[0] += 1
+    h.commit()
+    now[0] += 57.5  # ids 1 are 60.5 s old, ids 3 58.5 s
+    msgs, truncated = h.since("busy", 0)
+    assert [m.id for m in msgs] == [2, 3] and truncated  # 1 is past the TTL
+    assert h.range("busy", 0, None, 10, True) == (msgs, False)
+    assert h.since("busy", 1) == (msgs, False)  # nothing after 1 is lost
+    now[0] += 10
+    assert h.since("busy", 0) == ([], True)  # all past it; ids go on
+    assert h.append("busy", "ann", "new").id == 4
+    h.commit()
+    assert h.sweep() == 6  # rows of both rooms, the quiet one too, are deleted
+    assert h.db.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+    h.close()
