@@ -271,6 +271,23 @@ def test_join_flood_that_never_reads_is_closed_and_memory_stays_flat(daemon, siz
     w.close()
 
 
+def test_history_request_flood_that_never_reads_is_closed_and_memory_stays_flat(daemon) -> None:
+    """Each history request answers about 50 KiB: 5,000 of them unread would be 250 MiB."""
+    d: Daemon = daemon(*FAST, "--max-backlog", "1M")
+    w = post_many(d, "hist", 50, 1000)
+    c = V1(d.port, "reader", rcvbuf=4096)
+    sampler = Sampler(d)
+    ask = frame(TEXT, json.dumps({"type": "history", "room": "hist", "limit": 100}).encode())
+    batch = ask * 100
+    sent = flood(c, batch, 50 * len(batch), 30)
+    d.wait_for_log(r"code=1008", timeout=60)
+    growth = sampler.stop()
+    print(f"sent {sent // len(ask)} history requests; RSS +{growth:.1f} MiB")
+    assert growth < 12, growth
+    c.sock.close()
+    w.close()
+
+
 def test_a_reading_client_is_not_dropped_by_a_big_history(daemon) -> None:
     """The pages go out as the client reads: 2 MiB of history through a 1 MiB backlog."""
     d: Daemon = daemon(*FAST, "--max-backlog", "1M")
