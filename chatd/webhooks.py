@@ -115,7 +115,7 @@ class Rooms:
                 prefixes.append("")
                 continue
             stem = item.removesuffix("*")
-            if not limits.valid_room_name(stem) and not (item.endswith("*") and stem == ""):
+            if not limits.valid_room_name(stem):
                 raise ValueError(f"{item!r} is not a room or prefix* ({limits.ROOM_NAME_RULE})")
             if item.endswith("*"):
                 prefixes.append(stem)
@@ -192,6 +192,8 @@ class Webhooks(service.Service):
             clock = cast(IReactorTime, reactor)
         assert clock is not None
         self.url, self._secret = url, secret
+        # As logged: without a query, which may carry a credential of the back end's.
+        self.shown_url = urlsplit(url)._replace(query="", fragment="").geturl()
         self.rooms = Rooms.from_text(rooms) if isinstance(rooms, str) else rooms
         self.max_queue, self.timeout = queue, timeout
         self.stats = stats if stats is not None else Stats()
@@ -236,7 +238,7 @@ class Webhooks(service.Service):
                     "webhook queue full ({n} events): dropping new events until the back "
                     "end {url} catches up",
                     n=len(self.queue),
-                    url=self.url,
+                    url=self.shown_url,
                 )
             self._dropping += 1
             return
@@ -288,7 +290,7 @@ class Webhooks(service.Service):
                     "webhook {type} {id} to {url} given up after {n} attempts: {why}",
                     type=event.type,
                     id=event.id,
-                    url=self.url,
+                    url=self.shown_url,
                     n=attempt,
                     why=why,
                 )

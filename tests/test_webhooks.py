@@ -279,10 +279,12 @@ def test_stop_ends_retries_at_once_and_requests_after_a_grace() -> None:
         w.user(f"q{i}", "x", True)
     stopped = w.stopService()
     assert not stopped.called  # b and the others in flight get the grace
-    assert not any(c.active() for c in clock.getDelayedCalls() if c.getTime() < 2.0)
+    assert len(w.queue) == 0 and len(w.sending) == webhooks.CONCURRENCY - 1  # a's retry: gone
     clock.advance(webhooks.STOP_GRACE)
     assert stopped.called and stats.webhook_queue == 0
     assert not clock.getDelayedCalls()
+    assert all(d.called for _, _, d in client.calls)  # cancelled
+    assert not stats.webhook_failed  # not given up on: the daemon stopped
     w.user("after", "x", True)  # not taken any more
     assert len(client.calls) == webhooks.CONCURRENCY
 
@@ -293,6 +295,11 @@ def test_stop_returns_as_soon_as_nothing_is_in_flight() -> None:
     stopped = w.stopService()
     client.calls[0][2].callback(FakeResponse(200))
     assert stopped.called and not clock.getDelayedCalls()
+
+
+def test_the_log_shows_the_url_without_its_query() -> None:
+    w = Webhooks("https://b.example/h?key=hunter2#x", SECRET, clock=task.Clock(), client=Manual())
+    assert w.shown_url == "https://b.example/h"
 
 
 # -- settings ---------------------------------------------------------------------------
