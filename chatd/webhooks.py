@@ -52,6 +52,7 @@ FIRST_DELAY = 2.0  # seconds before the first retry; then x3: 2, 6, 18, 54, 162 
 FACTOR = 3.0
 MAX_DELAY = 300.0  # a Retry-After is followed up to this
 MAX_RESPONSE = 64 * 1024  # response body bytes read (and thrown away); past it: closed
+LOG_EVERY = 10.0  # seconds between "given up" lines at most
 STOP_GRACE = 3.0  # seconds requests in flight get at stop before they are cancelled
 RETRY_STATUS = frozenset({408, 429})  # and every 5xx
 
@@ -207,6 +208,8 @@ class Webhooks(service.Service):
         self.queue: deque[Event] = deque()
         self.sending: set[defer.Deferred[None]] = set()
         self._dropping = 0  # dropped since the queue last had room (for the log)
+        self._quiet_until = 0.0  # no "given up" line before then
+        self._unlogged = 0  # "given up" lines left out since the last one
         self._waits: set[defer.Deferred[None]] = set()  # backoffs under way
         self.accepting = True  # events are taken until stopped (listeners may come first)
 
@@ -286,14 +289,7 @@ class Webhooks(service.Service):
             last = attempt == ATTEMPTS or retry_after < 0
             if last:
                 self.stats.webhook_failed[event.type] += 1
-                _log.warn(
-                    "webhook {type} {id} to {url} given up after {n} attempts: {why}",
-                    type=event.type,
-                    id=event.id,
-                    url=self.shown_url,
-                    n=attempt,
-                    why=why,
-                )
+                self._given_up(event, attempt, why)
                 return
             wait = task.deferLater(self.clock, self.backoff(attempt, retry_after), lambda: None)
             self._waits.add(wait)
@@ -301,6 +297,25 @@ class Webhooks(service.Service):
                 await wait
             finally:
                 self._waits.discard(wait)
+
+    def _given_up(self, event: Event, attempts: int, why: str) -> None:
+        """Log a failure, at most one line per LOG_EVERY seconds (a back end refusing
+        every event must not flood the log); the next line counts the ones left out."""
+        now = self.clock.seconds()
+        if now < self._quiet_until:
+            self._unlogged += 1
+            return
+        self._quiet_until = now + LOG_EVERY
+        more, self._unlogged = self._unlogged, 0
+        _log.warn(
+            "webhook {type} {id} to {url} given up after {n} attempts: {why}{more}",
+            type=event.type,
+            id=event.id,
+            url=self.shown_url,
+            n=attempts,
+            why=why,
+            more=f" (and {more} more since the last such line)" if more else "",
+        )
 
     def backoff(self, attempt: int, retry_after: float = 0.0) -> float:
         """Seconds before attempt ``attempt + 1``: FIRST_DELAY x FACTOR^(attempt-1), half of it

@@ -191,6 +191,36 @@ def test_other_4xx_are_not_retried_and_counted_failed() -> None:
     assert stats.webhook_failed == {"user.online": 3} and not stats.webhook_sent
 
 
+def test_failures_are_logged_without_flooding_the_log() -> None:
+    from twisted.logger import globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "chatd.webhooks":
+            from twisted.logger import formatEvent
+
+            lines.append(formatEvent(event))
+
+    backend = Backend(*[400] * 30)
+    w, stub, clock, stats = hooks(backend)
+    globalLogPublisher.addObserver(observe)
+    try:
+        for i in range(20):
+            w.user(f"u{i}", "x", True)
+            stub.flush()
+        clock.advance(webhooks.LOG_EVERY)
+        w.user("late", "x", True)
+        stub.flush()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert stats.webhook_failed == {"user.online": 21}
+    assert len(lines) == 2, lines
+    assert "given up after 1 attempts: HTTP 400 (not retried)" in lines[0]
+    assert lines[1].endswith("(and 19 more since the last such line)")
+    assert SECRET not in " ".join(lines)
+
+
 def test_a_dead_back_end_is_given_up_on_after_the_attempts_in_bounded_time() -> None:
     backend = Backend(*[500] * 100)
     w, stub, clock, stats = hooks(backend)
