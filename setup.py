@@ -21,6 +21,7 @@ setup(
         "hiredis>=2",  # txredisapi's C reply parser (chatd/redisconn.py says why)
         "PyJWT>=2.8",  # connection tokens (chatd/auth.py)
         "cryptography>=42",  # RS256, ES256 and EdDSA keys for PyJWT
+        "treq>=24.9",  # webhooks' HTTP client (chatd/webhooks.py)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "playwright>=1.45", "ruff>=0.5"],

@@ -429,6 +429,45 @@ SETTINGS: tuple[Setting, ...] = (
         "Bearer token of the HTTP push API (or CHATD_API_TOKEN); the API is off without one.",
     ),
     Setting(
+        "webhook_url",
+        "text",
+        None,
+        "http(s) URL chatd POSTs signed JSON events to: user.online, user.offline, "
+        "message.created (docs/WEBHOOKS.md); webhooks are off without one.",
+    ),
+    Setting(
+        "webhook_secret",
+        "text",
+        None,
+        "The HMAC-SHA256 key of the webhooks' Chatd-Signature, at least 16 characters "
+        "(or CHATD_WEBHOOK_SECRET); needed with --webhook-url.",
+    ),
+    Setting(
+        "webhook_rooms",
+        "text",
+        "",
+        "Rooms whose messages are sent as message.created, comma-separated; a name "
+        "ending in * is a prefix, * alone every room (support-*,orders).",
+        shown="—",
+    ),
+    Setting(
+        "webhook_queue",
+        "count",
+        10_000,
+        "Webhook events held in memory at most; past it new ones are dropped (counted).",
+        low=1,
+        high=1_000_000,
+    ),
+    Setting(
+        "webhook_timeout",
+        "seconds",
+        10.0,
+        "Seconds a webhook request gets (connect, send, answer) before it is retried.",
+        low=0,
+        above=True,
+        high=300,
+    ),
+    Setting(
         "metrics_endpoint",
         "text",
         None,
@@ -561,6 +600,11 @@ class Settings:
     rate_flood: int = limits.RATE_FLOOD
     allowed_origins: tuple[str, ...] = ()  # empty: the page's own host only
     api_token: str | None = None  # the push API is off without one
+    webhook_url: str | None = None  # webhooks are off without one
+    webhook_secret: str | None = None
+    webhook_rooms: str = ""  # support-*,orders: message.created for these
+    webhook_queue: int = 10_000
+    webhook_timeout: float = 10.0
     metrics_endpoint: str | None = None  # /healthz and /metrics there instead
     log_format: str = "text"
     shutdown_timeout: float = 10.0
@@ -594,6 +638,7 @@ class Settings:
                 "api_token is still the example's placeholder: set a random one "
                 "(openssl rand -hex 24)"
             )
+        self.check_webhooks()
         for origin in self.allowed_origins:
             if origin != "*" and "://" not in origin:
                 raise ConfigError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
@@ -608,6 +653,33 @@ class Settings:
             self.auth_policy()  # ConfigError if the key cannot be used
         if not os.path.isfile(os.path.join(self.static, "index.html")):
             raise ConfigError(f"static: {self.static!r} has no index.html")
+
+    def check_webhooks(self) -> None:
+        """ConfigError if the webhook settings cannot work (chatd/webhooks.py)."""
+        from chatd.webhooks import EXAMPLE_SECRET, Rooms, check_url
+
+        try:
+            Rooms.from_text(self.webhook_rooms)
+        except ValueError as e:
+            raise ConfigError(f"webhook_rooms: {e}") from None
+        if self.webhook_secret is not None and len(self.webhook_secret) < 16:
+            raise ConfigError("webhook_secret must be at least 16 characters")
+        if self.webhook_secret == EXAMPLE_SECRET:
+            raise ConfigError(
+                "webhook_secret is still the example's placeholder: set a random one "
+                "(openssl rand -hex 24)"
+            )
+        if self.webhook_url is None:
+            return
+        try:
+            check_url(self.webhook_url)
+        except ValueError as e:
+            raise ConfigError(f"webhook_url {e}") from None
+        if self.webhook_secret is None:
+            raise ConfigError(
+                "webhook_url needs webhook_secret (at least 16 characters; or "
+                "CHATD_WEBHOOK_SECRET): the back end checks each event's signature with it"
+            )
 
     def auth_policy(self) -> Any:
         """The ``chatd.auth.Policy`` these settings make; ConfigError if the key is unusable."""

@@ -173,6 +173,30 @@ class Collector:
                 "Members of dead nodes removed by this node.",
                 s.cluster_reaped,
             )
+        if s.webhook_queue is not None:
+            queue = GaugeMetricFamily(
+                "chatd_webhook_queue", "Webhook events queued or being sent (--webhook-queue)."
+            )
+            queue.add_metric([], s.webhook_queue)
+            yield queue
+            types = dict.fromkeys(("user.online", "user.offline", "message.created"), 0)
+            yield counter(
+                "chatd_webhook_sent",
+                "Webhook events the back end took (2xx), by type.",
+                "type",
+                {**types, **s.webhook_sent},
+            )
+            yield counter(
+                "chatd_webhook_failed",
+                "Webhook events given up on (retries exhausted, or a 4xx), by type.",
+                "type",
+                {**types, **s.webhook_failed},
+            )
+            yield CounterMetricFamily(
+                "chatd_webhook_dropped",
+                "Webhook events dropped because the queue was full (a slow or dead back end).",
+                s.webhook_dropped,
+            )
         up = GaugeMetricFamily("chatd_up", "1 when healthy, 0 when degraded or stopping.")
         up.add_metric([], 1 if self.health.status() == "ok" else 0)
         yield up

@@ -61,3 +61,8 @@ class Stats:
         self.auth_refused: Counter[str] = (
             Counter()
         )  # tokens refused, by reason  # times the Redis connection came back
+        # Webhooks only (--webhook-url): None means they are off.
+        self.webhook_queue: int | None = None  # events queued or being sent now
+        self.webhook_sent: Counter[str] = Counter()  # taken by the back end, by type
+        self.webhook_failed: Counter[str] = Counter()  # given up on, by type
+        self.webhook_dropped = 0  # not queued: the queue was full

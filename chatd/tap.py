@@ -39,8 +39,16 @@ from chatd.logs import JsonLines
 from chatd.ops import Health
 from chatd.stats import Stats
 from chatd.web import Web, make_web
+from chatd.webhooks import Webhooks
 
 _log = Logger()
+
+# Secrets that may come from the environment (not a unit file or a command line).
+ENV_SETTINGS = (
+    ("CHATD_API_TOKEN", "api_token"),
+    ("CHATD_JWT_KEY", "jwt_key"),
+    ("CHATD_WEBHOOK_SECRET", "webhook_secret"),
+)
 
 
 def fail(message: str) -> NoReturn:
@@ -71,7 +79,8 @@ class Options(usage.Options):
     longdesc = (
         "chatd: WebSocket chat and message push. The page, the chat (plain and "
         "chatd.v1) and relay rooms (/relay/<room>) are all on one port. Settings "
-        "come from --config (TOML), then CHATD_API_TOKEN and CHATD_JWT_KEY, then these options."
+        "come from --config (TOML), then CHATD_API_TOKEN, CHATD_JWT_KEY and "
+        "CHATD_WEBHOOK_SECRET, then these options."
     )
     # From chatd.config.SETTINGS: a value option per setting, a flag for a
     # flag setting, a repeatable option (an opt_ method, below) for a list.
@@ -112,7 +121,7 @@ class Options(usage.Options):
         source = self.sources.get(key, "")
         if source.startswith("--"):
             return source + message[len(key) :]
-        if source == "CHATD_API_TOKEN":
+        if source in dict(ENV_SETTINGS):
             return f"{source}: {message}"
         if source:
             return f"{source.replace(f'{key} in ', 'config ', 1)}: {message}"
@@ -126,7 +135,7 @@ class Options(usage.Options):
                 values = load_file(self["config"])
                 settings = from_mapping(values, f"config {self['config']}: ")
                 self.sources.update({k: f"{k} in {self['config']}" for k in values})
-            for var, key in (("CHATD_API_TOKEN", "api_token"), ("CHATD_JWT_KEY", "jwt_key")):
+            for var, key in ENV_SETTINGS:
                 if os.environ.get(var):
                     settings = from_mapping({key: os.environ[var]}, f"{var}: ", settings)
                     self.sources[key] = var
@@ -289,9 +298,11 @@ class ChatdService(service.MultiService):
         web: Web,
         labels: dict[str, str] | None = None,
         created: tuple[str, ...] = (),
+        webhooks: Webhooks | None = None,
     ) -> None:
         super().__init__()
         self.settings, self.hub, self.web = settings, hub, web
+        self.webhooks = webhooks  # stopped after the hub (its last events), a few seconds
         self.labels = labels or {k: "--" + k for k in ("port", "interface", "endpoint")}
         self.created = created  # files this start made (the database): gone if it fails
         self.listeners: list[ListeningService] = []
@@ -363,6 +374,8 @@ class ChatdService(service.MultiService):
             reactor,
         )
         yield defer.maybeDeferred(self.hub.close)
+        if self.webhooks is not None:
+            yield self.webhooks.stopService()
         _log.info("chatd stopped")
 
 
@@ -420,11 +433,25 @@ def makeService(options: Options) -> service.IService:
             stats=stats,
             presence_debounce=settings.presence_debounce,
         )
+    webhooks = None
+    if settings.webhook_url:
+        assert settings.webhook_secret is not None  # Settings.check
+        webhooks = Webhooks(
+            settings.webhook_url,
+            settings.webhook_secret,
+            rooms=settings.webhook_rooms,
+            queue=settings.webhook_queue,
+            timeout=settings.webhook_timeout,
+            stats=stats,
+        )
+        # Before any connection: the hub tracks users only while someone listens.
+        hub.user_listeners.append(webhooks.user)
+        hub.message_listeners.append(webhooks.message)
     web = make_web(settings, hub, stats, health)
     labels = {k: options.label(k) for k in ("port", "interface", "endpoint", "metrics_endpoint")}
     if settings.endpoint:
         labels["port"] = labels["interface"] = labels["endpoint"]
-    top = ChatdService(settings, hub, web, labels, created)
+    top = ChatdService(settings, hub, web, labels, created, webhooks)
     # The metrics listener first: if either cannot bind, the main port was never open.
     if web.ops is not None and settings.metrics_endpoint:
         top.listen(settings.metrics_endpoint, web.ops, "metrics")

@@ -41,15 +41,22 @@ TEXT_SAMPLES = {
     "jwt_key": "a-secret-of-at-least-32-bytes-for-hs256",
     "jwt_audience": "chat.example",
     "jwt_issuer": "https://auth.example",
+    "webhook_url": "https://backend.example/chatd/events",
+    "webhook_secret": "a-webhook-secret-long-enough",
+    "webhook_rooms": "support-*,orders",
 }
 # What a sample needs beside it to be valid (a mode that checks tokens needs a key).
-COMPANIONS: dict[str, dict[str, str]] = {"auth": {"jwt_key": TEXT_SAMPLES["jwt_key"]}}
+COMPANIONS: dict[str, dict[str, str]] = {
+    "auth": {"jwt_key": TEXT_SAMPLES["jwt_key"]},
+    "webhook_url": {"webhook_secret": TEXT_SAMPLES["webhook_secret"]},
+}
 
 
 @pytest.fixture(autouse=True)
 def _no_env_token(monkeypatch) -> None:
     monkeypatch.delenv("CHATD_API_TOKEN", raising=False)
     monkeypatch.delenv("CHATD_JWT_KEY", raising=False)
+    monkeypatch.delenv("CHATD_WEBHOOK_SECRET", raising=False)
 
 
 def _ids(settings) -> list[str]:
