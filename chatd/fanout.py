@@ -3,9 +3,14 @@
 Everything chatd delivers goes through ``broadcast``. It is shaped for the
 common case: the WebSocket frame is encoded once per message and the same
 ``bytes`` object is queued for every recipient, so the cost per recipient in
-the loop is a list append and a few attribute reads. Only a connection that
-negotiated permessage-deflate gets its own copy, because its compressor
-state is its own (RFC 7692 context takeover).
+the loop is a list append and a few attribute reads. A connection that
+negotiated permessage-deflate without server context takeover (chatd's
+default: ``chatd.deflate`` says why) is no different: the message is
+deflated once per window size, by one compressor for the whole process
+(``shared_deflate``), and that frame is shared the same way. Only a
+connection with context takeover (``--compression-context-takeover``) gets
+its own copy, because its compressor state is its own (RFC 7692): its link
+has ``send_message`` set, and frames and deflates each message itself.
 
 Writes are coalesced per reactor turn: at the end of the turn (``Outbox``)
 each connection's queued frames are joined and written once. On a plain TCP
@@ -54,10 +59,11 @@ Its one reach into Twisted's TCP transport is in ``chatd.internals``
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from struct import pack
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet.interfaces import IPushProducer, ITransport
 from zope.interface import implementer
@@ -71,6 +77,7 @@ RSV1 = 0x40  # "compressed" (RFC 7692), on a message's first frame
 
 PAGER_CHARGE = 128 * 1024  # what a pending paged reply counts as, against max_backlog
 DRAIN_PER_TURN = 256 * 1024  # bytes a holding link writes per reactor turn, at most
+MEM_LEVEL = 8  # zlib's memory level for deflating (its default, as Autobahn's)
 
 
 def encode_frame(payload: bytes, binary: bool, rsv1: bool = False) -> bytes:
@@ -86,6 +93,42 @@ def encode_frame(payload: bytes, binary: bool, rsv1: bool = False) -> bytes:
     else:
         header = pack("!BBQ", first, 127, n)
     return header + payload
+
+
+# One compressor per window size, for the whole process.
+_shared: dict[int, Any] = {}
+
+
+def shared_deflate(payload: bytes, bits: int) -> bytes:
+    """``payload`` deflated on its own with a ``bits`` window, less the 4-byte tail.
+
+    The compressor is the process's one for ``bits``; ``Z_FULL_FLUSH`` resets
+    its dictionary after each message, so nothing of one message is used for
+    the next, and the output equals a fresh compressor's.
+    """
+    c = _shared.get(bits)
+    if c is None:
+        c = _shared[bits] = zlib.compressobj(
+            zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits, MEM_LEVEL
+        )
+    try:
+        out = c.compress(payload) + c.flush(zlib.Z_FULL_FLUSH)
+    except BaseException:  # (MemoryError) its state is unknown now: the next call makes another
+        _shared.pop(bits, None)
+        raise
+    return out[:-4]
+
+
+def deflate_frame(payload: bytes, binary: bool, bits: int) -> bytes:
+    """The frame of one message for a recipient without context takeover.
+
+    Deflated (RSV1 set) unless deflating does not make it smaller (tiny
+    messages): RFC 7692 lets each message be sent compressed or not.
+    """
+    data = shared_deflate(payload, bits)
+    if len(data) >= len(payload):
+        return encode_frame(payload, binary)
+    return encode_frame(data, binary, rsv1=True)
 
 
 class Budget:
@@ -109,6 +152,7 @@ class Link:
         "__weakref__",
         "backlog",
         "budget",
+        "deflate",
         "draining",
         "held",
         "held_bytes",
@@ -131,11 +175,16 @@ class Link:
         on_drop: Callable[[str], object],
         send_message: Callable[[bytes, bool], object] | None = None,
         budget: Budget = UNLIMITED,
+        deflate: int = 0,
     ) -> None:
         self.transport = transport
-        # Set for a compressing connection: it frames (and deflates) itself.
+        # Set for a connection that frames (and deflates) each message itself: one
+        # with permessage-deflate context takeover, whose compressor is its own.
         # While the link holds, this is ``_hold`` and the real one is ``own_send``.
         self.send_message = send_message
+        # Not 0 for a connection that negotiated permessage-deflate without context
+        # takeover: the window bits of the deflated frame it shares (``broadcast``).
+        self.deflate = deflate
         self.own_send: Callable[[bytes, bool], object] | None = None
         # Called (after the fan-out loop) when a link is given up on: the reason
         # is "backlog" for a slow consumer, "overload" for one that is behind
@@ -266,6 +315,8 @@ class Link:
                 left -= len(payload)
                 if self.own_send is not None:
                     self.own_send(payload, binary)
+                elif self.deflate:
+                    write(self.transport, self.sock, deflate_frame(payload, binary, self.deflate))
                 else:
                     write(self.transport, self.sock, encode_frame(payload, binary))
             if not held and self.open:
@@ -353,8 +404,14 @@ def broadcast(links: Iterable[Link], payload: bytes, binary: bool, outbox: Outbo
     Links that fall too far behind, or whose write raises, are closed and
     told only after the loop, so one bad recipient never costs the others
     their copy and the caller's collection is not changed while iterated.
+
+    The frame is encoded once, and deflated at most once per window size
+    (``Link.deflate``): every recipient of the same kind queues the same
+    ``bytes``. What a paused link is charged is the payload's size, deflated
+    or not.
     """
     frame: bytes | None = None
+    deflated: dict[int, bytes] | None = None
     size = len(payload)
     delivered = 0
     dropped: list[tuple[Link, str]] | None = None
@@ -373,14 +430,24 @@ def broadcast(links: Iterable[Link], payload: bytes, binary: bool, outbox: Outbo
                 continue
         try:
             if link.send_message is None:
-                if frame is None:
-                    frame = encode_frame(payload, binary)
+                bits = link.deflate
+                if not bits:
+                    if frame is None:
+                        frame = encode_frame(payload, binary)
+                    data = frame
+                else:
+                    if deflated is None:
+                        deflated = {}
+                    shared = deflated.get(bits)
+                    if shared is None:
+                        shared = deflated[bits] = deflate_frame(payload, binary, bits)
+                    data = shared
                 pending = link.pending
                 if pending is None:
-                    link.pending = [frame]
+                    link.pending = [data]
                     outbox.add(link)
                 else:
-                    pending.append(frame)
+                    pending.append(data)
             else:
                 link.send_message(payload, binary)
         except Exception:  # a broken transport must not stop the loop
