@@ -67,6 +67,7 @@ clean:
 ## benchmarks: they print numbers and assert nothing (bench.run: ~10 min, writes bench/RESULTS.md)
 bench: deps
 	$(PY) -m bench.run
+	$(PY) -m bench.deflate
 	$(PY) -m bench.chat
 	$(PY) -m bench.cluster
 
