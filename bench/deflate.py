@@ -7,17 +7,21 @@ Why: issue #13 ("compression that scales"). Each row starts a fresh chatd
 does) and measures, with clients that offer permessage-deflate as Chromium
 does (``permessage-deflate; client_max_window_bits``):
 
-- memory: server RSS growth per connection, 300 members of a relay room,
-  idle (no message), after 1 message and after 600 messages of 200 B;
+- memory: server RSS growth per connection: 2,000 idle connections (opened,
+  no message); 300 members of a relay room after 1 message and after 600
+  messages of 200 B;
 - cpu: server CPU per delivery, 300 members, 100 msg/s of 200 B for 6 s
-  (loadgen's latency mode: p50 too);
+  (loadgen's latency mode: p50 too), and at 20 msg/s (30 s), where a server
+  that deflates per connection is not saturated;
 - wire: bytes on the wire per message (frame header included) that one
   member receives, for chat-sized JSON (~150-200 B, varied) and for 4 KiB
   JSON documents, from a Python client on loopback.
 
 "deflate" is chatd's default (no context takeover, one deflated frame per
 message shared by all); "takeover" is ``--compression-context-takeover``
-(a compressor and a deflate per connection). Results go to stdout and to
+(a compressor and a deflate per connection). With BENCH_BASELINE=<another
+checkout of chatd> (as for bench.run) a column "base deflate" runs that
+chatd with compression on, its clients keeping their inflater's context. Results go to stdout and to
 the "permessage-deflate" section of bench/RESULTS-deflate.md.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import socket
 import struct
@@ -41,6 +46,7 @@ from bench.run import (
     load,
     log,
     machine,
+    proc_rss_kib,
 )
 from tools.daemon import Daemon
 
@@ -48,15 +54,18 @@ RESULTS = REPO / "bench" / "RESULTS-deflate.md"
 CHROMIUM = "permessage-deflate; client_max_window_bits"
 KIND_ARGS = {"plain": (), "deflate": (), "takeover": ("--compression-context-takeover",)}
 KINDS = tuple(KIND_ARGS)
+BASELINE = os.environ.get("BENCH_BASELINE", "")
+BASE = "base deflate"
 
 
 def spec(kind: str) -> ServerSpec:
     return ServerSpec(
         kind,
         kind,
-        chatd_args=("--history-size", "0", *KIND_ARGS[kind]),
+        chatd_args=("--history-size", "0", *KIND_ARGS.get(kind, ())),
         path="/relay/bench",
-        deflate={"plain": 0, "deflate": 1, "takeover": 2}[kind],
+        deflate={"plain": 0, "deflate": 1}.get(kind, 2),
+        tree=BASELINE if kind == BASE else "",
     )
 
 
@@ -65,6 +74,17 @@ class Run:
     members: int
     rate: float
     seconds: float
+
+
+def idle_kib(kind: str, n: int = 2000) -> float:
+    """Server RSS growth per open connection, nothing sent."""
+    args = ["-n", str(n), "--hold", "2", "--setup", ""]
+    with load(spec(kind), "idle", args, 120) as (gen, server):
+        res = gen.result()
+        after = proc_rss_kib(server.pid)
+    if res.get("error") or not res.get("open"):
+        return float("nan")
+    return float((after - gen.rss_before) / res["open"])
 
 
 def latency_run(kind: str, r: Run) -> dict[str, Any]:
@@ -80,7 +100,6 @@ def latency_run(kind: str, r: Run) -> dict[str, Any]:
         deliveries = max(res.get("deliveries", 0), 1)
         out["us_per_delivery"] = (b.cpu - a.cpu) / deliveries * 1e6
         out["kib_per_conn"] = (b.rss - before) / r.members
-        out["kib_per_conn_idle"] = (a.rss - before) / r.members
     return out
 
 
@@ -201,7 +220,8 @@ def documents(n: int, rng: random.Random, size: int = 4096) -> list[bytes]:
 def wire_bytes(kind: str, payloads: list[bytes]) -> float:
     """Bytes on the wire per message that one member receives."""
     common = [a for a in CHATD_COMMON if not (kind != "plain" and a == "--no-compression")]
-    d = Daemon(*common, "--history-size", "0", *KIND_ARGS[kind], timeout=60)
+    env = {"PYTHONPATH": BASELINE} if kind == BASE else None
+    d = Daemon(*common, "--history-size", "0", *KIND_ARGS.get(kind, ()), timeout=60, env=env)
     try:
         member = Raw(d.port, "/relay/wire", None if kind == "plain" else CHROMIUM)
         publisher = Raw(d.port, "/relay/wire", None)
@@ -226,6 +246,7 @@ def main() -> None:
     ap.add_argument("--only", default="memory,cpu,wire")
     a = ap.parse_args()
     only = {x.strip() for x in a.only.split(",")}
+    kinds = (*KINDS, BASE) if BASELINE else KINDS
     build_loadgen()
     scale = 0.5 if a.quick else 1.0
     rows: list[tuple[str, dict[str, str]]] = []
@@ -235,34 +256,36 @@ def main() -> None:
         one: dict[str, str] = {}
         idle: dict[str, str] = {}
         many: dict[str, str] = {}
-        for kind in KINDS:
+        for kind in kinds:
             log(f"[{kind}] memory")
+            idle[kind] = f"{idle_kib(kind):.1f}"
             r1 = latency_run(kind, Run(300, 1, 1))  # one message
             r600 = latency_run(kind, Run(300, 100, 6))  # 600 messages of 200 B
-            idle[kind] = f"{r1.get('kib_per_conn_idle', float('nan')):.1f}"
             one[kind] = f"{r1.get('kib_per_conn', float('nan')):.1f}"
             many[kind] = f"{r600.get('kib_per_conn', float('nan')):.1f}"
             log(f"  idle {idle[kind]}, 1 msg {one[kind]}, 600 msgs {many[kind]} KiB/conn")
         rows += [
-            ("KiB/conn, 300 members, open (no message)", idle),
+            ("KiB/conn, 2,000 connections open (no message)", idle),
             ("KiB/conn after 1 message", one),
             ("KiB/conn after 600 messages of 200 B", many),
         ]
     if "cpu" in only:
-        us: dict[str, str] = {}
-        p50: dict[str, str] = {}
-        for kind in KINDS:
-            log(f"[{kind}] cpu")
-            r = latency_run(kind, Run(300, 100, 6 * scale))
-            res = r["result"]
-            lost = res.get("expected", 0) - res.get("deliveries", 0)
-            us[kind] = f"{r.get('us_per_delivery', float('nan')):.2f}" + (" (lost)" if lost else "")
-            p50[kind] = f"{res.get('p50_ms', -1):.2f}"
-            log(f"  {us[kind]} us/delivery, p50 {p50[kind]} ms, result {res}")
-        rows += [
-            ("server CPU us/delivery (300 x 100 msg/s, 200 B)", us),
-            ("latency p50 ms", p50),
-        ]
+        for rate, seconds in ((100, 6), (20, 30)):
+            us: dict[str, str] = {}
+            p50: dict[str, str] = {}
+            for kind in kinds:
+                log(f"[{kind}] cpu at {rate} msg/s")
+                r = latency_run(kind, Run(300, rate, seconds * scale))
+                res = r["result"]
+                lost = res.get("expected", 0) - res.get("deliveries", 0)
+                us[kind] = f"{r.get('us_per_delivery', float('nan')):.2f}"
+                us[kind] += " (lost)" if lost else ""
+                p50[kind] = f"{res.get('p50_ms', -1):.2f}"
+                log(f"  {us[kind]} us/delivery, p50 {p50[kind]} ms, result {res}")
+            rows += [
+                (f"server CPU us/delivery (300 x {rate} msg/s, 200 B)", us),
+                ("  latency p50 ms", p50),
+            ]
     if "wire" in only:
         rng = random.Random(13)
         n = 100 if a.quick else 300
@@ -273,16 +296,16 @@ def main() -> None:
         for name, payloads in sets.items():
             raw = sum(len(p) for p in payloads) / len(payloads)
             cells = {}
-            for kind in KINDS:
+            for kind in kinds:
                 log(f"[{kind}] wire: {name}")
                 cells[kind] = f"{wire_bytes(kind, payloads):.0f}"
             rows.append((f"wire B/message: {name}, payload {raw:.0f} B", cells))
             log(f"  {cells}")
     label_w = max(len(r[0]) for r in rows) + 2
-    head = "".ljust(label_w) + "".join(k.rjust(14) for k in KINDS)
+    head = "".ljust(label_w) + "".join(k.rjust(14) for k in kinds)
     lines = [head, "-" * len(head)]
     for label, cells in rows:
-        lines.append(label.ljust(label_w) + "".join(cells.get(k, "-").rjust(14) for k in KINDS))
+        lines.append(label.ljust(label_w) + "".join(cells.get(k, "-").rjust(14) for k in kinds))
     text = "\n".join(lines)
     print(text)
     log(f"done in {time.monotonic() - started:.0f} s")
@@ -294,10 +317,14 @@ def main() -> None:
         "Clients offer `permessage-deflate; client_max_window_bits` (Chromium's offer); "
         "plain clients offer nothing. deflate: chatd's default (server and client "
         "no context takeover: one deflated frame per message, shared); takeover: "
-        "`--compression-context-takeover`. Memory and CPU: a relay room of 300 loadgen "
+        "`--compression-context-takeover`."
+        + (f" base deflate: the chatd in {BASELINE} (BENCH_BASELINE)." if BASELINE else "")
+        + " Memory and CPU: a relay room of 300 loadgen "
         "members, 200-byte messages (a marker and padding: very compressible); KiB/conn is "
         "the server's RSS growth over the members, so it includes the process's one "
-        "compressor (~256 KiB, under 1 KiB per member here). wire: what one member reads, "
+        "compressor (~256 KiB, under 1 KiB per member here). A p50 of 50 ms or more "
+        "means the server could not keep up (saturated): its CPU per delivery then "
+        "includes falling behind. wire: what one member reads, "
         "frame headers included, for messages that are all different.\n"
     )
     log(f"wrote {RESULTS.relative_to(REPO)}")
