@@ -25,7 +25,11 @@
  * With --deflate 1 every connection offers permessage-deflate as Chromium does
  * ("permessage-deflate; client_max_window_bits") and inflates the first PEEK
  * bytes of each compressed (RSV1) frame on their own to find the marker: right
- * for a server without context takeover (chatd's default). With --deflate 2
+ * for a server without context takeover (chatd's default). Such a server sends
+ * every member the same bytes for a message, so what was inflated is kept in a
+ * small table keyed by the compressed bytes (a browser inflates each frame
+ * once; the generator, standing in for thousands of them, would otherwise
+ * spend its core on inflating the same bytes again). With --deflate 2
  * each connection keeps its own inflater (context takeover, the server's
  * choice), which needs every compressed frame whole: frames longer than PEEK
  * are counted in "inflate_skipped" of the result and their marker is lost.
@@ -304,14 +308,39 @@ static void record_latency(const unsigned char *m, size_t avail) {
     lat[lat_n++] = t_now > ts ? t_now - ts : 0;
 }
 
-/* The start of a compressed message's payload, inflated on its own (no context
- * takeover): up to PEEK * 4 bytes of it in `out`; how many. */
+/* --deflate 1: compressed starts already inflated, by a hash of their bytes. */
+#define MEMO 1024
+typedef struct {
+    size_t in_len, out_len;
+    unsigned char in[PEEK], out[PEEK * 4];
+} memo_t;
+static memo_t *memo;
+
+static uint32_t fnv1a(const unsigned char *p, size_t n) {
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+/* The start of a compressed message's payload, inflated (on its own, or with the
+ * connection's context for --deflate 2): up to PEEK * 4 bytes of it in `out`;
+ * how many. With --deflate 1 `out` may be replaced by a remembered copy. */
 static size_t inflate_peek(conn_t *c, const unsigned char *in, size_t n, size_t len,
-                           unsigned char *out) {
+                           unsigned char **outp) {
     static z_stream shared;
     static int ready;
     static const unsigned char tail[4] = {0, 0, 0xff, 0xff};
     z_stream *z = &shared;
+    unsigned char *out = *outp;
+    memo_t *m = NULL;
+    if (o_deflate == 1) {
+        if (!memo && !(memo = calloc(MEMO, sizeof *memo))) die("calloc");
+        m = &memo[fnv1a(in, n) % MEMO];
+        if (m->in_len == n && !memcmp(m->in, in, n)) {
+            *outp = m->out;
+            return m->out_len;
+        }
+    }
     if (o_deflate == 2) {
         if (n < len) { /* its inflater would lose track: skip it */
             inflate_skipped++;
@@ -338,17 +367,24 @@ static size_t inflate_peek(conn_t *c, const unsigned char *in, size_t n, size_t 
         z->avail_in = 4;
         inflate(z, Z_SYNC_FLUSH);
     }
-    return PEEK * 4 - z->avail_out;
+    size_t got = PEEK * 4 - z->avail_out;
+    if (m) {
+        m->in_len = n;
+        memcpy(m->in, in, n);
+        m->out_len = got;
+        memcpy(m->out, out, got);
+    }
+    return got;
 }
 
 /* One frame from the server: payload holds its first `look` bytes of `len`. */
 static void on_frame(conn_t *c, int opcode, int rsv1, const unsigned char *payload, size_t look,
                      uint64_t len) {
     t_last_frame = t_now;
-    unsigned char plain[PEEK * 4];
+    unsigned char plain[PEEK * 4], *inflated = plain;
     if (rsv1 && opcode <= 2) {
-        look = inflate_peek(c, payload, look, len, plain);
-        payload = plain;
+        look = inflate_peek(c, payload, look, len, &inflated);
+        payload = inflated;
     }
     if (opcode <= 2) { /* continuation, text, binary */
         const unsigned char *m = memmem(payload, look, "@@", 2);

@@ -5,9 +5,11 @@ compressor (about 256 KiB of zlib state with its default window and memory
 level) and an inflater (a 32 KiB window and about 7 KiB of state), each made
 on first use and kept for the connection's life, even when neither side
 takes over context between messages; and every delivery is deflated for
-that connection alone. Measured on chatd before this module: 95.6 KiB of
-server memory per compressing connection after one message, 211 KiB after
-600, against 4 KiB for a plain one, and about twice the CPU per delivery.
+that connection alone. Measured on chatd before this module (``python -m
+bench.deflate``, column "base deflate" of bench/RESULTS-deflate.md): 92 KiB
+of server memory per compressing connection after one message, 207 KiB
+after 600, against 4.5 KiB for a plain one, and about 3.5 times the CPU per
+delivery; with this module about 5 KiB and 1.1 times.
 
 chatd negotiates, by default:
 
@@ -18,10 +20,10 @@ chatd negotiates, by default:
   deflates a message once per window size and queues that one frame for
   all of them, as it does the plain frame for plain recipients. The
   deflating is done by one zlib compressor per window size for the whole
-  process (``shared_deflate``), flushed with ``Z_FULL_FLUSH``, which
-  empties its dictionary: what follows starts afresh, so each message's
-  output is exactly what a fresh compressor would give (checked in
-  tests/test_deflate.py).
+  process (``chatd.fanout.shared_deflate``), flushed with ``Z_FULL_FLUSH``,
+  which empties its dictionary: what follows starts afresh, so each
+  message's output is exactly what a fresh compressor would give (checked
+  in tests/test_deflate.py).
 - ``client_no_context_takeover`` (a server may always include it: RFC 7692
   7.1.1.2): the client deflates every message on its own too, so a
   connection's inflater lives from a message's first frame to its last
@@ -41,7 +43,8 @@ client's direction is always without context takeover.
 
 ``Deflate`` stands in for Autobahn's ``PerMessageDeflate`` on a chatd
 connection (``chatd.internals.ServerInternals.use_compressor``): it has the
-methods Autobahn's frame parser and ``sendMessage`` call, and nothing more.
+methods Autobahn's frame parser and ``sendMessage`` call, and ``frame``
+for chatd's own ``sendMessage``.
 """
 
 from __future__ import annotations
