@@ -251,3 +251,34 @@ def test_a_client_that_keeps_its_context_anyway_is_refused_1007() -> None:
     assert inflated(c.read_frame()) == CHAT
     c.send_frame(TEXT, (z.compress(CHAT) + z.flush(zlib.Z_SYNC_FLUSH))[:-4], rsv=4)
     assert c.expect_close() == 1007
+
+
+def test_a_paged_history_reaches_a_deflate_client_whole() -> None:
+    """History pages go out through the link's hold (Link.drain): deflated there too."""
+    site = Site("--rate", "1000000", "--rate-burst", "1000000")
+    v1 = {"Sec-WebSocket-Protocol": "chatd.v1"}
+    writer = site.client("/", headers=v1)
+    writer.send('{"type":"hello","nick":"w"}')
+    writer.send('{"type":"join","room":"tea"}')
+    for i in range(100):  # 100 x 1 KiB: more than one 64 KiB page
+        writer.send(json.dumps({"type": "send", "room": "tea", "text": f"{i} " + "tea " * 256}))
+    reader = site.client("/", headers={**CHROMIUM, **v1})
+    reader.send_frame(TEXT, deflated(b'{"type":"hello","nick":"r"}'), rsv=4)
+    reader.send_frame(TEXT, deflated(b'{"type":"join","room":"tea","since":0}'), rsv=4)
+    ids: list[int] = []
+    more = True
+    for _ in range(200):  # bounded: welcome, joined, the pages
+        f = reader.read_frame()
+        assert f.rsv == 4  # every one deflated
+        obj = json.loads(inflated(f))
+        if obj["type"] == "joined":
+            ids += [m["id"] for m in obj["history"]]
+            more = obj.get("more", False)
+        elif obj["type"] == "history":
+            ids += [m["id"] for m in obj["messages"]]
+            more = obj["more"]
+        if obj["type"] in ("joined", "history") and not more:
+            break
+    assert ids == list(range(1, 101))
+    pmc = server_side(reader).compressor
+    assert pmc.compressor is None and pmc.decompressor is None
