@@ -7,10 +7,12 @@ the loop is a list append and a few attribute reads. A connection that
 negotiated permessage-deflate without server context takeover (chatd's
 default: ``chatd.deflate`` says why) is no different: the message is
 deflated once per window size, by one compressor for the whole process
-(``shared_deflate``), and that frame is shared the same way. Only a
-connection with context takeover (``--compression-context-takeover``) gets
-its own copy, because its compressor state is its own (RFC 7692): its link
-has ``send_message`` set, and frames and deflates each message itself.
+(``shared_deflate``), and that frame is shared the same way (its link's
+``deflate`` says the window; the plain path of the loop does not even read
+it). Only a connection with context takeover
+(``--compression-context-takeover``) gets its own copy, because its
+compressor state is its own (RFC 7692): its link's ``send_message`` frames
+and deflates each message itself.
 
 Writes are coalesced per reactor turn: at the end of the turn (``Outbox``)
 each connection's queued frames are joined and written once. On a plain TCP
@@ -42,8 +44,9 @@ A link can also *hold* (``hold``/``put``/``drain``): while a long reply (a
 room's history, in pages) goes out at the pace the client reads it, what
 else is sent to the link waits behind it, in order, counted against the
 same ``max_backlog``. Holding swaps ``send_message`` for a function that
-queues the payload, so ``broadcast`` pays nothing for it: a holding link is
-simply one that looks paused. A pending paged reply counts as
+queues the payload (and sets ``deflate`` to 0, so that a link sharing
+deflated frames calls it too), so ``broadcast`` pays nothing for it: a
+holding link is simply one that looks paused. A pending paged reply counts as
 ``PAGER_CHARGE`` bytes (the page it renders and what it reads ahead; half
 of ``max_backlog`` if that is less); the
 pages themselves are written only when the transport has room (when it
@@ -159,6 +162,7 @@ class Link:
         "max_backlog",
         "on_drop",
         "open",
+        "own_deflate",
         "own_send",
         "paused",
         "pending",
@@ -178,13 +182,16 @@ class Link:
         deflate: int = 0,
     ) -> None:
         self.transport = transport
-        # Set for a connection that frames (and deflates) each message itself: one
-        # with permessage-deflate context takeover, whose compressor is its own.
-        # While the link holds, this is ``_hold`` and the real one is ``own_send``.
+        # Set for a compressing connection: it frames (and deflates) a message
+        # itself. ``broadcast`` calls it only when ``deflate`` is 0 (context
+        # takeover: its compressor is its own). While the link holds, this is
+        # ``_hold`` and the real one is ``own_send``.
         self.send_message = send_message
-        # Not 0 for a connection that negotiated permessage-deflate without context
-        # takeover: the window bits of the deflated frame it shares (``broadcast``).
+        # Not 0 for a compressing connection without server context takeover: the
+        # window bits of the deflated frame ``broadcast`` shares with it. 0 while
+        # the link holds (the real one is then ``own_deflate``).
         self.deflate = deflate
+        self.own_deflate = 0
         self.own_send: Callable[[bytes, bool], object] | None = None
         # Called (after the fan-out loop) when a link is given up on: the reason
         # is "backlog" for a slow consumer, "overload" for one that is behind
@@ -250,6 +257,7 @@ class Link:
         self.held = deque()
         self.own_send = self.send_message
         self.send_message = self._hold
+        self.own_deflate, self.deflate = self.deflate, 0  # so broadcast calls _hold
         self.paused = True  # so broadcast counts what it hands to _hold
 
     def _hold(self, payload: bytes, binary: bool) -> None:
@@ -315,13 +323,12 @@ class Link:
                 left -= len(payload)
                 if self.own_send is not None:
                     self.own_send(payload, binary)
-                elif self.deflate:
-                    write(self.transport, self.sock, deflate_frame(payload, binary, self.deflate))
                 else:
                     write(self.transport, self.sock, encode_frame(payload, binary))
             if not held and self.open:
                 self.held = None
                 self.send_message, self.own_send = self.own_send, None
+                self.deflate, self.own_deflate = self.own_deflate, 0
                 self.paused = self.stalled
         finally:
             self.draining = False
@@ -430,24 +437,27 @@ def broadcast(links: Iterable[Link], payload: bytes, binary: bool, outbox: Outbo
                 continue
         try:
             if link.send_message is None:
-                bits = link.deflate
-                if not bits:
-                    if frame is None:
-                        frame = encode_frame(payload, binary)
-                    data = frame
-                else:
-                    if deflated is None:
-                        deflated = {}
-                    shared = deflated.get(bits)
-                    if shared is None:
-                        shared = deflated[bits] = deflate_frame(payload, binary, bits)
-                    data = shared
+                if frame is None:
+                    frame = encode_frame(payload, binary)
                 pending = link.pending
                 if pending is None:
-                    link.pending = [data]
+                    link.pending = [frame]
                     outbox.add(link)
                 else:
-                    pending.append(data)
+                    pending.append(frame)
+            elif link.deflate:
+                bits = link.deflate
+                if deflated is None:
+                    deflated = {}
+                shared = deflated.get(bits)
+                if shared is None:
+                    shared = deflated[bits] = deflate_frame(payload, binary, bits)
+                pending = link.pending
+                if pending is None:
+                    link.pending = [shared]
+                    outbox.add(link)
+                else:
+                    pending.append(shared)
             else:
                 link.send_message(payload, binary)
         except Exception:  # a broken transport must not stop the loop

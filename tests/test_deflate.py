@@ -122,8 +122,13 @@ def test_broadcast_deflates_once_per_window_and_queues_the_same_bytes() -> None:
     calls: list[int] = []
     outbox = Outbox(call_soon=lambda f: None)  # flushed by hand below
 
+    def own(payload: bytes, binary: bool) -> None:
+        raise AssertionError("a link with a shared deflated frame is not sent to alone")
+
     def link(bits: int) -> Link:
-        return Link(StringTransport(), 1 << 20, lambda reason: None, deflate=bits)
+        return Link(
+            StringTransport(), 1 << 20, lambda reason: None, own if bits else None, deflate=bits
+        )
 
     links = [link(15) for _ in range(5)] + [link(0) for _ in range(3)] + [link(10), link(10)]
     real = fanout.deflate_frame
@@ -191,7 +196,7 @@ def test_no_zlib_state_kept_per_connection_after_traffic() -> None:
         assert pmc.compressor is None and pmc.message_compressor is None
         assert pmc.decompressor is None
         assert not hasattr(pmc, "__dict__")  # slots only: a few words per connection
-        assert server_side(c).link.send_message is None  # fan-out frames it: shared
+        assert server_side(c).link.deflate == 15  # broadcast gives it the shared frame
 
 
 def test_with_context_takeover_each_connection_has_its_own_compressor() -> None:
@@ -209,7 +214,7 @@ def test_with_context_takeover_each_connection_has_its_own_compressor() -> None:
     for c in (a, b):
         pmc = server_side(c).compressor
         assert pmc.compressor is not None and pmc.decompressor is None
-        assert server_side(c).link.send_message is not None  # frames its own copy
+        assert server_side(c).link.deflate == 0  # broadcast calls send_message: its own copy
 
 
 # -- bounded inflate ------------------------------------------------------------------------

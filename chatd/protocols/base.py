@@ -427,7 +427,7 @@ class Connection(ServerInternals):
             transport,
             self.factory.settings.max_backlog,
             self._dropped,
-            self.sendMessage if compressing and not shared_bits else None,
+            self.sendMessage if compressing else None,
             self.factory.budget,
             shared_bits,
         )
