@@ -287,3 +287,24 @@ def test_a_paged_history_reaches_a_deflate_client_whole() -> None:
     assert ids == list(range(1, 101))
     pmc = server_side(reader).compressor
     assert pmc.compressor is None and pmc.decompressor is None
+
+
+def test_a_holding_link_that_shares_deflated_frames_queues_behind_its_reply() -> None:
+    sent: list[bytes] = []
+    link = Link(
+        StringTransport(),
+        1 << 20,
+        lambda reason: None,
+        lambda payload, binary: sent.append(payload),
+        deflate=15,
+    )
+    outbox = Outbox(call_soon=lambda f: None)
+    link.hold()
+    assert link.put(b"page 1") is None
+    assert broadcast([link], CHAT, False, outbox) == 1
+    assert link.pending is None and sent == []  # held, behind the page
+    link.drain()
+    assert sent == [b"page 1", CHAT]  # in order, through the link's own send
+    assert link.held is None and link.deflate == 15  # shares frames again
+    broadcast([link], CHAT, False, outbox)
+    assert link.pending == [deflate_frame(CHAT, False, 15)]
