@@ -64,9 +64,10 @@ format: deps
 clean:
 	rm -rf $(VENV) .cache reports build *.egg-info .pytest_cache .ruff_cache
 
-## benchmarks: they print numbers and assert nothing (bench.run: ~10 min, writes bench/RESULTS.md)
+## benchmarks: they print numbers and assert nothing (bench.run: ~10 min, writes bench/RESULTS.md; bench.deflate: ~4 min, bench/RESULTS-deflate.md)
 bench: deps
 	$(PY) -m bench.run
+	$(PY) -m bench.deflate
 	$(PY) -m bench.chat
 	$(PY) -m bench.cluster
 

@@ -22,11 +22,24 @@
  *               as fast as the window (on the publisher's own copies) allows,
  *               then wait up to --grace s for the server to drop the non-readers.
  *
+ * With --deflate 1 every connection offers permessage-deflate as Chromium does
+ * ("permessage-deflate; client_max_window_bits") and inflates the first PEEK
+ * bytes of each compressed (RSV1) frame on their own to find the marker: right
+ * for a server without context takeover (chatd's default). Such a server sends
+ * every member the same bytes for a message, so what was inflated is kept in a
+ * small table keyed by the compressed bytes (a browser inflates each frame
+ * once; the generator, standing in for thousands of them, would otherwise
+ * spend its core on inflating the same bytes again). With --deflate 2
+ * each connection keeps its own inflater (context takeover, the server's
+ * choice), which needs every compressed frame whole: frames longer than PEEK
+ * are counted in "inflate_skipped" of the result and their marker is lost.
+ * What it publishes goes uncompressed, which RFC 7692 allows.
+ *
  * With --linger S the connections stay open after the result until stdin is
  * closed (or S seconds), so the harness can read the server's memory and stop
  * the server before the clients go.
  *
- * Build: gcc -O2 -o bench/.build/loadgen bench/loadgen.c
+ * Build: gcc -O2 -o bench/.build/loadgen bench/loadgen.c -lz
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -45,6 +58,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #define PEEK 256            /* payload bytes looked at per frame (the marker is near the start) */
 #define CARRY (14 + PEEK)   /* the most a partial frame keeps between reads */
@@ -72,6 +86,7 @@ typedef struct {
     unsigned char *out;
     size_t out_len, out_off, out_cap;
     int close_code; /* from the server's close frame, -1: EOF/reset, 0: open */
+    z_stream *z;    /* --deflate 2: this connection's inflater */
     uint64_t lost_at; /* when the connection ended */
 } conn_t;
 
@@ -87,6 +102,8 @@ static int o_n = 100, o_m = 1000, o_size = 64, o_window = 32, o_runs = 1, o_slow
 static int o_inflight = 200;
 static double o_rate = 50, o_duration = 5, o_hold = 3, o_timeout = 60, o_linger, o_quiet = 0.3;
 static double o_grace = 6; /* slow: how long to wait for the server to drop non-readers */
+static int o_deflate;       /* offer permessage-deflate; inflate RSV1 frames' first bytes */
+static uint64_t inflate_skipped; /* --deflate 2: compressed frames too long to inflate */
 static int mode;
 
 /* state */
@@ -291,9 +308,84 @@ static void record_latency(const unsigned char *m, size_t avail) {
     lat[lat_n++] = t_now > ts ? t_now - ts : 0;
 }
 
+/* --deflate 1: compressed starts already inflated, by a hash of their bytes. */
+#define MEMO 1024
+typedef struct {
+    size_t in_len, out_len;
+    unsigned char in[PEEK], out[PEEK * 4];
+} memo_t;
+static memo_t *memo;
+
+static uint32_t fnv1a(const unsigned char *p, size_t n) {
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+/* The start of a compressed message's payload, inflated (on its own, or with the
+ * connection's context for --deflate 2): up to PEEK * 4 bytes of it in `out`;
+ * how many. With --deflate 1 `out` may be replaced by a remembered copy. */
+static size_t inflate_peek(conn_t *c, const unsigned char *in, size_t n, size_t len,
+                           unsigned char **outp) {
+    static z_stream shared;
+    static int ready;
+    static const unsigned char tail[4] = {0, 0, 0xff, 0xff};
+    z_stream *z = &shared;
+    unsigned char *out = *outp;
+    memo_t *m = NULL;
+    if (o_deflate == 1) {
+        if (!memo && !(memo = calloc(MEMO, sizeof *memo))) die("calloc");
+        m = &memo[fnv1a(in, n) % MEMO];
+        if (m->in_len == n && !memcmp(m->in, in, n)) {
+            *outp = m->out;
+            return m->out_len;
+        }
+    }
+    if (o_deflate == 2) {
+        if (n < len) { /* its inflater would lose track: skip it */
+            inflate_skipped++;
+            return 0;
+        }
+        if (!c->z) {
+            c->z = calloc(1, sizeof *c->z);
+            if (!c->z || inflateInit2(c->z, -15) != Z_OK) die("inflateInit2");
+        }
+        z = c->z;
+    } else if (!ready) {
+        if (inflateInit2(z, -15) != Z_OK) die("inflateInit2");
+        ready = 1;
+    } else {
+        inflateReset(z);
+    }
+    z->next_in = (unsigned char *)in;
+    z->avail_in = n;
+    z->next_out = out;
+    z->avail_out = PEEK * 4;
+    inflate(z, Z_SYNC_FLUSH); /* (1: a truncated stream: what came out is enough) */
+    if (o_deflate == 2) {
+        z->next_in = (unsigned char *)tail;
+        z->avail_in = 4;
+        inflate(z, Z_SYNC_FLUSH);
+    }
+    size_t got = PEEK * 4 - z->avail_out;
+    if (m) {
+        m->in_len = n;
+        memcpy(m->in, in, n);
+        m->out_len = got;
+        memcpy(m->out, out, got);
+    }
+    return got;
+}
+
 /* One frame from the server: payload holds its first `look` bytes of `len`. */
-static void on_frame(conn_t *c, int opcode, const unsigned char *payload, size_t look) {
+static void on_frame(conn_t *c, int opcode, int rsv1, const unsigned char *payload, size_t look,
+                     uint64_t len) {
     t_last_frame = t_now;
+    unsigned char plain[PEEK * 4], *inflated = plain;
+    if (rsv1 && opcode <= 2) {
+        look = inflate_peek(c, payload, look, len, &inflated);
+        payload = inflated;
+    }
     if (opcode <= 2) { /* continuation, text, binary */
         const unsigned char *m = memmem(payload, look, "@@", 2);
         if (!m) return;
@@ -342,7 +434,7 @@ static void parse(conn_t *c, unsigned char *p, size_t n) {
         if (p[i + 1] & 0x80) h += 4; /* a masked server frame: invalid, but skip it right */
         size_t look = len < PEEK ? len : PEEK;
         if (avail < h + look) break;
-        on_frame(c, p[i] & 0x0f, p + i + h, look);
+        on_frame(c, p[i] & 0x0f, p[i] & 0x40, p + i + h, look, len);
         if (avail >= h + len) {
             i += h + len;
         } else {
@@ -430,6 +522,7 @@ static void start_connect(conn_t *c) {
     c->skip = 0;
     c->close_code = 0;
     c->out_len = c->out_off = 0;
+    if (c->z) inflateReset(c->z); /* a new connection: a new context */
     inprogress++;
     struct epoll_event e = {.events = EPOLLOUT, .data.ptr = c};
     c->events = EPOLLOUT;
@@ -449,9 +542,11 @@ static void on_connected(conn_t *c) {
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     "Sec-WebSocket-Version: 13\r\n%s%s%s\r\n",
+                     "Sec-WebSocket-Version: 13\r\n%s%s%s%s\r\n",
                      o_path, o_port, o_proto ? "Sec-WebSocket-Protocol: " : "", o_proto ? o_proto : "",
-                     o_proto ? "\r\n" : "");
+                     o_proto ? "\r\n" : "",
+                     o_deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+                               : "");
     c->state = ST_HANDSHAKE;
     c->events = 0;
     set_events(c, EPOLLIN);
@@ -675,10 +770,11 @@ static void mode_latency(void) {
     }
     emit("{\"event\":\"result\",\"mode\":\"latency\",\"members\":%d,\"rate\":%.1f,\"sent\":%llu,"
          "\"deliveries\":%llu,\"expected\":%llu,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"max_ms\":%.3f,"
-         "\"seconds\":%.3f,\"gen_cpu_share\":%.3f,\"members_lost\":%d,\"error\":%s}",
+         "\"seconds\":%.3f,\"gen_cpu_share\":%.3f,\"members_lost\":%d,\"inflate_skipped\":%llu,"
+         "\"error\":%s}",
          o_n, o_rate, (unsigned long long)sent, (unsigned long long)received,
          (unsigned long long)expected, p50, p99, pmax, el, gen / el, readers_lost,
-         received < expected ? "\"incomplete\"" : "null");
+         (unsigned long long)inflate_skipped, received < expected ? "\"incomplete\"" : "null");
 }
 
 static void mode_idle(void) {
@@ -792,7 +888,7 @@ static void usage(void) {
             "  [--proto chatd.v1] [--setup 'frame\\nframe' ({i} index, {g} index/--group)]\n"
             "  [--wrap '...{p}...'] [-n members/conns] [-m messages] [--size B] [--window W]\n"
             "  [--runs R] [--rate msg/s] [--duration s] [--slow K] [--hold s] [--inflight k]\n"
-            "  [--timeout s] [--linger s] [--quiet s] [--grace s]\n");
+            "  [--timeout s] [--linger s] [--quiet s] [--grace s] [--deflate 1]\n");
     exit(64);
 }
 
@@ -830,6 +926,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--linger")) o_linger = atof(v);
         else if (!strcmp(k, "--quiet")) o_quiet = atof(v);
         else if (!strcmp(k, "--grace")) o_grace = atof(v);
+        else if (!strcmp(k, "--deflate")) o_deflate = atoi(v);
         else usage();
     }
     if (o_port <= 0 || o_n <= 0 || o_n > 1000000 || o_slow < 0 || o_slow >= o_n || o_rate <= 0 ||

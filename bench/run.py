@@ -17,10 +17,17 @@ into bench/.build/) to CPU 1, every test on a fresh server. Measured:
 - slow consumers: 10 of 100 members never read; server memory growth, loss
   for the healthy 90, and whether the non-readers were dropped.
 
+The column "browsers (deflate)" is chatd v1 with every client offering
+permessage-deflate as Chromium does (``permessage-deflate;
+client_max_window_bits``), on chatd's default (no context takeover: one
+deflated frame per message, shared). bench/deflate.py compares plain,
+deflate and deflate with context takeover in more detail (memory after
+traffic, bytes on the wire).
+
 A cell marked ``!`` had the generator above 90% of its CPU (GEN-BOUND): the
 server may be faster than shown. Results go to stdout and bench/RESULTS.md
 (raw JSON in bench/.build/results.json). ``--only`` takes server keys
-(relay, plain, v1, ab-send, ab-prepared, websockets, node) and/or test keys
+(relay, plain, v1, v1-deflate, ab-send, ab-prepared, websockets, node) and/or test keys
 (fanout, latency, idle, handshakes, slow).
 """
 
@@ -151,6 +158,10 @@ class ServerSpec:
     wrap: str = "{p}"
     needs: str = ""  # "node" or "websockets": skipped when missing
     tree: str = ""  # a chatd from another checkout (BENCH_BASELINE), for before/after
+    # loadgen --deflate: 1 offers permessage-deflate as Chromium does and reads each
+    # compressed message on its own; 2 keeps an inflater per connection (context
+    # takeover). A chatd then runs with compression on.
+    deflate: int = 0
 
 
 def servers_chatd() -> list[ServerSpec]:
@@ -170,6 +181,17 @@ def servers_chatd() -> list[ServerSpec]:
             setup=V1_SETUP,
             idle_setup=V1_IDLE_SETUP,
             wrap=V1_WRAP,
+        ),
+        # The v1 chat as browsers use it: every client offers permessage-deflate.
+        ServerSpec(
+            "v1-deflate",
+            "browsers (deflate)",
+            chatd_args=("--history-size", "1000"),
+            proto="chatd.v1",
+            setup=V1_SETUP,
+            idle_setup=V1_IDLE_SETUP,
+            wrap=V1_WRAP,
+            deflate=1,
         ),
     ]
 
@@ -257,7 +279,8 @@ class ChatdServer:
     """chatd through tools.daemon, under ``taskset`` (it execs, so the pid is chatd's)."""
 
     def __init__(self, spec: ServerSpec, extra: tuple[str, ...]) -> None:
-        argv = [twistd(), "-n", "--pidfile=", "chatd", *CHATD_COMMON]
+        common = [a for a in CHATD_COMMON if not (spec.deflate and a == "--no-compression")]
+        argv = [twistd(), "-n", "--pidfile=", "chatd", *common]
         argv += [*spec.chatd_args, *extra, "--port", "0"]
         if SERVER_CPU is not None:
             argv = ["taskset", "-c", str(SERVER_CPU), *argv]
@@ -353,6 +376,8 @@ class Load:
         argv = [str(LOADGEN), mode, "--port", str(server.port), "--path", spec.path]
         argv += ["--proto", spec.proto, "--wrap", spec.wrap, *args, "--timeout", str(timeout)]
         argv += ["--linger", "120"]
+        if spec.deflate:
+            argv += ["--deflate", str(spec.deflate)]
         self.timeout = timeout + 30
         self.marks: dict[str, Mark] = {}
         self.events: dict[str, dict[str, Any]] = {}
@@ -616,7 +641,7 @@ def build_loadgen() -> None:
     if LOADGEN.exists() and LOADGEN.stat().st_mtime >= src.stat().st_mtime:
         return
     BUILD.mkdir(exist_ok=True)
-    cmd = ["gcc", "-O2", "-o", str(LOADGEN.relative_to(REPO)), str(src.relative_to(REPO))]
+    cmd = ["gcc", "-O2", "-o", str(LOADGEN.relative_to(REPO)), str(src.relative_to(REPO)), "-lz"]
     log("building: " + " ".join(cmd))
     subprocess.run(cmd, cwd=REPO, check=True)
 
@@ -674,15 +699,18 @@ def machine() -> str:
 
 
 def table(p: Params, specs: list[ServerSpec], results: dict[str, Outcome], tests: set[str]) -> str:
-    width = 14
+    widths = [max(14, len(s.title) + 2) for s in specs]
     label_w = max(len(label) for _, _, label in rows(p)) + 2
-    head = "".ljust(label_w) + "".join(s.title.rjust(width) for s in specs)
+    head = "".ljust(label_w) + "".join(s.title.rjust(w) for s, w in zip(specs, widths, strict=True))
     lines = [head, "-" * len(head)]
     for test, key, label in rows(p):
         if test not in tests:
             continue
         cells = [results[s.key].cells.get(key, Cell("-")) for s in specs]
-        text = "".join((c.text + ("!" if c.gen_bound else "")).rjust(width) for c in cells)
+        text = "".join(
+            (c.text + ("!" if c.gen_bound else "")).rjust(w)
+            for c, w in zip(cells, widths, strict=True)
+        )
         flag = "  GEN-BOUND" if any(c.gen_bound for c in cells) else ""
         lines.append(label.ljust(label_w) + text + flag)
     return "\n".join(lines)
@@ -701,6 +729,8 @@ def legend(p: Params) -> str:
         "1008 past its backlog limit, then waits 5 s for the reply before it aborts).\n"
         "chatd.v1 idle connections: hello + join, rooms of 100 (one room of thousands would be "
         "a presence storm).\n"
+        "browsers (deflate) = chatd v1 with clients offering permessage-deflate as Chromium "
+        "does.\n"
         "AB = Autobahn|Python on Twisted: sendMessage per client / prepareMessage once."
     )
 

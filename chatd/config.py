@@ -326,6 +326,14 @@ SETTINGS: tuple[Setting, ...] = (
         shown="off",
     ),
     Setting(
+        "compression_context_takeover",
+        "flag",
+        False,
+        "permessage-deflate with server context takeover: fewer bytes on the wire for "
+        "similar messages, but a compressor (~256 KiB) and a deflate per connection.",
+        shown="off",
+    ),
+    Setting(
         "db",
         "text",
         "chatd.sqlite3",
@@ -587,6 +595,7 @@ class Settings:
     ping_interval: float = limits.PING_INTERVAL
     ping_timeout: float = limits.PING_TIMEOUT
     compression: bool = True
+    compression_context_takeover: bool = False
     db: str = "chatd.sqlite3"
     db_sync: str = "normal"
     history_size: int = limits.HISTORY_SIZE

@@ -3,9 +3,16 @@
 Everything chatd delivers goes through ``broadcast``. It is shaped for the
 common case: the WebSocket frame is encoded once per message and the same
 ``bytes`` object is queued for every recipient, so the cost per recipient in
-the loop is a list append and a few attribute reads. Only a connection that
-negotiated permessage-deflate gets its own copy, because its compressor
-state is its own (RFC 7692 context takeover).
+the loop is a list append and a few attribute reads. A connection that
+negotiated permessage-deflate without server context takeover (chatd's
+default: ``chatd.deflate`` says why) is no different: the message is
+deflated once per window size, by one compressor for the whole process
+(``shared_deflate``), and that frame is shared the same way (its link's
+``deflate`` says the window; the plain path of the loop does not even read
+it). Only a connection with context takeover
+(``--compression-context-takeover``) gets its own copy, because its
+compressor state is its own (RFC 7692): its link's ``send_message`` frames
+and deflates each message itself.
 
 Writes are coalesced per reactor turn: at the end of the turn (``Outbox``)
 each connection's queued frames are joined and written once. On a plain TCP
@@ -37,8 +44,9 @@ A link can also *hold* (``hold``/``put``/``drain``): while a long reply (a
 room's history, in pages) goes out at the pace the client reads it, what
 else is sent to the link waits behind it, in order, counted against the
 same ``max_backlog``. Holding swaps ``send_message`` for a function that
-queues the payload, so ``broadcast`` pays nothing for it: a holding link is
-simply one that looks paused. A pending paged reply counts as
+queues the payload (and sets ``deflate`` to 0, so that a link sharing
+deflated frames calls it too), so ``broadcast`` pays nothing for it: a
+holding link is simply one that looks paused. A pending paged reply counts as
 ``PAGER_CHARGE`` bytes (the page it renders and what it reads ahead; half
 of ``max_backlog`` if that is less); the
 pages themselves are written only when the transport has room (when it
@@ -54,10 +62,11 @@ Its one reach into Twisted's TCP transport is in ``chatd.internals``
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from struct import pack
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet.interfaces import IPushProducer, ITransport
 from zope.interface import implementer
@@ -71,6 +80,7 @@ RSV1 = 0x40  # "compressed" (RFC 7692), on a message's first frame
 
 PAGER_CHARGE = 128 * 1024  # what a pending paged reply counts as, against max_backlog
 DRAIN_PER_TURN = 256 * 1024  # bytes a holding link writes per reactor turn, at most
+MEM_LEVEL = 8  # zlib's memory level for deflating (its default, as Autobahn's)
 
 
 def encode_frame(payload: bytes, binary: bool, rsv1: bool = False) -> bytes:
@@ -86,6 +96,42 @@ def encode_frame(payload: bytes, binary: bool, rsv1: bool = False) -> bytes:
     else:
         header = pack("!BBQ", first, 127, n)
     return header + payload
+
+
+# One compressor per window size, for the whole process.
+_shared: dict[int, Any] = {}
+
+
+def shared_deflate(payload: bytes, bits: int) -> bytes:
+    """``payload`` deflated on its own with a ``bits`` window, less the 4-byte tail.
+
+    The compressor is the process's one for ``bits``; ``Z_FULL_FLUSH`` resets
+    its dictionary after each message, so nothing of one message is used for
+    the next, and the output equals a fresh compressor's.
+    """
+    c = _shared.get(bits)
+    if c is None:
+        c = _shared[bits] = zlib.compressobj(
+            zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits, MEM_LEVEL
+        )
+    try:
+        out = c.compress(payload) + c.flush(zlib.Z_FULL_FLUSH)
+    except BaseException:  # (MemoryError) its state is unknown now: the next call makes another
+        _shared.pop(bits, None)
+        raise
+    return out[:-4]
+
+
+def deflate_frame(payload: bytes, binary: bool, bits: int) -> bytes:
+    """The frame of one message for a recipient without context takeover.
+
+    Deflated (RSV1 set) unless deflating does not make it smaller (tiny
+    messages): RFC 7692 lets each message be sent compressed or not.
+    """
+    data = shared_deflate(payload, bits)
+    if len(data) >= len(payload):
+        return encode_frame(payload, binary)
+    return encode_frame(data, binary, rsv1=True)
 
 
 class Budget:
@@ -109,12 +155,14 @@ class Link:
         "__weakref__",
         "backlog",
         "budget",
+        "deflate",
         "draining",
         "held",
         "held_bytes",
         "max_backlog",
         "on_drop",
         "open",
+        "own_deflate",
         "own_send",
         "paused",
         "pending",
@@ -131,11 +179,19 @@ class Link:
         on_drop: Callable[[str], object],
         send_message: Callable[[bytes, bool], object] | None = None,
         budget: Budget = UNLIMITED,
+        deflate: int = 0,
     ) -> None:
         self.transport = transport
-        # Set for a compressing connection: it frames (and deflates) itself.
-        # While the link holds, this is ``_hold`` and the real one is ``own_send``.
+        # Set for a compressing connection: it frames (and deflates) a message
+        # itself. ``broadcast`` calls it only when ``deflate`` is 0 (context
+        # takeover: its compressor is its own). While the link holds, this is
+        # ``_hold`` and the real one is ``own_send``.
         self.send_message = send_message
+        # Not 0 for a compressing connection without server context takeover: the
+        # window bits of the deflated frame ``broadcast`` shares with it. 0 while
+        # the link holds (the real one is then ``own_deflate``).
+        self.deflate = deflate
+        self.own_deflate = 0
         self.own_send: Callable[[bytes, bool], object] | None = None
         # Called (after the fan-out loop) when a link is given up on: the reason
         # is "backlog" for a slow consumer, "overload" for one that is behind
@@ -201,6 +257,7 @@ class Link:
         self.held = deque()
         self.own_send = self.send_message
         self.send_message = self._hold
+        self.own_deflate, self.deflate = self.deflate, 0  # so broadcast calls _hold
         self.paused = True  # so broadcast counts what it hands to _hold
 
     def _hold(self, payload: bytes, binary: bool) -> None:
@@ -271,6 +328,7 @@ class Link:
             if not held and self.open:
                 self.held = None
                 self.send_message, self.own_send = self.own_send, None
+                self.deflate, self.own_deflate = self.own_deflate, 0
                 self.paused = self.stalled
         finally:
             self.draining = False
@@ -353,8 +411,14 @@ def broadcast(links: Iterable[Link], payload: bytes, binary: bool, outbox: Outbo
     Links that fall too far behind, or whose write raises, are closed and
     told only after the loop, so one bad recipient never costs the others
     their copy and the caller's collection is not changed while iterated.
+
+    The frame is encoded once, and deflated at most once per window size
+    (``Link.deflate``): every recipient of the same kind queues the same
+    ``bytes``. What a paused link is charged is the payload's size, deflated
+    or not.
     """
     frame: bytes | None = None
+    deflated: dict[int, bytes] | None = None
     size = len(payload)
     delivered = 0
     dropped: list[tuple[Link, str]] | None = None
@@ -381,6 +445,19 @@ def broadcast(links: Iterable[Link], payload: bytes, binary: bool, outbox: Outbo
                     outbox.add(link)
                 else:
                     pending.append(frame)
+            elif link.deflate:
+                bits = link.deflate
+                if deflated is None:
+                    deflated = {}
+                shared = deflated.get(bits)
+                if shared is None:
+                    shared = deflated[bits] = deflate_frame(payload, binary, bits)
+                pending = link.pending
+                if pending is None:
+                    link.pending = [shared]
+                    outbox.add(link)
+                else:
+                    pending.append(shared)
             else:
                 link.send_message(payload, binary)
         except Exception:  # a broken transport must not stop the loop

@@ -89,7 +89,17 @@ The reaches, by where they are used:
    reads it (``set_key``: ``_wskey``). Once open, the connection forgets
    its handshake attributes, ``_wskey`` among them (``HANDSHAKE_PRIVATE``).
    ``compressor`` reads ``_perMessageCompress`` (the negotiated
-   permessage-deflate, if any) and ``fail`` calls ``_fail_connection``,
+   permessage-deflate, if any), and ``use_compressor`` replaces it, once
+   the connection is open, with ``chatd.deflate.Deflate``: Autobahn makes
+   its own ``PerMessageDeflate`` from a registry keyed by the extension's
+   name (``PERMESSAGE_COMPRESSION_EXTENSION``), for clients and servers
+   alike, so there is no public way to have it make chatd's. Autobahn's
+   frame parser then calls ``start_decompress_message``,
+   ``decompress_message_data(data, max_output_len=...)`` and
+   ``end_decompress_message`` on chatd's object, and its ``sendMessage``
+   (with fragments) the three ``*_compress_message`` methods; the canary
+   test checks those calls are still there and that a compressed message
+   still arrives through the replacement. ``fail`` calls ``_fail_connection``,
    the only way to close with any RFC 6455 code (``sendClose`` takes only
    1000 and 3000-4999). ``hand_over`` makes a protocol built after the
    first read the one a transport delivers to, as Autobahn's
@@ -358,8 +368,13 @@ class ServerInternals(WebSocketServerProtocol):
 
     @property
     def compressor(self):
-        """The negotiated permessage-deflate (PerMessageDeflate), or None."""
+        """The negotiated permessage-deflate (Autobahn's PerMessageDeflate until
+        ``use_compressor``, chatd.deflate.Deflate from then), or None."""
         return self._perMessageCompress
+
+    def use_compressor(self, pmc: Any) -> None:
+        """Make ``pmc`` the connection's permessage-deflate, in place of Autobahn's."""
+        self._perMessageCompress = pmc
 
     def set_key(self, key: str) -> None:
         """The client's Sec-WebSocket-Key, where ``succeedHandshake`` reads it."""

@@ -39,13 +39,16 @@ class Recorder(WebSocketClientProtocol):
             self.factory.all_received.callback(self.factory.received)
 
 
-def connect(port: int, path: str, compress: bool, expect: int):
+def connect(port: int, path: str, compress: bool, expect: int, no_server_context: bool = False):
+    """An Autobahn client; ``no_server_context``: its offer asks for server_no_context_takeover."""
     f = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}")
     f.protocol = Recorder
     f.opened, f.all_received, f.received, f.expect = defer.Deferred(), defer.Deferred(), [], expect
     if compress:
         f.setProtocolOptions(
-            perMessageCompressionOffers=[PerMessageDeflateOffer()],
+            perMessageCompressionOffers=[
+                PerMessageDeflateOffer(request_no_context_takeover=no_server_context)
+            ],
             perMessageCompressionAccept=lambda r: (
                 PerMessageDeflateResponseAccept(r)
                 if isinstance(r, PerMessageDeflateResponse)
@@ -56,10 +59,11 @@ def connect(port: int, path: str, compress: bool, expect: int):
     return f
 
 
-@pytest.fixture
-def site_port():
+@pytest.fixture(params=[False, True], ids=["shared", "context-takeover"])
+def site_port(request):
     hub = InMemoryHub()
-    port = reactor.listenTCP(0, make_site(Settings(ping_interval=0), hub), interface="127.0.0.1")
+    settings = Settings(ping_interval=0, compression_context_takeover=request.param)
+    port = reactor.listenTCP(0, make_site(settings, hub), interface="127.0.0.1")
     yield port.getHost().port, hub
     port.stopListening()
 
@@ -68,10 +72,15 @@ def site_port():
 def test_mixed_room_compressed_and_plain_members_get_identical_messages(site_port):
     port, hub = site_port
     payloads = [(os.urandom(3000), True), (("ticker " * 500).encode(), False), (b"", True)]
-    factories = [connect(port, "/relay/mixed", c, len(payloads)) for c in (True, False, True)]
+    payloads += [(f'{{"type":"message","text":"tick {i}"}}'.encode(), False) for i in range(5)]
+    # deflate, plain, deflate asking for server_no_context_takeover: on the context
+    # takeover server the first has its own compressor, the third the shared frame
+    kinds = ((True, False), (False, False), (True, True))
+    factories = [connect(port, "/relay/mixed", c, len(payloads), n) for c, n in kinds]
     protos = yield defer.gatherResults([f.opened for f in factories])
     assert protos[0]._perMessageCompress is not None  # negotiated
     assert protos[1]._perMessageCompress is None
+    assert protos[2]._perMessageCompress.server_no_context_takeover
     assert hub.rooms() == {"relay/mixed": 3}
     for payload, binary in payloads:
         protos[1].sendMessage(payload, binary)

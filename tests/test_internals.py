@@ -96,6 +96,36 @@ def test_autobahn_private_names() -> None:
     assert callable(factory._batched_timer.call_later)
 
 
+def test_autobahn_calls_the_compressor_chatd_puts_in_its_place() -> None:
+    """Reach 3, use_compressor: Autobahn makes its own PerMessageDeflate from its registry
+    (so chatd replaces it once open), and calls on ``_perMessageCompress`` only the
+    methods chatd.deflate.Deflate has. (tests/test_deflate.py sends compressed messages
+    through the replacement.)"""
+    from autobahn.websocket.compress import PERMESSAGE_COMPRESSION_EXTENSION, PerMessageDeflate
+
+    from chatd.deflate import Deflate
+
+    assert PERMESSAGE_COMPRESSION_EXTENSION["permessage-deflate"]["PMCE"] is PerMessageDeflate
+    assert "create_from_offer_accept" in _source(ab_protocol.WebSocketServerProtocol)
+    source = _source(ab_protocol.WebSocketProtocol)
+    called = set(re.findall(r"self\._perMessageCompress\.(\w+)", source))
+    assert called == {
+        "EXTENSION_NAME",
+        "start_decompress_message",
+        "decompress_message_data",
+        "end_decompress_message",
+        "start_compress_message",
+        "compress_message_data",
+        "end_compress_message",
+    }, called
+    assert all(hasattr(Deflate, name) for name in called)
+    assert "max_output_len=max_output_len" in source
+    # what Deflate.of reads of Autobahn's object
+    pmc = PerMessageDeflate(True, True, True, 12, 0, None, 1000)
+    d = Deflate.of(pmc)
+    assert (d.shared, d.bits, d.client_bits, d.max_message_size) == (True, 12, 15, 1000)
+
+
 def test_factory_options_are_class_attributes() -> None:
     hub = InMemoryHub()
     site = make_site(Settings(ping_interval=0), hub)

@@ -403,10 +403,12 @@ EXAMPLES = {"static", "allowed_origins", "anonymous_rooms"}
 def test_the_benchmarks_start_chatd_with_options_it_accepts() -> None:
     """``make bench`` is not part of the tests: its daemons' options are (a bound
     added to a setting once made every bench run fail at start-up)."""
-    from bench import chat, cluster, run
+    from bench import chat, cluster, deflate, run
 
     for spec in run.servers_chatd():
         parse([*run.CHATD_COMMON, *spec.chatd_args])
+    for kind in deflate.KINDS:
+        parse([*run.CHATD_COMMON, *deflate.spec(kind).chatd_args])
     for history in (0, 1000):
         parse(chat.chatd_args(history))
     url = ("--redis", "redis://127.0.0.1:6379/0")

@@ -19,7 +19,6 @@ from urllib.parse import parse_qs
 
 from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
@@ -32,6 +31,7 @@ from twisted.python.failure import Failure
 from chatd import fanout, limits
 from chatd.auth import NO_AUTH, AuthError, Identity, Policy, bearer
 from chatd.config import Settings
+from chatd.deflate import Deflate, acceptor
 from chatd.fanout import Budget, Link
 from chatd.hub import Hub
 from chatd.internals import (
@@ -85,6 +85,7 @@ _HANDSHAKE_ONLY = frozenset(
         "websocket_origin",
         "websocket_protocols",
         "websocket_extensions",
+        "websocket_extensions_in_use",  # (it holds Autobahn's PerMessageDeflate)
         "parsed_request",
         *HANDSHAKE_PRIVATE,
     )
@@ -275,6 +276,7 @@ class Connection(ServerInternals):
     websocket_origin: Any = None
     websocket_protocols: Any = ()
     websocket_extensions: Any = ()
+    websocket_extensions_in_use: Any = ()
     # (request target, {lower-case name: value}) when chatd.web parsed the handshake
     parsed_request: tuple[bytes, dict[bytes, bytes]] | None = None
 
@@ -411,7 +413,14 @@ class Connection(ServerInternals):
     # -- lifecycle -------------------------------------------------------
     def onOpen(self) -> None:
         self._forget_handshake()
-        compressing = self.compressor is not None
+        pmc = self.compressor
+        compressing = pmc is not None
+        shared_bits = 0  # a deflated frame shared with others (chatd.deflate)
+        if pmc is not None:
+            mine = Deflate.of(pmc)
+            self.use_compressor(mine)
+            if mine.shared:
+                shared_bits = mine.bits
         transport = self.transport
         assert transport is not None  # connected
         self.link = Link(
@@ -420,6 +429,7 @@ class Connection(ServerInternals):
             self._dropped,
             self.sendMessage if compressing else None,
             self.factory.budget,
+            shared_bits,
         )
         # After the upgrade the transport still has twisted.web's HTTPChannel
         # as its producer; from now on the link is, so the transport tells
@@ -491,7 +501,9 @@ class Connection(ServerInternals):
         its incoming limit (``--max-message-size``); what chatd sends has no
         such limit (a ``message`` of 16 KiB of text can render to more than
         64 KiB of JSON). One frame, deflated when the connection negotiated
-        it, handed to ``sendData`` like every other byte.
+        it (``chatd.deflate.Deflate.frame``: by the process's shared
+        compressor, or with context takeover the connection's own), handed
+        to ``sendData`` like every other byte.
         """
         if fragmentSize is not None or sync or self.trackedTimings or self.autoFragmentSize:
             super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
@@ -500,9 +512,7 @@ class Connection(ServerInternals):
             raise Disconnected("Attempt to send on a closed protocol")
         pmc = self.compressor
         if pmc is not None and not doNotCompress:
-            pmc.start_compress_message()
-            payload = pmc.compress_message_data(payload) + pmc.end_compress_message()
-            self.sendData(fanout.encode_frame(payload, isBinary, rsv1=True))
+            self.sendData(pmc.frame(payload, isBinary))
         else:
             self.sendData(fanout.encode_frame(payload, isBinary))
 
@@ -668,12 +678,7 @@ class ChatdFactory(WebSocketServerFactory):
         self.stats = clients.stats
         accept = None
         if settings.compression:
-
-            def accept(offers):
-                for offer in offers:
-                    if isinstance(offer, PerMessageDeflateOffer):
-                        return PerMessageDeflateOfferAccept(offer, max_message_size=max_size)
-                return None
+            accept = acceptor(settings.compression_context_takeover, max_size)
 
         self.setProtocolOptions(
             maxMessagePayloadSize=max_size,
