@@ -193,6 +193,8 @@ class History:
         """Move ``who``'s marker in ``room`` up to ``id`` (never back, never past the
         last id); the marker it is at now. Written with the batch if one is open."""
         id = min(id, self.last_id(room))
+        if id <= 0:  # (nothing to read: no row for it)
+            return self.read_marker(room, who)
         if not self.retention:
             reads = self._reads
             now = reads[(room, who)] = max(reads.pop((room, who), 0), id)
