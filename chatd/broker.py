@@ -44,6 +44,13 @@ key made in the room within the dedupe window, in the same atomic step: a
 retry, even one racing the first send from another process, stores nothing
 and fails with ``Duplicate`` (the first message).
 
+**Edits, deletes and reactions** are messages too (``kind`` and ``target``):
+``publish`` checks, in the same atomic step as the id, that the target is a
+kept, undeleted message (and, with ``author``, the sender's own), applies the
+event to it and stores the event; or does nothing and fails with
+``Refused``. Reads give a message as it is now: its current text and
+``edited``, ``deleted`` with the text gone from storage, its ``reactions``.
+
 **Ordered.** A room's events (messages, presence, markers) reach
 ``BrokerEvents`` in the one order the broker applied them, messages in id
 order, from the moment ``subscribed(room)`` was called for the room until
@@ -83,7 +90,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from chatd import limits
-from chatd.history import History, Message, Ref
+from chatd.history import History, Message, Ref, Refused
 from chatd.stats import Stats
 
 __all__ = [
@@ -95,6 +102,7 @@ __all__ = [
     "MemoryBroker",
     "NickTaken",
     "Page",
+    "Refused",
     "Reset",
     "Unavailable",
 ]
@@ -231,13 +239,24 @@ class Broker(Protocol):
     def unsubscribe(self, room: str) -> None: ...
 
     def publish(
-        self, room: str, sender: str, text: str, ref: Ref = None, user: str = "", key: str = ""
+        self,
+        room: str,
+        sender: str,
+        text: str,
+        ref: Ref = None,
+        user: str = "",
+        key: str = "",
+        kind: str = "",
+        target: int = 0,
+        author: bool = False,
     ) -> Deferred[Message]:
         """Id, append and publish, atomically; fires with the stored Message
         (``user``: the sender's token ``sub``, stored with it). With an idempotency
         ``key``: if a message of the room was made with it within the dedupe window,
         nothing is done and the Deferred fails with ``Duplicate`` (that message);
-        the check and the store are one atomic step."""
+        the check and the store are one atomic step. With a ``kind``
+        (``history.KINDS``), an event about message ``target``, applied to it in the
+        same step, or ``Refused`` (see the module docstring)."""
 
     def flush(self) -> None:
         """Complete what ``publish`` has accepted so far (a batch), now."""
@@ -412,14 +431,25 @@ class MemoryBroker:
         pass
 
     def publish(
-        self, room: str, sender: str, text: str, ref: Ref = None, user: str = "", key: str = ""
+        self,
+        room: str,
+        sender: str,
+        text: str,
+        ref: Ref = None,
+        user: str = "",
+        key: str = "",
+        kind: str = "",
+        target: int = 0,
+        author: bool = False,
     ) -> Deferred[Message]:
         try:
             if key:
                 made = self.history.sent(room, key)
                 if made is not None:
                     return self._duplicate(made)
-            msg = self.history.append(room, sender, text, ref, user, key)
+            msg = self.history.append(room, sender, text, ref, user, key, kind, target, author)
+        except Refused as e:
+            return fail(e)
         except sqlite3.Error as e:
             # Nothing of this batch can be trusted now: fail it all, publish none.
             self._fail_pending(e)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable, Generator
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, task
@@ -66,7 +67,7 @@ from chatd.broker import (
     Unavailable,
     once_per_user,
 )
-from chatd.history import PAGE_BYTES, PAGE_ROWS, Message, Ref, new_epoch
+from chatd.history import MAX_REACTIONS, PAGE_BYTES, PAGE_ROWS, Message, Ref, Refused, new_epoch
 from chatd.redisconn import RedisConnection, RedisDown
 from chatd.stats import Stats
 
@@ -151,19 +152,73 @@ end
 """
 )
 
+# A room's overlays (":x"), a sorted set scored by message id: one JSON object per
+# message changed since it was stored, {"i": id, "t": edited text, "ed": latest edit,
+# "eds": [edits], "del": the delete, "r": {emoji: [who]}, "b": a deleted entry's
+# fields}. A stream entry cannot be rewritten: an edit's text lives here; a delete
+# writes the log again without the message and its edits (the text is gone: XDEL
+# would only flag them; this costs a read and a write of the room's kept log, a
+# millisecond or two for a thousand messages, once per delete) and keeps "b" here
+# so the id still reads as a deleted message. Reads merge them (``_messages``).
+_SPAN = r"""
+-- Entries of log with lo < id < hi (hi '': no bound), oldest first or newest first
+-- (rev), at most count (0: all); and the overlays of the same span.
+local function span(log, x, lo, hi, count, rev)
+  local a, b = '(' .. lo .. '-0', '+'
+  if hi ~= '' then b = '(' .. hi .. '-0' end
+  local es
+  if rev then
+    if count > 0 then es = redis.call('XREVRANGE', log, b, a, 'COUNT', count)
+    else es = redis.call('XREVRANGE', log, b, a) end
+  elseif count > 0 then es = redis.call('XRANGE', log, a, b, 'COUNT', count)
+  else es = redis.call('XRANGE', log, a, b) end
+  local olo, ohi = '(' .. lo, '+inf'
+  if hi ~= '' then ohi = '(' .. hi end
+  if count > 0 and #es == count then  -- (cut by the count: overlays up to the last entry)
+    local edge = string.match(es[#es][1], '^(%d+)')
+    if rev then olo = edge else ohi = edge end
+  end
+  return es, redis.call('ZRANGEBYSCORE', x, olo, ohi)
+end
+"""
+
 SCRIPTS = {
-    # KEYS: seq, log, epoch, and the send's idempotency key if it has one. ARGV:
-    # channel, retention, sender, text, JSON tail (an object without its "{"), a new
-    # epoch in case the room needs one, the sender's user or '', the dedupe window
-    # in ms, the history's time to live in ms (0: none). The epoch goes into the
-    # published JSON as "e". Returns {id, ts}, or {'dup', id, entries} when the key
-    # made message id already (nothing done). With a time to live, the oldest
-    # entries past it go as new ones come (a few a post), and a quiet room's whole
-    # log expires with its last message (ids go on: seq and epoch stay).
+    # KEYS: seq, log, epoch, overlays, and the send's idempotency key if it has one.
+    # ARGV: channel, retention, sender, text, JSON tail (an object without its "{"), a
+    # new epoch in case the room needs one, the sender's user or '', the dedupe window
+    # in ms, the history's time to live in ms (0: none), the kind ('' for a message),
+    # its target, '1' if only the target's author may, who reacts. The epoch goes
+    # into the published JSON as "e". Returns {id, ts}, {'dup', id, entries} when
+    # the key made message id already, or {'refused', code} (nothing done then).
+    # With a time to live, the oldest entries past it go as new ones come (a few a
+    # post), and a quiet room's whole log expires with its last message (ids go
+    # on: seq and epoch stay).
     "post": r"""
-if KEYS[4] then
-  local made = redis.call('GET', KEYS[4])
+if KEYS[5] then
+  local made = redis.call('GET', KEYS[5])
   if made then return {'dup', made, redis.call('XRANGE', KEYS[2], made .. '-0', made .. '-0')} end
+end
+local kind, target, ov, base = ARGV[10], ARGV[11], nil, nil
+if kind ~= '' then  -- an event about message target: check it, before anything is done
+  local es = redis.call('XRANGE', KEYS[2], target .. '-0', target .. '-0')
+  if not es[1] then return {'refused', 'not_found'} end
+  base = {}
+  local flat = es[1][2]
+  for i = 1, #flat, 2 do base[flat[i]] = flat[i + 1] end
+  if base.k then return {'refused', 'not_found'} end
+  if ARGV[12] == '1' and ((base.u or '') ~= ARGV[7] or (ARGV[7] == '' and base.f ~= ARGV[3])) then
+    return {'refused', 'forbidden'}
+  end
+  local old = redis.call('ZRANGEBYSCORE', KEYS[4], target, target)[1]
+  if old then ov = cjson.decode(old) else ov = {i = tonumber(target)} end
+  if kind == 'react' then
+    ov.r = ov.r or {}
+    if not ov.r[ARGV[4]] then
+      local n = 0
+      for _ in pairs(ov.r) do n = n + 1 end
+      if n >= {max_reactions} then return {'refused', 'too_many'} end
+    end
+  end
 end
 local epoch = redis.call('GET', KEYS[3])
 local id = redis.call('INCR', KEYS[1])
@@ -174,12 +229,50 @@ end
 local t = redis.call('TIME')
 local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 if tonumber(ARGV[2]) > 0 then
-  if ARGV[7] ~= '' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id .. '-0', 'ts', ts, 'f', ARGV[3], 't', ARGV[4],
-               'u', ARGV[7])
-  else
-    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id .. '-0', 'ts', ts, 'f', ARGV[3], 't', ARGV[4])
+  local fields = {'ts', ts, 'f', ARGV[3], 't', ARGV[4]}
+  if ARGV[7] ~= '' then table.insert(fields, 'u'); table.insert(fields, ARGV[7]) end
+  if kind ~= '' then
+    for _, v in ipairs({'k', kind, 'g', target}) do table.insert(fields, v) end
+    if kind == 'edit' then
+      ov.t, ov.ed = ARGV[4], id
+      ov.eds = ov.eds or {}
+      table.insert(ov.eds, id)
+    elseif kind == 'delete' then
+      -- The text goes, the message's and its edits': XDEL only flags an entry (its
+      -- bytes stay in the stream's node), so the log is written again without them.
+      local drop = {[tonumber(target)] = true}
+      for _, e in ipairs(ov.eds or {}) do drop[e] = true end
+      local all = redis.call('XRANGE', KEYS[2], '-', '+')
+      redis.call('DEL', KEYS[2])
+      for _, e in ipairs(all) do
+        local n = tonumber(string.match(e[1], '^(%d+)'))
+        if not drop[n] then
+          redis.call('XADD', KEYS[2], e[1], unpack(e[2]))
+        elseif n ~= tonumber(target) then  -- one of its edits: the id stays, as an overlay
+          local f = {}
+          for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+          redis.call('ZADD', KEYS[4], n, cjson.encode(
+            {i = n, b = {ts = tonumber(f.ts), f = f.f, u = f.u, k = 'edit', g = tonumber(target)}}))
+        end
+      end
+      ov = {i = ov.i, del = id, b = {ts = tonumber(base.ts), f = base.f, u = base.u}}
+    elseif kind == 'react' then
+      local who, l = ARGV[13], ov.r[ARGV[4]] or {}
+      local seen = false
+      for _, w in ipairs(l) do if w == who then seen = true end end
+      if not seen then table.insert(l, who) end
+      ov.r[ARGV[4]] = l
+    elseif ov.r and ov.r[ARGV[4]] then  -- unreact
+      local l = {}
+      for _, w in ipairs(ov.r[ARGV[4]]) do if w ~= ARGV[13] then table.insert(l, w) end end
+      if #l > 0 then ov.r[ARGV[4]] = l else ov.r[ARGV[4]] = nil end
+    end
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], target, target)
+    redis.call('ZADD', KEYS[4], target, cjson.encode(ov))
   end
+  -- The last `retention` ids are kept (deleted ones among them, as overlays).
+  local floor = id - tonumber(ARGV[2])
+  redis.call('XADD', KEYS[2], 'MINID', math.max(floor + 1, 0), id .. '-0', unpack(fields))
   local ttl = tonumber(ARGV[9])
   if ttl > 0 then
     local cutoff = tonumber(ts) - ttl
@@ -188,20 +281,24 @@ if tonumber(ARGV[2]) > 0 then
       if tonumber(e[2][2]) >= cutoff then keep = e[1]; break end
     end
     redis.call('XTRIM', KEYS[2], 'MINID', keep)
+    floor = math.max(floor, tonumber(string.match(keep, '^(%d+)')) - 1)
     redis.call('PEXPIRE', KEYS[2], ttl)
+    redis.call('PEXPIRE', KEYS[4], ttl)
   end
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', floor)  -- overlays of trimmed messages
 end
 redis.call('PUBLISH', ARGV[1], 'm ' .. id .. ' ' .. ts .. ' {"e":"' .. epoch .. '",' .. ARGV[5])
-if KEYS[4] then redis.call('SET', KEYS[4], id, 'PX', ARGV[8]) end
+if KEYS[5] then redis.call('SET', KEYS[5], id, 'PX', ARGV[8]) end
 return {id, ts}
-""",
-    # KEYS: members, nicks, node rooms, seq, log, epoch, users, read markers.
+""".replace("{max_reactions}", str(MAX_REACTIONS)),
+    # KEYS: members, nicks, node rooms, seq, log, epoch, users, read markers, overlays.
     # ARGV: member id, nick key, value, room, channel, 'since'|'recent'|'none', since,
     # count, the client's epoch or '', a new epoch for a room from before epochs, how
     # many entries at most after since (the rest is read in pages: _StreamCursor),
     # whose read marker to give ('' for none). Returns {'ok', new, last, truncated,
-    # member values, entries, epoch or '', reset, read marker}.
+    # member values, entries, epoch or '', reset, read marker, overlays}.
     "join": _MEMBERS
+    + _SPAN
     + r"""
 local mid = ARGV[1]
 if ARGV[2] ~= '' then
@@ -228,23 +325,25 @@ if ARGV[9] ~= '' and ARGV[9] ~= epoch then  -- 'since' counts in another epoch
   reset = 1
   if mode == 'since' then mode = 'recent' end
 end
-local entries, truncated = {}, 0
+local entries, overlays, truncated = {}, {}, 0
 local read = 0
 if ARGV[12] ~= '' then read = tonumber(redis.call('HGET', KEYS[8], ARGV[12]) or '0') end
 if mode == 'since' then
   local since = tonumber(ARGV[7])
   if since < last then
-    entries = redis.call('XRANGE', KEYS[5], '(' .. since .. '-0', '+', 'COUNT', ARGV[11])
+    entries, overlays = span(KEYS[5], KEYS[9], since, '', tonumber(ARGV[11]), false)
     local first = last + 1
     if #entries > 0 then first = tonumber(string.match(entries[1][1], '^(%d+)')) end
+    if #overlays > 0 then first = math.min(first, cjson.decode(overlays[1]).i) end
     if first > since + 1 then truncated = 1 end
   end
 elseif mode == 'none' then
-  return {'ok', new, last, 0, {}, {}, epoch, reset, read}
+  return {'ok', new, last, 0, {}, {}, epoch, reset, read, {}}
 elseif tonumber(ARGV[8]) > 0 then
-  entries = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', ARGV[8])
+  entries, overlays = span(KEYS[5], KEYS[9], 0, '', tonumber(ARGV[8]), true)
 end
-return {'ok', new, last, truncated, redis.call('HVALS', KEYS[1]), entries, epoch, reset, read}
+return {'ok', new, last, truncated, redis.call('HVALS', KEYS[1]), entries, epoch, reset, read,
+        overlays}
 """,
     # KEYS: read markers, seq. ARGV: reader, id, channel, the event's JSON tail
     # ([user, name] without its "]"). Returns the marker as it is now; publishes
@@ -259,13 +358,23 @@ if id > now then
 end
 return now
 """,
-    # KEYS: epoch, log. ARGV: the epoch known here or '', the last id delivered here.
-    # Returns {epoch or '', entries}: those after that id, or all if the epoch changed.
-    "fill": r"""
+    # KEYS: epoch, log, overlays. ARGV: the epoch known here or '', the last id
+    # delivered here. Returns {epoch or '', entries, overlays}: those after that id,
+    # or all if the epoch changed.
+    "fill": _SPAN
+    + r"""
 local epoch = redis.call('GET', KEYS[1]) or ''
-local from = '(' .. ARGV[2] .. '-0'
-if ARGV[1] ~= '' and epoch ~= '' and epoch ~= ARGV[1] then from = '-' end
-return {epoch, redis.call('XRANGE', KEYS[2], from, '+')}
+local after = ARGV[2]
+if ARGV[1] ~= '' and epoch ~= '' and epoch ~= ARGV[1] then after = 0 end
+local entries, overlays = span(KEYS[2], KEYS[3], after, '', 0, false)
+return {epoch, entries, overlays}
+""",
+    # KEYS: log, overlays, epoch. ARGV: after, before or '', count, '1' for the newest
+    # first. Returns {entries, overlays, epoch or ''} (read_page and _StreamCursor).
+    "span": _SPAN
+    + r"""
+local es, ovs = span(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1')
+return {es, ovs, redis.call('GET', KEYS[3]) or ''}
 """,
     # KEYS: members, nicks, node rooms, users. ARGV: member id, room, channel, '1' if
     # the node's last member of the room.
@@ -352,35 +461,82 @@ def _message(room: str, entry: list) -> Message:
         fields[b"t"].decode(),
         None,
         fields.get(b"u", b"").decode(),
+        fields.get(b"k", b"").decode(),
+        int(fields.get(b"g", 0)),
     )
+
+
+def _messages(room: str, entries: list, overlays: list) -> list[Message]:
+    """Messages as they are now, oldest first: stream entries (in either order) with
+    their overlays applied, and deleted messages from theirs (see ``_SPAN``)."""
+    msgs = [_message(room, e) for e in entries]
+    if msgs and msgs[0].id > msgs[-1].id:  # (XREVRANGE)
+        msgs.reverse()
+    if not overlays:
+        return msgs
+    by_id = {m.id: m for m in msgs}
+    for raw in overlays:
+        ov = json.loads(raw)
+        i = int(ov["i"])
+        msg = by_id.get(i)
+        if msg is None:
+            b = ov.get("b")
+            if b is None:
+                continue  # (the overlay of an entry trimmed meanwhile)
+            msg = Message(
+                room,
+                i,
+                int(b["ts"]),
+                b["f"],
+                "",
+                None,
+                b.get("u", ""),
+                b.get("k", ""),
+                int(b.get("g", 0)),
+            )
+        by_id[i] = replace(
+            msg,
+            text="" if "del" in ov else ov.get("t", msg.text),
+            edited=int(ov.get("ed", 0)),
+            deleted=int(ov.get("del", 0)),
+            reactions=ov.get("r") or None,
+        )
+    return [by_id[i] for i in sorted(by_id)]
 
 
 class _StreamCursor:
     """The rest of a ``since`` replay, read from the room's stream a page at a time.
 
-    Redis trims the stream (MAXLEN) as messages come: if more than the
+    Redis trims the stream (MINID) as messages come: if more than the
     retention were posted while a client was still reading its replay, what
     it had not read yet is gone, and the read fails (the connection is
     dropped; the client resumes with ``since`` and is told ``truncated``).
     """
 
-    __slots__ = ("after", "broker", "key", "room", "rows", "until")
+    __slots__ = ("after", "base", "room", "rows", "script", "until")
 
     def __init__(
-        self, broker: RedisConnection, key: str, room: str, after: int, until: int
+        self,
+        script: Callable[[str, list[object], list[object]], defer.Deferred[Any]],
+        room: str,
+        after: int,
+        until: int,
     ) -> None:
-        self.broker, self.key, self.room = broker, key, room
+        self.script, self.base, self.room = script, chat_base(room), room
         self.after, self.until = after, until
         self.rows = PAGE_ROWS
 
     def read(self) -> defer.Deferred:
-        d = self.broker.call(
-            "XRANGE", self.key, f"({self.after}-0", f"{self.until}-0", "COUNT", self.rows
+        base = self.base
+        d = self.script(
+            "span",
+            [f"{base}:log", f"{base}:x", f"{base}:epoch"],
+            [self.after, self.until + 1, self.rows, "0"],
         )
         return d.addCallback(self._got)
 
-    def _got(self, entries: list) -> list[Message]:
-        msgs = [_message(self.room, e) for e in entries]
+    def _got(self, reply: list) -> list[Message]:
+        msgs = _messages(self.room, reply[0], reply[1])
         if not msgs or msgs[0].id != self.after + 1:
             raise Unavailable(f"history of {self.room} after {self.after} was trimmed")
         self.after = msgs[-1].id
@@ -405,6 +561,11 @@ def _value(nick: str, unique: bool, user: str) -> str:
 
 
 _KINDS = {b"j": "join", b"l": "leave", b"k": "mark"}
+_REFUSALS = {  # (as chatd.history says them)
+    "not_found": "no message {target} is kept in {room}",
+    "forbidden": "message {target} of {room} is not yours",
+    "too_many": f"message {{target}} has {MAX_REACTIONS} different reactions",
+}
 
 
 class RedisBroker:
@@ -474,7 +635,16 @@ class RedisBroker:
         self.conn.unsubscribe(channel)
 
     def publish(
-        self, room: str, sender: str, text: str, ref: Ref = None, user: str = "", key: str = ""
+        self,
+        room: str,
+        sender: str,
+        text: str,
+        ref: Ref = None,
+        user: str = "",
+        key: str = "",
+        kind: str = "",
+        target: int = 0,
+        author: bool = False,
     ) -> defer.Deferred[Message]:
         """Id, store and publish in one script; every node (this one too) delivers from there."""
         if not self.conn.up:
@@ -484,8 +654,10 @@ class RedisBroker:
             tail["r"] = ref
         if user:
             tail["u"] = user
+        if kind:
+            tail["k"], tail["g"] = kind, target
         base = chat_base(room)
-        keys: list[object] = [f"{base}:seq", f"{base}:log", f"{base}:epoch"]
+        keys: list[object] = [f"{base}:seq", f"{base}:log", f"{base}:epoch", f"{base}:x"]
         if key:
             keys.append(f"{base}:send:{key}")
         d = self._script(
@@ -501,6 +673,10 @@ class RedisBroker:
                 user,
                 self.dedupe_ms,
                 self.ttl_ms,
+                kind,
+                target,
+                "1" if author else "0",
+                user or sender,
             ],
         )
 
@@ -510,7 +686,11 @@ class RedisBroker:
                 if reply[2]:
                     raise Duplicate(_message(room, reply[2][0]))
                 raise Duplicate(Message(room, made, 0, "", ""))  # (retention dropped it)
-            return Message(room, int(reply[0]), int(reply[1]), sender, text, ref, user)
+            if reply[0] == b"refused":
+                code = reply[1].decode()
+                raise Refused(code, _REFUSALS[code].format(target=target, room=room))
+            msg = Message(room, int(reply[0]), int(reply[1]), sender, text, ref, user)
+            return replace(msg, kind=kind, target=target) if kind else msg
 
         return d.addCallback(stored)
 
@@ -521,38 +701,34 @@ class RedisBroker:
         self, room: str, epoch: str | None, after: int
     ) -> defer.Deferred[tuple[str | None, list[Message]]]:
         base = chat_base(room)
-        d = self._script("fill", [f"{base}:epoch", f"{base}:log"], [epoch or "", after])
+        d = self._script(
+            "fill", [f"{base}:epoch", f"{base}:log", f"{base}:x"], [epoch or "", after]
+        )
 
         def read(reply: list[Any]) -> tuple[str | None, list[Message]]:
-            return reply[0].decode() or None, [_message(room, e) for e in reply[1]]
+            return reply[0].decode() or None, _messages(room, reply[1], reply[2])
 
         return d.addCallback(read)
 
     def read_page(
         self, room: str, after: int, before: int | None, limit: int, newest: bool
     ) -> defer.Deferred[Page]:
-        """XRANGE (or XREVRANGE) of the room's stream, and its epoch: two commands, not
-        one step (the epoch labels the ids; a new epoch between them is met as a reset)."""
+        """One script: XRANGE (or XREVRANGE) of the room's stream, their overlays, and
+        the epoch the ids count in."""
         base = chat_base(room)
-        low = f"({after}-0"
-        high = f"({before}-0" if before is not None else "+"
-        if newest:
-            d = self.conn.call("XREVRANGE", f"{base}:log", high, low, "COUNT", limit + 1)
-        else:
-            d = self.conn.call("XRANGE", f"{base}:log", low, high, "COUNT", limit + 1)
-        epoch = self.conn.call("GET", f"{base}:epoch")
+        d = self._script(
+            "span",
+            [f"{base}:log", f"{base}:x", f"{base}:epoch"],
+            [after, before if before is not None else "", limit + 1, "1" if newest else "0"],
+        )
 
-        def read(replies: list[Any]) -> Page:
-            entries, tag = replies
-            msgs = [_message(room, e) for e in entries]
+        def read(reply: list[Any]) -> Page:
+            msgs = _messages(room, reply[0], reply[1])
             more = len(msgs) > limit
-            msgs = msgs[:limit]
-            if newest:
-                msgs.reverse()
-            return Page(msgs, more, tag.decode() if tag else None)
+            msgs = msgs[max(0, len(msgs) - limit) :] if newest else msgs[:limit]
+            return Page(msgs, more, reply[2].decode() or None)
 
-        both = defer.gatherResults([d, epoch], consumeErrors=True)
-        return both.addCallbacks(read, lambda f: Failure(Unavailable(f.getErrorMessage())))
+        return d.addCallback(read)
 
     # -- presence ---------------------------------------------------------------
     def join(
@@ -587,6 +763,7 @@ class RedisBroker:
                 f"{base}:epoch",
                 f"{base}:u",
                 f"{base}:read",
+                f"{base}:x",
             ],
             [
                 mid,
@@ -612,14 +789,12 @@ class RedisBroker:
         return d.addCallback(answered)
 
     def _joined(self, room: str, reply: list[Any]) -> Joined:
-        _, _, last, truncated, values, entries, epoch, reset, read = reply
-        history = [_message(room, e) for e in entries]
-        if history and history[0].id > history[-1].id:  # XREVRANGE
-            history.reverse()
+        _, _, last, truncated, values, entries, epoch, reset, read, overlays = reply
+        history = _messages(room, entries, overlays)
         last = int(last)
         more = None
         if history and history[-1].id < last:  # a since read stopped at its COUNT
-            more = _StreamCursor(self.conn, f"{chat_base(room)}:log", room, history[-1].id, last)
+            more = _StreamCursor(self._script, room, history[-1].id, last)
         return Joined(
             room,
             once_per_user(_member(v) for v in values),
@@ -743,7 +918,15 @@ class RedisBroker:
             ts, tail = rest.split(b" ", 1)
             obj = json.loads(tail)
             msg = Message(
-                room, int(mid_b), int(ts), obj["f"], obj["t"], obj.get("r"), obj.get("u", "")
+                room,
+                int(mid_b),
+                int(ts),
+                obj["f"],
+                obj["t"],
+                obj.get("r"),
+                obj.get("u", ""),
+                obj.get("k", ""),
+                obj.get("g", 0),
             )
             events.message(room, msg, obj.get("e"))  # (no "e" from a node older than epochs)
         elif kind == b"k":

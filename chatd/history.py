@@ -43,7 +43,8 @@ import sqlite3
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -53,7 +54,18 @@ CREATE TABLE IF NOT EXISTS messages (
     sender TEXT NOT NULL,
     text TEXT NOT NULL,
     user TEXT,                    -- the sender's token sub; NULL for anonymous senders
+    kind TEXT,                    -- NULL for a message; 'edit', 'delete', 'react', 'unreact'
+    target INTEGER,               -- the message an edit, delete or reaction is about
+    edited INTEGER,               -- a message's latest edit (its id); its text is the edited one
+    deleted INTEGER,              -- the delete that removed a message's text (its id)
     PRIMARY KEY (room, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reactions (
+    room TEXT NOT NULL,
+    target INTEGER NOT NULL,      -- the message reacted to
+    emoji TEXT NOT NULL,
+    who TEXT NOT NULL,            -- the reacting user's sub, or an anonymous member's nick
+    PRIMARY KEY (room, target, emoji, who)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rooms (
     room TEXT PRIMARY KEY,
@@ -94,15 +106,40 @@ PAGE_BYTES = 64 * 1024
 Ref = str | int | None
 
 
+# A message's reactions: emoji -> who reacted with it (a user's sub, an anonymous nick).
+Reactions = dict[str, list[str]]
+
+KINDS = ("edit", "delete", "react", "unreact")  # the events about an earlier message
+MAX_REACTIONS = 20  # different emoji on one message
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     room: str
     id: int
     ts: int
     sender: str
-    text: str
+    text: str  # an edit's new text, a reaction's emoji; "" for a delete and a deleted message
     ref: Ref = None
     user: str = ""  # the sender's token ``sub`` ("" for an anonymous sender or the back end)
+    kind: str = ""  # "" for a message; one of KINDS for an event about ``target``
+    target: int = 0
+    edited: int = 0  # a message's latest edit (its id; 0: never edited), as read from storage
+    deleted: int = 0  # the delete that removed a message's text (its id; 0: not deleted)
+    reactions: Reactions | None = field(default=None, compare=False)
+
+
+class Refused(Exception):
+    """An edit, delete or reaction that cannot be: ``code`` says why (``not_found``:
+    no such message kept, or it was deleted; ``forbidden``: not the author's;
+    ``too_many``: ``MAX_REACTIONS`` different emoji already)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_COLUMNS = "id, ts, sender, text, user, kind, target, edited, deleted"
 
 
 class History:
@@ -123,8 +160,10 @@ class History:
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
-        if "user" not in columns:  # a database from before users
-            self.db.execute("ALTER TABLE messages ADD COLUMN user TEXT")
+        for column in ("user", "kind", "target", "edited", "deleted"):
+            if column not in columns:  # a database from before users (or before edits)
+                kind = "TEXT" if column in ("user", "kind") else "INTEGER"
+                self.db.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
         self._last: dict[str, int] = {}
         self._epochs: dict[str, str] = {}
         self._in_tx = False
@@ -226,13 +265,40 @@ class History:
         return msgs[0] if msgs else Message(room, row[0], row[1], "", "")
 
     def append(
-        self, room: str, sender: str, text: str, ref: Ref = None, user: str = "", key: str = ""
+        self,
+        room: str,
+        sender: str,
+        text: str,
+        ref: Ref = None,
+        user: str = "",
+        key: str = "",
+        kind: str = "",
+        target: int = 0,
+        author: bool = False,
     ) -> Message:
         """Assign the next id and write the message (committed by ``commit``); with an
-        idempotency ``key``, remember which message the key made (``sent``)."""
+        idempotency ``key``, remember which message the key made (``sent``).
+
+        An event (``kind`` in KINDS) about message ``target`` also changes that
+        message's row in the same transaction: an edit's text replaces its text,
+        a delete empties it and the texts of its edits (the text is gone from the
+        database), a reaction is added to or taken from ``reactions``. It fails
+        with ``Refused`` if ``target`` is not a kept, undeleted message, or (with
+        ``author``) is not the sender's own (the same ``user``; for an anonymous
+        sender, no user and the same nick)."""
         msg = Message(
-            room, self.last_id(room) + 1, int(time.time() * 1000), sender, text, ref, user
+            room,
+            self.last_id(room) + 1,
+            int(time.time() * 1000),
+            sender,
+            text,
+            ref,
+            user,
+            kind,
+            target,
         )
+        if kind:
+            self._amend(msg, author)
         if key and not self.retention:
             sends = self._sends
             sends[(room, key)] = (msg.id, msg.ts)
@@ -246,8 +312,9 @@ class History:
             if room not in self._epochs and self.epoch(room) is None:
                 self._new_epoch(room)
             self.db.execute(
-                "INSERT INTO messages (room, id, ts, sender, text, user) VALUES (?, ?, ?, ?, ?, ?)",
-                (room, msg.id, msg.ts, sender, text, user or None),
+                "INSERT INTO messages (room, id, ts, sender, text, user, kind, target) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (room, msg.id, msg.ts, sender, text, user or None, kind or None, target or None),
             )
             if key:
                 self.db.execute(
@@ -261,6 +328,9 @@ class History:
                 if cursors:  # keep what an open replay has still to read
                     floor = min(floor, *(c.after for c in cursors))
                 self.db.execute("DELETE FROM messages WHERE room = ? AND id <= ?", (room, floor))
+                self.db.execute(
+                    "DELETE FROM reactions WHERE room = ? AND target <= ?", (room, floor)
+                )
                 self.db.execute(  # idempotency keys past the window
                     "DELETE FROM sends WHERE room = ? AND ts < ?", (room, msg.ts - self.dedupe_ms)
                 )
@@ -272,6 +342,64 @@ class History:
             self._new_epoch(room)
         self._last[room] = msg.id  # only once it is written
         return msg
+
+    def _amend(self, event: Message, author: bool) -> None:
+        """Check an event about a message and change what it changes (see ``append``)."""
+        room, target, text = event.room, event.target, event.text
+        row, began = None, False
+        if self.retention:
+            if not self._in_tx:
+                self.db.execute("BEGIN")
+                self._in_tx = began = True
+            row = self.db.execute(
+                "SELECT sender, user, kind, deleted FROM messages WHERE room = ? AND id = ?",
+                (room, target),
+            ).fetchone()
+        refused = None
+        if row is None or row[2] is not None or row[3] is not None:
+            refused = Refused("not_found", f"no message {target} is kept in {room}")
+        elif author and (
+            (row[1] or "") != event.user or (not event.user and row[0] != event.sender)
+        ):
+            refused = Refused("forbidden", f"message {target} of {room} is not yours")
+        db, who, kind = self.db, event.user or event.sender, event.kind
+        if refused is None and kind == "react":
+            n = db.execute(
+                "SELECT COUNT(DISTINCT emoji) FROM reactions WHERE room = ? AND target = ? "
+                "AND emoji != ?",
+                (room, target, text),
+            ).fetchone()[0]
+            if n >= MAX_REACTIONS:
+                refused = Refused("too_many", f"message {target} has {n} different reactions")
+        if refused is not None:
+            if began:  # (nothing was written: end the read)
+                self.commit()
+            raise refused
+        if kind == "edit":
+            db.execute(
+                "UPDATE messages SET text = ?, edited = ? WHERE room = ? AND id = ?",
+                (text, event.id, room, target),
+            )
+        elif kind == "delete":
+            db.execute(
+                "UPDATE messages SET text = '', deleted = ? WHERE room = ? AND id = ?",
+                (event.id, room, target),
+            )
+            db.execute(
+                "UPDATE messages SET text = '' WHERE room = ? AND kind = 'edit' AND target = ?",
+                (room, target),
+            )
+            db.execute("DELETE FROM reactions WHERE room = ? AND target = ?", (room, target))
+        elif kind == "react":
+            db.execute(
+                "INSERT OR IGNORE INTO reactions (room, target, emoji, who) VALUES (?, ?, ?, ?)",
+                (room, target, text, who),
+            )
+        else:  # unreact
+            db.execute(
+                "DELETE FROM reactions WHERE room = ? AND target = ? AND emoji = ? AND who = ?",
+                (room, target, text, who),
+            )
 
     def commit(self) -> None:
         if self._in_tx:
@@ -328,7 +456,14 @@ class History:
         if cursors:
             query += " AND id <= ?"
             args.append(min(c.after for c in cursors))
-        return self.db.execute(query, args).rowcount
+        gone = self.db.execute(query, args).rowcount
+        if gone:
+            self.db.execute(
+                "DELETE FROM reactions WHERE room = ? AND target < "
+                "(SELECT coalesce(min(id), 2 << 62) FROM messages WHERE room = ?)",
+                (room, room),
+            )
+        return gone
 
     def page(
         self, room: str, after: int, limit: int | None = PAGE_ROWS
@@ -358,7 +493,7 @@ class History:
             return [], False
         after = self._floor(room, after)  # (trimmed lazily)
         rows = self.db.execute(
-            "SELECT id, ts, sender, text, user FROM messages WHERE room = ? AND id > ? "
+            f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND id > ? "
             f"AND id < ? ORDER BY id {'DESC' if newest else 'ASC'} LIMIT ?",
             (room, after, before if before is not None else 2**62, limit + 1),
         ).fetchall()
@@ -366,15 +501,32 @@ class History:
         rows = rows[:limit]
         if newest:
             rows.reverse()
-        return [Message(room, i, ts, s, t, None, u or "") for i, ts, s, t, u in rows], more
+        return self._messages(room, rows), more
 
     def _rows(self, room: str, after: int, until: int, limit: int) -> list[Message]:
         rows = self.db.execute(
-            "SELECT id, ts, sender, text, user FROM messages WHERE room = ? AND id > ? "
+            f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND id > ? "
             "AND id <= ? ORDER BY id LIMIT ?",
             (room, after, until, limit),
         ).fetchall()
-        return [Message(room, i, ts, s, t, None, u or "") for i, ts, s, t, u in rows]
+        return self._messages(room, rows)
+
+    def _messages(self, room: str, rows: list[tuple[Any, ...]]) -> list[Message]:
+        """Messages of rows (``_COLUMNS``, by id), with the reactions of those that have some."""
+        if not rows:
+            return []
+        reactions: dict[int, Reactions] = {}
+        for target, emoji, who in self.db.execute(
+            "SELECT target, emoji, who FROM reactions WHERE room = ? AND target BETWEEN ? AND ?",
+            (room, rows[0][0], rows[-1][0]),
+        ):
+            reactions.setdefault(target, {}).setdefault(emoji, []).append(who)
+        return [
+            Message(
+                room, i, ts, s, t, None, u or "", k or "", g or 0, e or 0, d or 0, reactions.get(i)
+            )
+            for i, ts, s, t, u, k, g, e, d in rows
+        ]
 
     def recent(self, room: str, n: int) -> list[Message]:
         """The last ``n`` messages of a room, oldest first."""

@@ -22,9 +22,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from chatd.broker import Duplicate, Joined, MemoryBroker, NickTaken, Unavailable
+from chatd.broker import Duplicate, Joined, MemoryBroker, NickTaken, Refused, Unavailable
 from chatd.cluster import RedisBroker
-from chatd.history import History, Message
+from chatd.history import MAX_REACTIONS, History, Message
 from tools.redis import RedisServer
 
 WAIT = 15.0  # seconds any awaited event may take (a loaded CI machine)
@@ -513,6 +513,130 @@ def test_a_long_replay_is_read_in_pages_without_a_gap(kit):
         pages += 1
         assert pages < 300
     assert got == list(range(1, 301)) and pages > 2
+
+
+# -- edits, deletes, reactions ---------------------------------------------------------
+
+
+def _stored_text(kit: Kit, b: Any) -> str:
+    """Everything the store holds, as one string (to look for a text in it)."""
+    if kit.kind == "memory":
+        rows = b.history.db.execute("SELECT * FROM messages").fetchall()
+        rows += b.history.db.execute("SELECT * FROM reactions").fetchall()
+        return repr(rows)
+    assert kit.server is not None
+    keys = kit.server.command("KEYS", "*").decode(errors="replace").split()
+    return "".join(kit.server.command("DUMP", k).decode("latin-1") for k in keys) + repr(
+        [kit.server.command("XRANGE", k, "-", "+") for k in keys if k.endswith(":log")]
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_edits_deletes_and_reactions_are_events_applied_to_their_target(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    m1 = yield b.publish("tea", "Alice", "first draft", None, "a1")
+    m2 = yield b.publish("tea", "ann", "anonymous words")
+    edit = yield b.publish("tea", "Alice", "second draft", None, "a1", "", "edit", m1.id, True)
+    assert (edit.id, edit.kind, edit.target, edit.text) == (3, "edit", m1.id, "second draft")
+    # Only the author edits or deletes: the same user; for an anonymous message, no user
+    # and the same nick.
+    for sender, user, target in [
+        ("Bob", "b1", m1.id),
+        ("Alice", "", m1.id),
+        ("ann", "a1", m2.id),
+        ("Ann", "", m2.id),
+    ]:
+        with pytest.raises(Refused) as no:
+            yield b.publish("tea", sender, "x", None, user, "", "edit", target, True)
+        assert no.value.code == "forbidden"
+    yield b.publish("tea", "ann", "still anonymous", None, "", "", "edit", m2.id, True)
+    # Anyone reacts, once per emoji (a set), to messages only.
+    for sender, user, emoji, kind in [
+        ("Bob", "b1", "👍", "react"),
+        ("ann", "", "👍", "react"),
+        ("Bob", "b1", "👍", "react"),
+        ("Bob", "b1", "🎉", "react"),
+        ("Bob", "b1", "🎉", "unreact"),
+        ("Bob", "b1", "🙂", "unreact"),  # (none to take back: stored, changes nothing)
+    ]:
+        yield b.publish("tea", sender, emoji, None, user, "", kind, m1.id)
+    for target in (edit.id, 99, 0):
+        with pytest.raises(Refused) as no:
+            yield b.publish("tea", "Bob", "👍", None, "b1", "", "react", target)
+        assert no.value.code == "not_found"
+    rec = b.recorder
+    yield rec.until(lambda: rec.ids("tea") == list(range(1, 11)), "every event, in order")
+
+    p = yield b.read_page("tea", 0, None, 50, True)
+    now = {m.id: m for m in p.messages}
+    assert (now[1].text, now[1].edited, now[1].deleted) == ("second draft", 3, 0)
+    assert {k: sorted(v) for k, v in (now[1].reactions or {}).items()} == {"👍": ["ann", "b1"]}
+    assert (now[2].text, now[2].edited, now[2].reactions) == ("still anonymous", 4, None)
+    assert [(m.kind, m.target) for m in p.messages[2:4]] == [("edit", 1), ("edit", 2)]
+    assert [m.text for m in p.messages[4:]] == ["👍", "👍", "👍", "🎉", "🎉", "🙂"]
+
+    # A delete takes the text out of storage (the message's, and its edits'), keeps the id.
+    gone = yield b.publish("tea", "Alice", "", None, "a1", "", "delete", m1.id, True)
+    for kind, text in [("edit", "again"), ("react", "👍"), ("delete", "")]:
+        with pytest.raises(Refused) as no:
+            yield b.publish("tea", "Alice", text, None, "a1", "", kind, m1.id, True)
+        assert no.value.code == "not_found"
+    stored = _stored_text(kit, b)
+    assert "draft" not in stored and "anonymous" in stored
+    for read in (
+        (yield b.read_page("tea", 0, None, 50, False)).messages,
+        (yield b.join("tea", f"{b.node}.1", "carol", True, 0, True, 10, None)).history,
+        (yield b.read_after("tea", None, 0))[1],
+    ):
+        assert [m.id for m in read] == list(range(1, gone.id + 1))
+        first, its_edit = read[0], read[2]
+        assert (first.text, first.deleted, first.reactions, first.sender) == (
+            "",
+            gone.id,
+            None,
+            "Alice",
+        )
+        assert (its_edit.kind, its_edit.target, its_edit.text) == ("edit", 1, "")
+        assert (read[1].text, read[1].edited) == ("still anonymous", 4)
+        assert (read[-1].kind, read[-1].target) == ("delete", 1)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reactions_are_bounded_per_message(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    m = yield b.publish("tea", "ann", "react to me")
+    for i in range(MAX_REACTIONS):
+        yield b.publish("tea", "bob", chr(0x1F600 + i), None, "b1", "", "react", m.id)
+    with pytest.raises(Refused) as no:
+        yield b.publish("tea", "bob", "🦀", None, "b1", "", "react", m.id)
+    assert no.value.code == "too_many"
+    yield b.publish("tea", "cy", chr(0x1F600), None, "c1", "", "react", m.id)  # one of them: fine
+    p = yield b.read_page("tea", 0, 2, 1, False)
+    assert len(p.messages[0].reactions or {}) == MAX_REACTIONS
+    assert (p.messages[0].reactions or {})[chr(0x1F600)] in (["b1", "c1"], ["c1", "b1"])
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_replay_in_pages_has_no_gap_where_messages_were_deleted(kit):
+    b = yield kit.broker(retention=400)
+    yield kit.subscribed(b, "tea")
+    yield gather([b.publish("tea", "ann", f"{i:04d}" + "x" * 1000) for i in range(100)])
+    for target in (1, 2, 50, 51, 99, 100):
+        yield b.publish("tea", "ann", "", None, "", "", "delete", target, True)
+    joined = yield b.join("tea", f"{b.node}.1", "bob", True, 0, True, 10, None)
+    assert not joined.truncated
+    got = list(joined.history)
+    cursor = joined.more
+    while cursor is not None and cursor.after < cursor.until:
+        page = yield defer.maybeDeferred(cursor.read)
+        assert page, "a page came back empty before the end"
+        got += page
+        assert len(got) < 1000
+    assert [m.id for m in got] == list(range(1, 107))
+    assert [m.id for m in got if m.deleted] == [1, 2, 50, 51, 99, 100]
+    assert all(m.text == "" for m in got if m.deleted)
 
 
 @pytest_twisted.inlineCallbacks
