@@ -4,13 +4,18 @@
     POST /api/users/<sub>/messages    the same, to the user's personal room ``@<sub>``
     DELETE /api/users/<sub>/connections  close them on every node (4003) -> 202 {"user"}
     GET  /api/rooms/<room>/members                                -> 200 {"room", "members"}
+    PATCH /api/rooms/<room>/messages/<id>  {"text", "from"?} -> 200 {"room", "id", "ts", "target"}
+    DELETE /api/rooms/<room>/messages/<id>                     -> 200 the same
     POST /api/relay/<room>/messages   any body                    -> 200 {"room", "delivered"}
     GET  /api/rooms                                               -> 200 {"rooms": [...]}
 
 Off (404) while no token is configured. Answers: 400 bad JSON or fields,
 401 no bearer token, 403 a wrong one, 404 no such path, 405 wrong method,
 413 too large, 415 a chat body that is not application/json, 503 history
-unavailable. Every answer is JSON.
+unavailable. Every answer is JSON. An edit or delete by the back end is any
+message's (a user may change only its own); it is stored as an event
+(``kind`` ``edit`` or ``delete``, docs/PROTOCOL.md) with its own id, and is
+404 for a message that is not kept, or was deleted.
 
 A body is only read once the request's head has passed every check that
 does not need it: ``body_limit`` tells chatd.web's channel, as soon as the
@@ -31,7 +36,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from chatd import jsonin, limits
 from chatd.config import Settings
-from chatd.history import Message
+from chatd.history import Message, Refused
 from chatd.hub import Duplicate, Hub, Unavailable
 from chatd.stats import Stats
 
@@ -103,6 +108,21 @@ class PushAPI(Resource):
             if path[0] == "relay":
                 return self._relay(request, room)
             return self._chat(request, room)
+        if (
+            len(path) == 4
+            and path[0] in ("rooms", "users")
+            and path[2] == "messages"
+            and path[3].isdigit()
+            and 0 < len(path[3]) < 16
+        ):
+            room = _room_of(path[0], path[1])
+            if not limits.valid_room_name(room):
+                raise ApiError(400, limits.ROOM_NAME_RULE)
+            if method == b"DELETE":
+                return self._amend(request, room, int(path[3]), "delete", "", DEFAULT_SENDER)
+            self._method(method, b"PATCH")
+            text, sender = self._chat_body(request)
+            return self._amend(request, room, int(path[3]), "edit", text, sender)
         raise ApiError(404, "no such API path")
 
     def _authorize(self, request: Request) -> None:
@@ -121,13 +141,17 @@ class PushAPI(Resource):
         off, no or a wrong token, no such path, a wrong method, a bad room
         name, a chat body that is not JSON); else the limit ``_body`` applies.
         """
-        if not self.token or method != b"POST":
+        if not self.token or method not in (b"POST", b"PATCH"):
             return 0
         try:
             self._authorize(request)
         except ApiError:
             return 0
         path = [p.decode("utf-8", "replace") for p in postpath]
+        if method == b"PATCH":  # an edit: /rooms/<room>/messages/<id>
+            if len(path) != 4 or path[0] == "relay" or not path[3].isdigit():
+                return 0
+            path = path[:3]
         if len(path) != 3 or path[0] not in ("rooms", "relay", "users") or path[2] != "messages":
             return 0
         if not limits.valid_room_name(_room_of(path[0], path[1])):
@@ -162,6 +186,50 @@ class PushAPI(Resource):
         return self._json(request, 200, {"rooms": rooms})
 
     def _chat(self, request: Request, room: str) -> int | bytes:
+        text, sender = self._chat_body(request)
+        d = self.hub.post(room, sender, text, key=self._idempotency_key(request))
+
+        def done(msg: Message, status: int = 201) -> None:
+            body = {"room": msg.room, "id": msg.id, "ts": msg.ts}
+            if status == 200:
+                body["duplicate"] = True
+            request.write(self._json(request, status, body))
+            request.finish()
+
+        def failed(f: Failure) -> None:
+            if f.check(Duplicate):
+                done(f.value.original, 200)
+                return
+            f.trap(Unavailable)
+            request.write(self._json(request, 503, {"error": "history unavailable; not sent"}))
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+    def _amend(
+        self, request: Request, room: str, target: int, kind: str, text: str, sender: str
+    ) -> int:
+        d = self.hub.post(room, sender, text, None, "", "", kind, target)
+
+        def done(msg: Message) -> None:
+            body = {"room": msg.room, "id": msg.id, "ts": msg.ts, "target": target}
+            request.write(self._json(request, 200, body))
+            request.finish()
+
+        def failed(f: Failure) -> None:
+            if f.check(Refused):
+                request.write(self._json(request, 404, {"error": str(f.value)}))
+            else:
+                f.trap(Unavailable)
+                request.write(self._json(request, 503, {"error": "history unavailable"}))
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+    def _chat_body(self, request: Request) -> tuple[str, str]:
+        """(text, sender) of a chat request's JSON body, checked."""
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         if ctype != b"application/json":
             raise ApiError(415, "send Content-Type: application/json")
@@ -184,25 +252,7 @@ class PushAPI(Resource):
         problem = limits.nick_problem(sender)
         if problem:
             raise ApiError(400, f"'from': {problem}")
-        d = self.hub.post(room, sender, text, key=self._idempotency_key(request))
-
-        def done(msg: Message, status: int = 201) -> None:
-            body = {"room": msg.room, "id": msg.id, "ts": msg.ts}
-            if status == 200:
-                body["duplicate"] = True
-            request.write(self._json(request, status, body))
-            request.finish()
-
-        def failed(f: Failure) -> None:
-            if f.check(Duplicate):
-                done(f.value.original, 200)
-                return
-            f.trap(Unavailable)
-            request.write(self._json(request, 503, {"error": "history unavailable; not sent"}))
-            request.finish()
-
-        d.addCallbacks(done, failed)
-        return NOT_DONE_YET
+        return text, sender
 
     @staticmethod
     def _idempotency_key(request: Request) -> str:

@@ -154,12 +154,13 @@ end
 
 # A room's overlays (":x"), a sorted set scored by message id: one JSON object per
 # message changed since it was stored, {"i": id, "t": edited text, "ed": latest edit,
-# "eds": [edits], "del": the delete, "r": {emoji: [who]}, "b": a deleted entry's
-# fields}. A stream entry cannot be rewritten: an edit's text lives here; a delete
-# writes the log again without the message and its edits (the text is gone: XDEL
-# would only flag them; this costs a read and a write of the room's kept log, a
-# millisecond or two for a thousand messages, once per delete) and keeps "b" here
-# so the id still reads as a deleted message. Reads merge them (``_messages``).
+# "eds": [edits], "del": the delete, "r": {emoji: [who]}, "v": the latest event,
+# "b": a deleted entry's fields}. A stream entry cannot be rewritten: an edit's
+# text lives here; a delete writes the log again without the message and its
+# edits (the text is gone: XDEL would only flag them; this costs a read and a
+# write of the room's kept log, a millisecond or two for a thousand messages,
+# once per delete) and keeps "b" here so the id still reads as a deleted
+# message. Reads merge them (``_messages``).
 _SPAN = r"""
 -- Entries of log with lo < id < hi (hi '': no bound), oldest first or newest first
 -- (rev), at most count (0: all); and the overlays of the same span.
@@ -267,6 +268,7 @@ if tonumber(ARGV[2]) > 0 then
       for _, w in ipairs(ov.r[ARGV[4]]) do if w ~= ARGV[13] then table.insert(l, w) end end
       if #l > 0 then ov.r[ARGV[4]] = l else ov.r[ARGV[4]] = nil end
     end
+    ov.v = id
     redis.call('ZREMRANGEBYSCORE', KEYS[4], target, target)
     redis.call('ZADD', KEYS[4], target, cjson.encode(ov))
   end
@@ -499,6 +501,7 @@ def _messages(room: str, entries: list, overlays: list) -> list[Message]:
             text="" if "del" in ov else ov.get("t", msg.text),
             edited=int(ov.get("ed", 0)),
             deleted=int(ov.get("del", 0)),
+            updated=int(ov.get("v", 0)),
             reactions=ov.get("r") or None,
         )
     return [by_id[i] for i in sorted(by_id)]

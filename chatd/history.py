@@ -13,6 +13,12 @@ run). A committed WAL write survives the process being killed;
 ``--db-sync full`` trades for an fsync per batch. Reads are bounded by the
 retention, through the primary key.
 
+Edits, deletes and reactions (``Message.kind``) are rows too, and change
+their target's row in the same transaction (``append``): the current text,
+``edited``, ``deleted``, ``updated``; reactions in table ``reactions``. A
+deleted message's text is overwritten, and leaves the disk: ``secure_delete``
+zeroes freed space, and a batch with a delete is checkpointed out of the WAL.
+
 Each room's history has an **epoch**: a random id created with the room's
 first id (table ``rooms``; a database made before epochs gets one for a room
 that has messages on first use). Ids are only comparable within one epoch:
@@ -58,6 +64,7 @@ CREATE TABLE IF NOT EXISTS messages (
     target INTEGER,               -- the message an edit, delete or reaction is about
     edited INTEGER,               -- a message's latest edit (its id); its text is the edited one
     deleted INTEGER,              -- the delete that removed a message's text (its id)
+    updated INTEGER,              -- the latest edit, delete or reaction applied to a message
     PRIMARY KEY (room, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reactions (
@@ -126,6 +133,7 @@ class Message:
     target: int = 0
     edited: int = 0  # a message's latest edit (its id; 0: never edited), as read from storage
     deleted: int = 0  # the delete that removed a message's text (its id; 0: not deleted)
+    updated: int = 0  # the latest event applied to a message (its id; 0: none)
     reactions: Reactions | None = field(default=None, compare=False)
 
 
@@ -139,7 +147,7 @@ class Refused(Exception):
         self.code = code
 
 
-_COLUMNS = "id, ts, sender, text, user, kind, target, edited, deleted"
+_COLUMNS = "id, ts, sender, text, user, kind, target, edited, deleted, updated"
 
 
 class History:
@@ -158,9 +166,13 @@ class History:
         if path != ":memory:":
             self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+        # A deleted message's text must leave the disk: freed space is zeroed, and a
+        # batch with a delete is checkpointed out of the WAL (``commit``).
+        self.db.execute("PRAGMA secure_delete=ON")
+        self._scrub = False
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
-        for column in ("user", "kind", "target", "edited", "deleted"):
+        for column in ("user", "kind", "target", "edited", "deleted", "updated"):
             if column not in columns:  # a database from before users (or before edits)
                 kind = "TEXT" if column in ("user", "kind") else "INTEGER"
                 self.db.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
@@ -377,25 +389,31 @@ class History:
             raise refused
         if kind == "edit":
             db.execute(
-                "UPDATE messages SET text = ?, edited = ? WHERE room = ? AND id = ?",
-                (text, event.id, room, target),
+                "UPDATE messages SET text = ?, edited = ?, updated = ? WHERE room = ? AND id = ?",
+                (text, event.id, event.id, room, target),
             )
         elif kind == "delete":
             db.execute(
-                "UPDATE messages SET text = '', deleted = ? WHERE room = ? AND id = ?",
-                (event.id, room, target),
+                "UPDATE messages SET text = '', deleted = ?, updated = ? WHERE room = ? AND id = ?",
+                (event.id, event.id, room, target),
             )
             db.execute(
                 "UPDATE messages SET text = '' WHERE room = ? AND kind = 'edit' AND target = ?",
                 (room, target),
             )
             db.execute("DELETE FROM reactions WHERE room = ? AND target = ?", (room, target))
-        elif kind == "react":
+            self._scrub = True
+        else:
+            db.execute(
+                "UPDATE messages SET updated = ? WHERE room = ? AND id = ?",
+                (event.id, room, target),
+            )
+        if kind == "react":
             db.execute(
                 "INSERT OR IGNORE INTO reactions (room, target, emoji, who) VALUES (?, ?, ?, ?)",
                 (room, target, text, who),
             )
-        else:  # unreact
+        elif kind == "unreact":
             db.execute(
                 "DELETE FROM reactions WHERE room = ? AND target = ? AND emoji = ? AND who = ?",
                 (room, target, text, who),
@@ -405,6 +423,9 @@ class History:
         if self._in_tx:
             self.db.execute("COMMIT")
             self._in_tx = False
+        if self._scrub:  # (a delete: the old pages leave the WAL file, a few ms)
+            self._scrub = False
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def rollback(self) -> None:
         """Forget an uncommitted batch; ids and epochs are read again from the database."""
@@ -523,9 +544,21 @@ class History:
             reactions.setdefault(target, {}).setdefault(emoji, []).append(who)
         return [
             Message(
-                room, i, ts, s, t, None, u or "", k or "", g or 0, e or 0, d or 0, reactions.get(i)
+                room,
+                i,
+                ts,
+                s,
+                t,
+                None,
+                u or "",
+                k or "",
+                g or 0,
+                e or 0,
+                d or 0,
+                v or 0,
+                reactions.get(i),
             )
-            for i, ts, s, t, u, k, g, e, d in rows
+            for i, ts, s, t, u, k, g, e, d, v in rows
         ]
 
     def recent(self, room: str, n: int) -> list[Message]:

@@ -633,7 +633,16 @@ class Hub:
         return once_per_user((m.nick, m.user) for m in r.members.values()) if r else []
 
     def post(
-        self, room: str, sender: str, text: str, ref: Ref = None, user: str = "", key: str = ""
+        self,
+        room: str,
+        sender: str,
+        text: str,
+        ref: Ref = None,
+        user: str = "",
+        key: str = "",
+        kind: str = "",
+        target: int = 0,
+        author: bool = False,
     ) -> defer.Deferred[Message]:
         """Store a message and send it to the room's members, everywhere (there may be none).
 
@@ -641,11 +650,13 @@ class Hub:
         member, here or on another node, gets it from the broker's stream);
         fails with ``Unavailable`` if it could not be stored, and then no one
         gets it; fails with ``Duplicate`` if an idempotency ``key`` made a message
-        of the room already (see ``Broker.publish``). Who may post is the caller's check.
+        of the room already (see ``Broker.publish``). With a ``kind``, an edit,
+        delete or reaction about message ``target`` (only the author's own with
+        ``author``), or ``Refused``. Who may post is the caller's check.
         """
         if not self.broker.up:
             return defer.fail(Unavailable("the message store is unreachable"))
-        d = self.broker.publish(room, sender, text, ref, user, key)
+        d = self.broker.publish(room, sender, text, ref, user, key, kind, target, author)
         if self.message_listeners:
             d.addCallback(self._stored)
         return d

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import unicodedata
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -78,7 +79,7 @@ from twisted.python.failure import Failure
 
 from chatd import jsonin, limits
 from chatd.auth import EXPIRY_GRACE, NO_AUTH, AuthError, Identity, Policy
-from chatd.history import Message, Ref
+from chatd.history import Message, Ref, Refused
 from chatd.hub import (
     ONLINE,
     Duplicate,
@@ -104,6 +105,8 @@ INT_LIMIT = 2**53
 _log = Logger(namespace="chatd.v1")
 
 CID_MAX = 64  # characters of a send's client message id
+EMOJI_MAX = 32  # characters of a reaction
+_NOT_IN_EMOJI = frozenset(("Cc", "Zs", "Zl", "Zp", "Cs"))
 HISTORY_LIMIT = 50  # messages of a history page when the request gives no limit
 HISTORY_LIMIT_MAX = 100  # ... and at most
 
@@ -130,6 +133,21 @@ def message_obj(msg: Message) -> dict[str, Any]:
         obj["user"] = msg.user
     if msg.ref is not None:
         obj["ref"] = msg.ref
+    if msg.kind:  # an event about message "target" (docs/PROTOCOL.md)
+        obj["kind"] = msg.kind
+        obj["target"] = msg.target
+        if msg.kind in ("react", "unreact"):
+            obj["emoji"] = obj.pop("text")
+        elif msg.kind == "delete":
+            del obj["text"]
+    if msg.updated:  # a message as it is now: apply only events with a higher id
+        obj["updated"] = msg.updated
+        if msg.edited:
+            obj["edited"] = True
+        if msg.deleted:
+            obj["deleted"] = True
+        if msg.reactions:
+            obj["reactions"] = msg.reactions
     return obj
 
 
@@ -698,13 +716,17 @@ class ChatSession:
             out["ref"] = ref
         self.reply(out)
 
-    def on_send(self, obj: dict[str, Any], ref: Ref) -> None:
+    def _writer(self, obj: dict[str, Any]) -> str:
+        """The room of a request that writes to it (send, edit, delete, react...)."""
         room = _room(obj)
-        text = _field(obj, "text", str)
         if room not in self.joined:
             raise ProtocolError("not_joined", f"join {room} first")
         if self._right(room) != "rw":
             raise ProtocolError("forbidden", f"no right to send to {room}")
+        return room
+
+    def _text(self, obj: dict[str, Any]) -> str:
+        text: str = _field(obj, "text", str)
         if not text.strip():
             raise ProtocolError("bad_field", "'text' is empty")
         if not _encodable(text):
@@ -712,6 +734,12 @@ class ChatSession:
         max_text = self.max_text
         if len(text.encode("utf-8")) > max_text:
             raise ProtocolError("too_long", f"a message is at most {max_text} bytes of UTF-8")
+        return text
+
+    def on_send(self, obj: dict[str, Any], ref: Ref) -> None:
+        _field(obj, "text", str)  # (a missing text first: bad_field, as ever)
+        room = self._writer(obj)
+        text = self._text(obj)
         cid = _field(obj, "cid", str, required=False)
         if cid is not None and not (0 < len(cid) <= CID_MAX and cid.isprintable()):
             raise ProtocolError("bad_field", f"'cid' is 1-{CID_MAX} printable characters")
@@ -750,6 +778,50 @@ class ChatSession:
             return
         failure.trap(Unavailable)  # type: ignore[no-untyped-call]
         self.error("unavailable", "the message could not be stored and was not sent", ref)
+
+    def _amend(self, obj: dict[str, Any], ref: Ref, kind: str, text: str) -> None:
+        """An edit, delete or reaction about message ``id``: stored as an event, which
+        comes back to this connection with the rest of the room as the answer."""
+        room = self._writer(obj)
+        target = _field(obj, "id", int)
+        if target < 1:
+            raise ProtocolError("bad_field", "'id' is a message id")
+        assert self.nick is not None
+        user = self.identity.sub if self.identity is not None else ""
+        author = kind in ("edit", "delete")  # (anyone who may write reacts)
+        d = self.hub.post(room, self.nick, text, ref, user, "", kind, target, author)
+        d.addCallbacks(self._posted, self._not_amended, errbackArgs=(ref,))
+
+    def _not_amended(self, failure: Failure, ref: Ref) -> None:
+        if failure.check(Refused):  # type: ignore[no-untyped-call]
+            self.error(failure.value.code, str(failure.value), ref)
+            return
+        failure.trap(Unavailable)  # type: ignore[no-untyped-call]
+        self.error("unavailable", "the change could not be stored and was not sent", ref)
+
+    def on_edit(self, obj: dict[str, Any], ref: Ref) -> None:
+        _field(obj, "text", str)
+        self._writer(obj)
+        self._amend(obj, ref, "edit", self._text(obj))
+
+    def on_delete(self, obj: dict[str, Any], ref: Ref) -> None:
+        self._amend(obj, ref, "delete", "")
+
+    def _emoji(self, obj: dict[str, Any]) -> str:
+        """A reaction: 1-``EMOJI_MAX`` characters, no spaces or control characters
+        (joiners and variation selectors are fine: they make many emoji)."""
+        emoji: str = _field(obj, "emoji", str)
+        if not 0 < len(emoji) <= EMOJI_MAX or not _encodable(emoji):
+            raise ProtocolError("bad_field", f"'emoji' is 1-{EMOJI_MAX} characters")
+        if any(unicodedata.category(c) in _NOT_IN_EMOJI for c in emoji):
+            raise ProtocolError("bad_field", "'emoji' has no spaces or control characters")
+        return emoji
+
+    def on_react(self, obj: dict[str, Any], ref: Ref) -> None:
+        self._amend(obj, ref, "react", self._emoji(obj))
+
+    def on_unreact(self, obj: dict[str, Any], ref: Ref) -> None:
+        self._amend(obj, ref, "unreact", self._emoji(obj))
 
     def on_read(self, obj: dict[str, Any], ref: Ref) -> None:
         """Move this user's read marker up (never back): its connections, and in a
@@ -841,6 +913,10 @@ class ChatSession:
         "join": on_join,
         "leave": on_leave,
         "send": on_send,
+        "edit": on_edit,
+        "delete": on_delete,
+        "react": on_react,
+        "unreact": on_unreact,
         "history": on_history,
         "typing": on_typing,
         "read": on_read,

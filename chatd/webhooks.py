@@ -218,16 +218,17 @@ class Webhooks(service.Service):
         self.emit("user.online" if online else "user.offline", {"user": sub, "name": name})
 
     def message(self, msg: Message) -> None:
-        if self.rooms.match(msg.room):
-            data: dict[str, Any] = {
-                "room": msg.room,
-                "id": msg.id,
-                "ts": msg.ts,
-                "from": msg.sender,
-                "text": msg.text,
-            }
-            if msg.user:
-                data["user"] = msg.user
+        if msg.kind in ("react", "unreact") or not self.rooms.match(msg.room):
+            return
+        data: dict[str, Any] = {"room": msg.room, "id": msg.id, "ts": msg.ts, "from": msg.sender}
+        if msg.kind != "delete":
+            data["text"] = msg.text
+        if msg.user:
+            data["user"] = msg.user
+        if msg.kind:  # an edit or a delete: "target" is the message it changed
+            data["target"] = msg.target
+            self.emit("message.edited" if msg.kind == "edit" else "message.deleted", data)
+        else:
             self.emit("message.created", data)
 
     def emit(self, type_: str, data: dict[str, Any]) -> None:

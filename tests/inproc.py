@@ -173,14 +173,17 @@ class Site:
 
 
 def text_frames(transport: StringTransport) -> list[Any]:
-    """The JSON text frames written to ``transport`` so far, and clear it (short
-    unmasked server frames only: each payload under 126 bytes)."""
+    """The JSON text frames written to ``transport`` so far, and clear it (unmasked
+    server frames, each payload under 64 KiB)."""
     import json
 
     data, frames = transport.value(), []
     transport.clear()
     while data:
-        assert data[0] == 0x81 and data[1] < 126
-        frames.append(json.loads(data[2 : 2 + data[1]]))
-        data = data[2 + data[1] :]
+        assert data[0] == 0x81 and data[1] <= 126
+        start, size = 2, data[1]
+        if size == 126:
+            start, size = 4, int.from_bytes(data[2:4], "big")
+        frames.append(json.loads(data[start : start + size]))
+        data = data[start + size :]
     return frames

@@ -570,7 +570,12 @@ def test_edits_deletes_and_reactions_are_events_applied_to_their_target(kit):
 
     p = yield b.read_page("tea", 0, None, 50, True)
     now = {m.id: m for m in p.messages}
-    assert (now[1].text, now[1].edited, now[1].deleted) == ("second draft", 3, 0)
+    assert (now[1].text, now[1].edited, now[1].deleted, now[1].updated) == (
+        "second draft",
+        3,
+        0,
+        10,
+    )
     assert {k: sorted(v) for k, v in (now[1].reactions or {}).items()} == {"👍": ["ann", "b1"]}
     assert (now[2].text, now[2].edited, now[2].reactions) == ("still anonymous", 4, None)
     assert [(m.kind, m.target) for m in p.messages[2:4]] == [("edit", 1), ("edit", 2)]

@@ -295,3 +295,38 @@ def test_typing_is_shown_to_the_other_person(people) -> None:
     quinn.page.press("#text", "Enter")
     rosa.wait_text("hel")
     eventually(lambda: rosa.page.text_content("#typing"), "", "typing gone with the message")
+
+
+def test_edit_react_and_delete_on_the_page(people) -> None:
+    alice, bob = people(), people()
+    alice.join("alice", "edit-room")
+    bob.join("bob", "edit-room")
+    alice.say("helo")
+    bob.wait_text("helo")
+    mine = alice.page.locator("#log .msg.mine").first
+    mine.click()  # (a tap shows a message's actions on a phone)
+    mine.get_by_role("button", name="edit").click()
+    alice.page.fill("#log .msg.mine input.edit", "hello")
+    alice.page.press("#log .msg.mine input.edit", "Enter")
+    bob.wait_texts(["hello"])
+    theirs = bob.page.locator("#log .msg").first
+    assert theirs.locator(".edited").text_content() == "(edited)"
+    assert theirs.get_by_role("button", name="edit").count() == 0  # not bob's to edit
+    theirs.click()
+    theirs.get_by_role("button", name="react 👍").click()
+    chip = mine.locator(".reactions button")
+    eventually(lambda: chip.all_text_contents(), ["👍 1"], "bob's reaction shown to alice")
+    chip.first.click()  # alice joins it
+    eventually(lambda: theirs.locator(".reactions button").all_text_contents(), ["👍 2"], "two")
+    shot(bob, "chat-edit-react.png")
+    bob.open()  # a reload: the history shows it as it is now
+    bob.wait_open()
+    bob.wait_texts(["hello"])
+    theirs = bob.page.locator("#log .msg").first
+    eventually(lambda: theirs.locator(".reactions button").all_text_contents(), ["👍 2"], "")
+    alice.page.once("dialog", lambda d: d.accept())
+    mine.click()
+    mine.get_by_role("button", name="delete").click()
+    bob.wait_texts(["message deleted"])
+    alice.wait_texts(["message deleted"])
+    assert theirs.locator(".reactions button").count() == 0

@@ -906,3 +906,58 @@ def test_read_markers_work_across_nodes(node) -> None:
     laptop.req("read", room="lobby", id=5)
     while (m := phone.next())["type"] != "read" or m["id"] != 5:  # her phone follows
         pass
+
+
+def next_of(c: V1, type_: str) -> dict:
+    """The next frame of ``type_``, past presence and the like (bounded by the socket's timeout)."""
+    for _ in range(100):
+        if (m := c.next())["type"] == type_:
+            return m
+    raise AssertionError(f"no {type_} in 100 frames")
+
+
+def test_edits_deletes_and_reactions_cross_nodes_and_deleted_text_leaves_redis(node, redis) -> None:
+    args = ("--auth", "token", "--jwt-key", JWT_KEY, "--api-token", TOKEN)
+    a, b = node(*args), node(*args)
+    alice, bob = signed_in(a, "alice", "lobby"), signed_in(b, "bob", "lobby")
+    alice.say("lobby", "a secret recipe")
+    first = next_of(alice, "message")
+    assert next_of(bob, "message")["id"] == first["id"]
+    bob.req("edit", room="lobby", id=first["id"], text="bob's now", ref=1)  # not his
+    assert (next_of(bob, "error")["code"]) == "forbidden"
+    alice.req("edit", room="lobby", id=first["id"], text="a shared recipe")
+    seen = [next_of(bob, "message")]
+    bob.req("react", room="lobby", id=first["id"], emoji="🍰")
+    seen.append(next_of(bob, "message"))
+    assert [(m["kind"], m["target"], m.get("text"), m.get("emoji")) for m in seen] == [
+        ("edit", first["id"], "a shared recipe", None),
+        ("react", first["id"], None, "🍰"),
+    ]
+    assert [next_of(alice, "message")["id"] for _ in range(2)] == [m["id"] for m in seen]
+    # The back end edits anything, through either node.
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    path = f"/api/rooms/lobby/messages/{first['id']}"
+    status, _, body = request(b.port, "PATCH", path, b'{"text": "the recipe"}', auth)
+    assert status == 200 and json.loads(body)["target"] == first["id"], body
+    assert next_of(alice, "message")["text"] == next_of(bob, "message")["text"] == "the recipe"
+    late = signed_in(b, "carol")  # before the delete: a page as it is now
+    late.req("history", room="lobby")
+    [now] = next_of(late, "history")["messages"][:1]
+    assert (now["text"], now["edited"], now["reactions"]) == ("the recipe", True, {"🍰": ["bob"]})
+    alice.req("delete", room="lobby", id=first["id"])
+    gone = next_of(bob, "message")
+    assert (gone["kind"], gone["target"]) == ("delete", first["id"])
+    logs = [k for k in redis.command("KEYS", "*").decode().split() if k.endswith(":log")]
+    stored = b"".join(redis.command("DUMP", k) for k in redis.command("KEYS", "*").split())
+    stored += b"".join(redis.command("XRANGE", k, "-", "+") for k in logs)
+    assert b"recipe" not in stored and b"\xf0\x9f\x8d\xb0" in stored  # (the reaction is kept)
+    status, _, body = request(a.port, "DELETE", path, None, auth)
+    assert status == 404, body  # deleted already
+    replay = late.join("lobby", since=0)["history"]
+    assert [m["id"] for m in replay] == list(range(first["id"], gone["id"] + 1))
+    assert (replay[0]["deleted"], replay[0]["text"], replay[0]["updated"]) == (
+        True,
+        "",
+        gone["id"],
+    )
+    assert all(m.get("text", "") == "" for m in replay if m.get("kind") == "edit")

@@ -23,7 +23,7 @@ from twisted.logger import globalLogPublisher
 import chatd.session
 from chatd import limits
 from chatd.fanout import Link, Outbox
-from chatd.history import History, Message
+from chatd.history import MAX_REACTIONS, History, Message
 from chatd.hub import InMemoryHub, Joined, NickTaken, Unavailable
 from chatd.session import PAGE_BYTES, ChatSession, HistoryPages, V1Renderer
 from chatd.stats import Stats
@@ -220,6 +220,16 @@ def _limited(c: Client) -> list:
     return c(type="send", room="tea", text="x", ref=3)
 
 
+def _too_many_reactions(c: Client) -> list:
+    hub = c.session.hub
+    hub.post("tea", "bob", "react to me")
+    for i in range(MAX_REACTIONS):
+        hub.post("tea", "cy", chr(0x1F600 + i), None, "", "", "react", 1)
+    hub.flush()
+    c.out.take()
+    return c(type="react", room="tea", id=1, emoji="🦀", ref=3)
+
+
 ERRORS: list[tuple[str, Any, bool]] = [
     # (code, the frame: bytes, a dict, or a function of the client; how: True for a
     # client that said hello and joined "tea", and whose answer carries ref 3; False:
@@ -252,6 +262,18 @@ ERRORS: list[tuple[str, Any, bool]] = [
     ("not_joined", {"type": "send", "room": "elsewhere", "text": "x", "ref": 3}, True),
     ("not_joined", {"type": "leave", "room": "elsewhere", "ref": 3}, True),
     ("too_long", {"type": "send", "room": "tea", "text": "é" * 6, "ref": 3}, True),
+    ("too_long", {"type": "edit", "room": "tea", "id": 1, "text": "é" * 6, "ref": 3}, True),
+    ("not_found", {"type": "edit", "room": "tea", "id": 9, "text": "x", "ref": 3}, True),
+    ("not_found", {"type": "delete", "room": "tea", "id": 9, "ref": 3}, True),
+    ("not_found", {"type": "react", "room": "tea", "id": 9, "emoji": "👍", "ref": 3}, True),
+    ("too_many", _too_many_reactions, True),
+    ("bad_field", {"type": "react", "room": "tea", "id": 1, "emoji": "a b", "ref": 3}, True),
+    ("bad_field", {"type": "react", "room": "tea", "id": 1, "emoji": "", "ref": 3}, True),
+    ("bad_field", {"type": "react", "room": "tea", "id": 1, "emoji": "x" * 33, "ref": 3}, True),
+    ("bad_field", {"type": "unreact", "room": "tea", "id": 1, "emoji": "\n", "ref": 3}, True),
+    ("bad_field", {"type": "delete", "room": "tea", "id": 0, "ref": 3}, True),
+    ("bad_field", {"type": "edit", "room": "tea", "id": 1, "ref": 3}, True),
+    ("not_joined", {"type": "delete", "room": "elsewhere", "id": 1, "ref": 3}, True),
     ("rate_limited", _limited, True),
     ("unavailable", {"type": "send", "room": "tea", "text": "x", "ref": 3}, "broken"),
     ("unavailable", {"type": "join", "room": "down", "ref": 3}, "broken"),
@@ -293,7 +315,7 @@ def test_every_code_of_the_protocol_error_table_is_tested() -> None:
     text = (ROOT / "docs" / "PROTOCOL.md").read_text()
     table = text.split("## Errors", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M))
-    assert len(documented) == 17
+    assert len(documented) == 19
     # (unauthorized and forbidden need a token policy: tests/test_auth.py tries them)
     assert documented == {code for code, _, _ in ERRORS} | {"unauthorized", "forbidden"}
 
@@ -819,3 +841,55 @@ def test_read_markers_reach_the_readers_tabs_and_the_room_and_come_back_with_joi
         assert error["code"] == "bad_field", bad
     [error] = ann(type="read", room="elsewhere", id=1)
     assert error["code"] == "not_joined"
+
+
+def test_edits_deletes_and_reactions_reach_the_room_and_replay_as_they_are_now() -> None:
+    turns = Turns()
+    hub = make_hub(turns)
+    ann, bob = Client(hub), Client(hub)
+    hello(ann, "ann")
+    hello(bob, "bob")
+    for c in (ann, bob):
+        c(type="join", room="tea")
+    ann(type="send", room="tea", text="helo")
+    turns.end()
+    ann.live(), bob.live()
+    # Only the author edits or deletes; anyone who may write reacts.
+    for frame in ({"type": "edit", "text": "mine now"}, {"type": "delete"}):
+        [error] = bob(room="tea", id=1, ref=7, **frame)
+        assert (error["code"], error["ref"]) == ("forbidden", 7)
+    assert ann(type="edit", room="tea", id=1, text="hello", ref=5) == []  # (answered live)
+    assert bob(type="react", room="tea", id=1, emoji="👍") == []
+    assert bob(type="react", room="tea", id=1, emoji="👨‍👩‍👧") == []  # (joiners are fine)
+    bob(type="unreact", room="tea", id=1, emoji="👨‍👩‍👧")
+    turns.end()
+    seen = ann.live()
+    assert seen == bob.live()  # (ann's ref comes back on ann's copy only)
+    assert [(m["id"], m["kind"], m["target"], m.get("text"), m.get("emoji")) for m in seen] == [
+        (2, "edit", 1, "hello", None),
+        (3, "react", 1, None, "👍"),
+        (4, "react", 1, None, "👨‍👩‍👧"),
+        (5, "unreact", 1, None, "👨‍👩‍👧"),
+    ]
+    [page] = bob(type="history", room="tea", limit=1, before=2)
+    [first] = page["messages"]
+    assert (first["text"], first["edited"], first["updated"]) == ("hello", True, 5)
+    assert first["reactions"] == {"👍": ["bob"]} and "deleted" not in first
+    assert ann(type="delete", room="tea", id=1) == []
+    turns.end()
+    [gone] = bob.live()
+    assert (gone["kind"], gone["target"], gone["id"]) == ("delete", 1, 6) and "text" not in gone
+    [error] = ann(type="edit", room="tea", id=1, text="back")
+    assert error["code"] == "not_found"
+    # A newcomer's replay: the message as it is now, then the events (ignored by the
+    # rule: apply an event only if its id is above the message's "updated").
+    cy = Client(hub)
+    hello(cy, "cy")
+    [joined] = cy(type="join", room="tea", since=0)
+    first, *events = joined["history"]
+    assert (first["text"], first["deleted"], first["updated"]) == ("", True, 6)
+    assert "reactions" not in first and "edited" in first
+    assert [e["id"] for e in events] == [2, 3, 4, 5, 6] and events[0]["text"] == ""
+    assert hub.broker.history.db.execute(
+        "SELECT count(*) FROM messages WHERE text LIKE '%hel%'"
+    ).fetchone() == (0,)

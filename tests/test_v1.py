@@ -258,6 +258,65 @@ def test_history_survives_a_restart(daemon, tmp_path) -> None:
         d2.stop()
 
 
+def test_edits_deletes_and_reactions_on_the_daemon_and_after_a_restart(tmp_path) -> None:
+    token = "an-api-token-for-the-edit-test"
+    d = Daemon("--api-token", token, cwd=str(tmp_path))
+    try:
+        ann, bob = V1(d.port, "ann"), V1(d.port, "bob")
+        ann.join("edits")
+        bob.join("edits")
+        ann.next("presence")
+        ann.say("edits", "draft one")
+        ann.say("edits", "keep me")
+        first, second = ann.next("message"), ann.next("message")
+        bob.next("message"), bob.next("message")
+        ann.req("edit", room="edits", id=first["id"], text="final one", ref="e")
+        edit = ann.next("message")
+        assert (edit["kind"], edit["target"], edit["text"], edit["ref"]) == (
+            "edit",
+            first["id"],
+            "final one",
+            "e",
+        )
+        bob.req("react", room="edits", id=second["id"], emoji="👍")
+        bob.req("delete", room="edits", id=second["id"])  # not his
+        assert bob.next("message")["kind"] == "edit" and bob.next("message")["kind"] == "react"
+        assert bob.next("error")["code"] == "forbidden"
+        auth = {"Authorization": f"Bearer {token}"}
+        path = f"/api/rooms/edits/messages/{first['id']}"
+        status, _, body = request(d.port, "DELETE", path, None, auth)
+        assert status == 200 and json.loads(body)["target"] == first["id"], body
+        gone = bob.next("message")
+        assert (gone["kind"], gone["target"], gone["from"]) == ("delete", first["id"], "api")
+        for bad, code in [
+            ("/api/rooms/edits/messages/99", 404),
+            ("/api/rooms/a%20b/messages/1", 400),
+        ]:
+            assert request(d.port, "DELETE", bad, None, auth)[0] == code
+        status, _, _ = request(
+            d.port, "PATCH", path, b'{"text": "x"}', {**auth, "Content-Type": "text/plain"}
+        )
+        assert status == 415
+        for f in tmp_path.glob("chatd.sqlite3*"):  # (the database, its WAL: every byte)
+            assert b"draft" not in f.read_bytes(), f
+        ann.close(), bob.close()
+    finally:
+        d.stop()
+    d2 = Daemon(cwd=str(tmp_path))
+    try:
+        c = V1(d2.port, "cy")
+        history = c.join("edits", since=0)["history"]
+        by_id = {m["id"]: m for m in history}
+        assert (by_id[first["id"]]["deleted"], by_id[first["id"]]["text"]) == (True, "")
+        assert by_id[second["id"]]["reactions"] == {"👍": ["bob"]}
+        assert by_id[edit["id"]]["text"] == ""  # (the deleted message's edit lost its text too)
+        for f in tmp_path.glob("chatd.sqlite3*"):  # (the database, its WAL: every byte)
+            assert b"draft" not in f.read_bytes(), f
+        c.close()
+    finally:
+        d2.stop()
+
+
 def test_retention_and_truncated() -> None:
     d = Site("--history-size", "5", "--rate-burst", "100")
     a = d.v1("ret")

@@ -511,6 +511,15 @@ def test_the_back_end_hears_of_users_once_and_of_messages_in_its_rooms(daemon, r
     [created] = [e for e in events if e["type"] == "message.created"]
     assert created["data"]["room"] == "support-7" and created["data"]["text"] == "my order is late"
     assert created["data"]["user"] == "alice" and created["data"]["id"] == 1
+    tabs[0].req("edit", room="support-7", id=1, text="my order is very late")
+    tabs[0].req("react", room="support-7", id=1, emoji="😠")  # (reactions: not sent)
+    tabs[0].req("delete", room="support-7", id=1)
+    events = rx.wait(lambda ev: any(e["type"] == "message.deleted" for e in ev))
+    [edited] = [e["data"] for e in events if e["type"] == "message.edited"]
+    [deleted] = [e["data"] for e in events if e["type"] == "message.deleted"]
+    assert (edited["id"], edited["target"], edited["text"]) == (2, 1, "my order is very late")
+    assert (deleted["id"], deleted["target"], deleted["user"]) == (4, 1, "alice")
+    assert "text" not in deleted
     for c in tabs:
         c.close()
     events = rx.wait(lambda ev: "user.offline" in users(ev, "alice"))

@@ -56,9 +56,15 @@ def plain_text(text: str) -> str:
 
 
 class PlainRenderer:
-    """Chat events as the seed showed them: ``<from>: <text>``, no presence."""
+    """Chat events as the seed showed them: ``<from>: <text>``, no presence; an edit
+    as ``<from> (edited): <text>``, no deletes or reactions (a line cannot be
+    taken back)."""
 
-    def message(self, msg: Message) -> bytes:
+    def message(self, msg: Message) -> bytes | None:
+        if msg.kind:
+            if msg.kind != "edit":
+                return None
+            return f"{msg.sender} (edited): {plain_text(msg.text)}".encode()
         return f"{msg.sender}: {plain_text(msg.text)}".encode()
 
     def presence(self, room: str, nick: str, event: str, user: str) -> None:

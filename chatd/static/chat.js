@@ -26,6 +26,10 @@
   // after a reconnect, so a send whose answer was lost is stored once (PROTOCOL.md).
   const unsent = new Map();
   let older = "idle";    // older history on scroll: "idle", "loading" or "done"
+  // Messages on screen, by id: their state as it is now (edits, deletes and reactions
+  // are events about them, applied only when newer than the state: PROTOCOL.md).
+  const shown = new Map();
+  const QUICK = ["👍", "❤️", "😂", "🎉"];
 
   // A signed token (docs/AUTH.md) comes in the URL's fragment, #token=..., which
   // browsers never send to a server: kept for this tab, taken out of the address bar.
@@ -66,7 +70,10 @@
   function append(node) {
     const stick = atBottom();
     log.appendChild(node);
-    while (log.childElementCount > MAX_LINES) log.firstElementChild.remove();
+    while (log.childElementCount > MAX_LINES) {
+      shown.delete(Number(log.firstElementChild.dataset.id));
+      log.firstElementChild.remove();
+    }
     if (stick) log.scrollTop = log.scrollHeight;
   }
 
@@ -88,7 +95,9 @@
     const before = log.scrollHeight;
     const first = log.firstChild, bound = oldestId();
     for (const h of msgs) {
-      if (h.id < bound) log.insertBefore(messageNode(h), first);   // oldest first, in order
+      if (h.id >= bound) continue;
+      if (h.kind) applyEvent(h);       // (about a message shown: if newer than its state)
+      else log.insertBefore(messageNode(h), first);   // oldest first, in order
     }
     log.scrollTop += log.scrollHeight - before;
     older = more ? "idle" : "done";
@@ -105,10 +114,33 @@
     append(messageNode(m));
   }
 
+  function mine(m) { return me ? m.user === me : !m.user && m.from === nick; }
+
+  function button(label, title, onClick) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.title = title;
+    b.setAttribute("aria-label", title);
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
   function messageNode(m) {
     const div = document.createElement("div");
-    div.className = "msg" + ((me ? m.user === me : m.from === nick) ? " mine" : "");
     div.dataset.id = m.id;
+    div.tabIndex = -1;                 // (a tap focuses it: its actions show on phones)
+    const s = { m: { ...m }, node: div };
+    shown.set(m.id, s);
+    fill(s);
+    return div;
+  }
+
+  // (Re)draw a message from its state: text (or "message deleted"), "edited", its
+  // reactions (click one to join or leave it), and what one may do with it.
+  function fill(s) {
+    const m = s.m, div = s.node;
+    div.className = "msg" + (mine(m) ? " mine" : "") + (m.deleted ? " deleted" : "");
     const t = document.createElement("time");
     const d = new Date(m.ts);
     t.dateTime = d.toISOString();
@@ -119,9 +151,76 @@
     from.textContent = m.from;
     const body = document.createElement("span");
     body.className = "text";
-    body.textContent = m.text;
-    div.append(t, from, body);
-    return div;
+    body.textContent = m.deleted ? "message deleted" : m.text;
+    div.replaceChildren(t, from, body);
+    if (m.edited && !m.deleted) {
+      const e = document.createElement("span");
+      e.className = "edited";
+      e.textContent = "(edited)";
+      div.append(e);
+    }
+    if (m.deleted) return;
+    const who = me || nick;
+    const reactions = document.createElement("span");
+    reactions.className = "reactions";
+    for (const [emoji, people] of Object.entries(m.reactions || {})) {
+      const on = people.includes(who);
+      const b = button(emoji + " " + people.length, emoji + ": " + people.join(", "), () =>
+        send({ type: on ? "unreact" : "react", room, id: m.id, emoji, ref: "react" }));
+      if (on) b.className = "on";
+      reactions.append(b);
+    }
+    const actions = document.createElement("span");
+    actions.className = "actions";
+    for (const emoji of QUICK) {
+      actions.append(button(emoji, "react " + emoji, () =>
+        send({ type: "react", room, id: m.id, emoji, ref: "react" })));
+    }
+    if (mine(m)) {
+      actions.append(button("edit", "edit", () => startEdit(s)),
+                     button("delete", "delete", () => {
+                       if (confirm("Delete this message for everyone?")) {
+                         send({ type: "delete", room, id: m.id, ref: "delete" });
+                       }
+                     }));
+    }
+    div.append(reactions, actions);
+  }
+
+  function startEdit(s) {
+    const input = document.createElement("input");
+    input.className = "edit";
+    input.value = s.m.text;
+    input.maxLength = 16384;
+    input.setAttribute("aria-label", "edit message");
+    s.node.querySelector(".text").replaceWith(input);
+    input.focus();
+    input.addEventListener("keydown", (ev) => {
+      if (ev.key === "Escape") fill(s);
+      if (ev.key !== "Enter") return;
+      ev.preventDefault();
+      if (input.value.trim() && input.value !== s.m.text) {
+        send({ type: "edit", room, id: s.m.id, text: input.value, ref: "edit" });
+      }
+      fill(s);
+    });
+  }
+
+  // An edit, delete or reaction: applied to its message if shown, and only if newer.
+  function applyEvent(e) {
+    const s = shown.get(e.target);
+    if (!s || e.id <= (s.m.updated || 0)) return;
+    const m = s.m;
+    m.updated = e.id;
+    if (e.kind === "edit") { m.text = e.text; m.edited = true; }
+    else if (e.kind === "delete") { m.deleted = true; m.text = ""; m.reactions = {}; }
+    else {
+      const who = e.user || e.from, r = m.reactions = m.reactions || {};
+      const set = new Set(r[e.emoji] || []);
+      if (e.kind === "react") set.add(who); else set.delete(who);
+      if (set.size) r[e.emoji] = [...set]; else delete r[e.emoji];
+    }
+    if (!s.node.querySelector("input.edit")) fill(s);   // (not under the user's hands)
   }
 
   function renderTyping() {
@@ -192,7 +291,9 @@
 
   function showHistory(msgs) {
     for (const h of msgs) {
-      if (h.id > lastId) { addMessage(h); lastId = h.id; }
+      if (h.id <= lastId) continue;
+      lastId = h.id;
+      if (h.kind) applyEvent(h); else addMessage(h);
     }
   }
 
@@ -207,7 +308,7 @@
         break;
       case "joined": {
         if (m.reset || m.last_id < lastId) { // the server lost its history: start over
-          log.replaceChildren();
+          log.replaceChildren(); shown.clear();
           lastId = 0;
           sys("the server's history was reset");
         }
@@ -234,7 +335,7 @@
       }
       case "reset":                          // a new epoch: what follows starts over
         if (m.room !== room) return;
-        log.replaceChildren();
+        log.replaceChildren(); shown.clear();
         lastId = m.last_id;
         pendingLast = 0;
         epoch = m.epoch;
@@ -256,7 +357,7 @@
         if (typers.delete(m.user || "~" + m.from)) renderTyping();   // done typing
         if (m.room !== room || m.id <= lastId) return;   // never shown twice
         lastId = m.id;
-        addMessage(m);
+        if (m.kind) applyEvent(m); else addMessage(m);
         markRead();
         break;
       case "presence":
@@ -289,7 +390,8 @@
     nick = nickEl.value.trim();
     const newRoom = roomEl.value.trim();
     if (newRoom !== room) {
-      log.replaceChildren(); lastId = 0; epoch = null; unsent.clear(); mayType = true; readSent = 0;
+      log.replaceChildren(); shown.clear();
+      lastId = 0; epoch = null; unsent.clear(); mayType = true; readSent = 0;
     }
     room = newRoom;
     localStorage.setItem("chatd.nick", nick);
