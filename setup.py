@@ -4,11 +4,26 @@
 twistd plugin (``twisted/plugins/chatd_plugin.py``), so ``twistd chatd`` works.
 """
 
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def version() -> str:
+    """chatd.__version__, read without importing chatd (nor Twisted)."""
+    text = (HERE / "chatd" / "__init__.py").read_text(encoding="utf-8")
+    m = re.search(r'^__version__ = "([^"]+)"$', text, re.M)
+    if m is None:
+        raise RuntimeError("no __version__ in chatd/__init__.py")
+    return m.group(1)
+
 
 setup(
     name="chatd",
-    version="0.1.0",
+    version=version(),
     description="WebSocket chat and message-push daemon on Twisted and Autobahn",
     python_requires=">=3.11",
     packages=["chatd", "chatd.protocols", "twisted.plugins"],
