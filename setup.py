@@ -2,6 +2,10 @@
 
 ``pip install .`` installs the package, its page (package data) and the
 twistd plugin (``twisted/plugins/chatd_plugin.py``), so ``twistd chatd`` works.
+
+Nothing is written twice: the version is chatd.__version__ and the
+dependencies are requirements.txt, both read here as text (no import of
+chatd or Twisted at build time).
 """
 
 import re
@@ -21,6 +25,13 @@ def version() -> str:
     return m.group(1)
 
 
+def requirements() -> list[str]:
+    """requirements.txt's requirements, without comments."""
+    lines = (HERE / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    reqs = [line.split("#", 1)[0].strip() for line in lines]
+    return [r for r in reqs if r and not r.startswith("-")]
+
+
 setup(
     name="chatd",
     version=version(),
@@ -28,17 +39,5 @@ setup(
     python_requires=">=3.11",
     packages=["chatd", "chatd.protocols", "twisted.plugins"],
     package_data={"chatd": ["static/*"], "twisted": ["plugins/chatd_plugin.py"]},
-    install_requires=[
-        "twisted[tls]>=24.7,<27",  # chatd.internals: checked up to 26.x
-        "autobahn[twisted]>=24.4,<27",  # likewise
-        "prometheus_client>=0.20",
-        "txredisapi>=1.4.10",  # only used with --redis
-        "hiredis>=2",  # txredisapi's C reply parser (chatd/redisconn.py says why)
-        "PyJWT>=2.8",  # connection tokens (chatd/auth.py)
-        "cryptography>=42",  # RS256, ES256 and EdDSA keys for PyJWT
-        "treq>=24.9",  # webhooks' HTTP client (chatd/webhooks.py)
-    ],
-    extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "playwright>=1.45", "ruff>=0.5"],
-    },
+    install_requires=requirements(),
 )
