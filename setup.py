@@ -3,7 +3,9 @@
 ``pip install .`` installs the package, its page (package data) and the
 twistd plugin (``twisted/plugins/chatd_plugin.py``), so ``twistd chatd`` works.
 ``python -m build`` makes the sdist (MANIFEST.in: the source release) and
-the wheel (the package, page and plugin, the docs under share/doc/chatd).
+the wheel (the package, page and plugin, the docs under share/doc/chatd);
+tests/test_packaging.py builds both, runs ``twine check`` on them and the
+wheel from a fresh venv.
 
 Nothing is written twice: the version is chatd.__version__ and the
 dependencies are requirements.txt, both read here as text (no import of
