@@ -141,6 +141,7 @@ def test_the_wheel_installs_and_runs_in_a_fresh_venv(dists, tmp_path) -> None:
         "pip",
         "--python",
         py,
+        "--isolated",  # no pip config or PIP_* variables: no index, no find-links
         "install",
         "--quiet",
         "--disable-pip-version-check",
