@@ -9,15 +9,25 @@ ARGS    ?=
 PYTHON3 ?= python3
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check fuzz lint format conformance bench bench-quick deps system-deps clean
+.PHONY: run test check fuzz lint format conformance bench bench-quick deps runtime-deps system-deps clean
 
-$(VENV)/.deps: requirements-dev.txt setup.py
+# Two stamps in one venv: .runtime once the daemon's packages are in
+# (requirements.txt: all `make run` needs), .deps once the test tools are too
+# (requirements-dev.txt: everything else here).
+$(PY):
 	@$(PYTHON3) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "chatd needs Python 3.11+ (set PYTHON3=...)")'
 	$(PYTHON3) -m venv $(VENV)
+
+$(VENV)/.runtime: requirements.txt | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.deps: requirements-dev.txt $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
 deps: $(VENV)/.deps
+runtime-deps: $(VENV)/.runtime
 
 # Debian packages the tests use: chromium (the page), systemd (unit checks, socket
 # activation), redis-server (cluster tests start their own on free loopback ports)
@@ -33,7 +43,7 @@ system-deps:
 	fi
 
 ## run the daemon on its defaults: http://127.0.0.1:9000/ (PORT=..., ARGS="--interface 0.0.0.0")
-run: deps
+run: runtime-deps
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/twistd -n --pidfile= chatd --port $(PORT) $(ARGS)
 
 ## every test: lint, unit, protocol, browser, packaging and the full Autobahn|Testsuite run
@@ -62,7 +72,7 @@ format: deps
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .cache reports build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .cache reports build dist *.egg-info .pytest_cache .ruff_cache
 
 ## benchmarks: they print numbers and assert nothing (bench.run: ~10 min, writes bench/RESULTS.md; bench.deflate: ~4 min, bench/RESULTS-deflate.md)
 bench: deps

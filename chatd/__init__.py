@@ -1,3 +1,5 @@
 """chatd: a WebSocket chat and message-push daemon on Twisted and Autobahn."""
 
-__version__ = "0.1.0"
+# The one place the version is written: setup.py reads it, ``twistd chatd
+# --version``, /healthz, the start-up log line and the webhooks' User-Agent show it.
+__version__ = "1.0.0"

@@ -101,6 +101,7 @@ class Options(usage.Options):
                 self[s.option] = []
 
     def opt_version(self) -> None:
+        """Print chatd's version and exit (twistd --version prints Twisted's)."""
         print(f"chatd {__version__}")
         raise SystemExit(0)
 

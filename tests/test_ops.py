@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from v1client import V1
 from wsclient import Client, Closed
 
+import chatd
 from chatd.config import Settings
 from chatd.hub import InMemoryHub
 from chatd.web import make_site
@@ -300,7 +301,9 @@ def test_healthz_and_metrics(daemon) -> None:
     d = daemon("--max-backlog", "64K")
     status, headers, body = request(d.port, "GET", "/healthz")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert json.loads(body)["status"] == "ok"
+    health = json.loads(body)
+    assert health["status"] == "ok"
+    assert health["version"] == chatd.__version__
     v = V1(d.port, "metered")
     v.join("m")
     v.say("m", "count me")

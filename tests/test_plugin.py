@@ -13,6 +13,7 @@ import tempfile
 
 from wsclient import Client
 
+import chatd
 from tools.daemon import REPO, Daemon, child_env, twistd
 
 
@@ -61,6 +62,13 @@ def test_chatd_help_lists_every_option() -> None:
     for shown in ("[default: 64K]", "[default: 16M]", "[default: 4M]", "[default: 256M]"):
         assert shown in text, r.stdout
     assert "4194304" not in text and "65536" not in text
+
+
+def test_chatd_version_is_chatds_not_twisteds() -> None:
+    r = run(twistd(), "chatd", "--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"chatd {chatd.__version__}\n"
+    assert "--version" in run(twistd(), "chatd", "--help").stdout
 
 
 def test_end_to_end_twistd_on_a_given_port() -> None:

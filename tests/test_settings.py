@@ -4,11 +4,11 @@ In process, no daemon: ``chatd.tap.Options().parseOptions`` is what ``twistd
 chatd`` runs first. Every declared setting round-trips from the command line
 and from a TOML file, every bound is enforced with a message naming the
 option as it was given, ``--help`` shows every default as the README writes
-it, and the README's options table and etc/chatd.toml agree with the
-declarations (the drift check: a setting added, renamed or given a new
-default fails here until both are updated). ``Settings``, written out for
-type checkers, is checked against them at import; the check is tried here
-on classes that differ.
+it, and the README's options table (a row for every option ``--help``
+lists) and etc/chatd.toml agree with the declarations (the drift check: a
+setting added, renamed or given a new default fails here until both are
+updated). ``Settings``, written out for type checkers, is checked against
+them at import; the check is tried here on classes that differ.
 """
 
 from __future__ import annotations
@@ -364,14 +364,18 @@ def as_readme_writes_it(cell: str) -> str:
 def test_readme_options_table_agrees_with_the_declarations() -> None:
     rows = readme_options()
     options = {s.option: s for s in SETTINGS}
-    extra = set(rows) - set(options) - {"config"}
+    own = {"config", "version", "help"}  # tap.py's and twisted.python.usage's
+    extra = set(rows) - set(options) - own
     assert not extra, f"README options that are not settings: {sorted(extra)}"
+    # one row for every option `twistd chatd --help` lists
+    assert set(rows) == {o.rstrip("=") for o in Options().longOpt}
     for s in SETTINGS:
         assert s.option in rows, f"--{s.option} is not in the README's options table"
         short, cell = rows[s.option]
         assert short == s.short, f"--{s.option}: README -{short}, declared -{s.short}"
         assert as_readme_writes_it(cell) == s.shown, f"--{s.option}: README {cell!r}"
     assert rows["config"] == ("c", "—")  # tap.py's own option
+    assert rows["version"] == rows["help"] == (None, "—")
 
 
 def example_lines() -> dict[str, str]:
