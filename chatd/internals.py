@@ -9,8 +9,8 @@ loudly, rather than making chatd silently slow or wrong.
 
 Checked against Twisted 26.10.0 and Autobahn 26.10.2 (the versions in the
 shared venv). Both use calendar versions, ``YY.MM.patch``, with no
-semantic "major": any release may change a private name. ``setup.py`` and
-``requirements-dev.txt`` therefore allow ``twisted[tls]>=24.7,<27`` and
+semantic "major": any release may change a private name. ``requirements.txt``
+(which ``setup.py`` reads) therefore allows ``twisted[tls]>=24.7,<27`` and
 ``autobahn[twisted]>=24.4,<27``. The upper bound is the next calendar
 year of both (27.x), the nearest thing to a "next major" a calendar version
 has: it lets in this year's fixes, and a 27.x must pass
