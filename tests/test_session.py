@@ -791,7 +791,8 @@ def test_history_pages_by_id_newest_or_oldest_first_and_under_the_frame_size() -
     assert [m["id"] for m in answer["messages"]] == [1, 2, 3, 4] and answer["more"] is True
 
 
-def test_typing_goes_to_the_others_at_most_once_a_second_and_is_not_answered() -> None:
+def ann_and_bob_in_tea() -> tuple[Turns, InMemoryHub, Client, Client]:
+    """Two sessions on one hub, said hello and joined ``tea``."""
     turns = Turns()
     hub = make_hub(turns)
     ann, bob = Client(hub), Client(hub)
@@ -799,6 +800,11 @@ def test_typing_goes_to_the_others_at_most_once_a_second_and_is_not_answered() -
     hello(bob, "bob")
     for c in (ann, bob):
         c(type="join", room="tea")
+    return turns, hub, ann, bob
+
+
+def test_typing_goes_to_the_others_at_most_once_a_second_and_is_not_answered() -> None:
+    turns, hub, ann, bob = ann_and_bob_in_tea()
     turns.end()
     ann.live(), bob.live()
     assert ann(type="typing", room="tea", ref=1) == []  # no answer: it is ephemeral
@@ -816,13 +822,7 @@ def test_typing_goes_to_the_others_at_most_once_a_second_and_is_not_answered() -
 
 
 def test_read_markers_reach_the_readers_tabs_and_the_room_and_come_back_with_joined() -> None:
-    turns = Turns()
-    hub = make_hub(turns)
-    ann, bob = Client(hub), Client(hub)
-    hello(ann, "ann")
-    hello(bob, "bob")
-    for c in (ann, bob):
-        c(type="join", room="tea")
+    turns, _, ann, bob = ann_and_bob_in_tea()
     for i in range(4):
         bob(type="send", room="tea", text=f"t{i}")
     turns.end()
@@ -844,13 +844,7 @@ def test_read_markers_reach_the_readers_tabs_and_the_room_and_come_back_with_joi
 
 
 def test_edits_deletes_and_reactions_reach_the_room_and_replay_as_they_are_now() -> None:
-    turns = Turns()
-    hub = make_hub(turns)
-    ann, bob = Client(hub), Client(hub)
-    hello(ann, "ann")
-    hello(bob, "bob")
-    for c in (ann, bob):
-        c(type="join", room="tea")
+    turns, hub, ann, bob = ann_and_bob_in_tea()
     ann(type="send", room="tea", text="helo")
     turns.end()
     ann.live(), bob.live()
