@@ -150,6 +150,7 @@ class Joined:
     # (None: ``history`` is all of it).
     more: HistoryCursor | None = None
     read: int = 0  # the joiner's read marker (``Broker.mark_read``; 0: none)
+    unread: int = 0  # kept messages after it (not edits, deletes or reactions; not deleted ones)
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,6 +543,7 @@ class MemoryBroker:
             current = history.epoch(room)
             last_id = history.last_id(room)
             read = history.read_marker(room, reader) if reader else 0
+            unread = history.unread(room, read) if reader else 0
         except sqlite3.Error as e:
             return fail(Unavailable(str(e)))
         key = limits.nick_key(nick) if unique else ""
@@ -568,7 +570,7 @@ class MemoryBroker:
         if reset:
             since = None
         if not snapshot:
-            return succeed(Joined(room, [], [], last_id, False, current, reset, None, read))
+            return succeed(Joined(room, [], [], last_id, False, current, reset, None, read, unread))
         try:
             if since is None:
                 after = max(0, last_id - min(count, history.retention))
@@ -580,7 +582,7 @@ class MemoryBroker:
             return fail(Unavailable(str(e)))
         members = once_per_user((n, u) for _, n, u in p.members.values())
         return succeed(
-            Joined(room, members, msgs, last_id, truncated, current, reset, cursor, read)
+            Joined(room, members, msgs, last_id, truncated, current, reset, cursor, read, unread)
         )
 
     def leave(self, room: str, mid: str, last: bool) -> None:

@@ -298,7 +298,7 @@ return {id, ts}
     # count, the client's epoch or '', a new epoch for a room from before epochs, how
     # many entries at most after since (the rest is read in pages: _StreamCursor),
     # whose read marker to give ('' for none). Returns {'ok', new, last, truncated,
-    # member values, entries, epoch or '', reset, read marker, overlays}.
+    # member values, entries, epoch or '', reset, read marker, overlays, unread}.
     "join": _MEMBERS
     + _SPAN
     + r"""
@@ -328,8 +328,17 @@ if ARGV[9] ~= '' and ARGV[9] ~= epoch then  -- 'since' counts in another epoch
   if mode == 'since' then mode = 'recent' end
 end
 local entries, overlays, truncated = {}, {}, 0
-local read = 0
-if ARGV[12] ~= '' then read = tonumber(redis.call('HGET', KEYS[8], ARGV[12]) or '0') end
+local read, unread = 0, 0
+if ARGV[12] ~= '' then
+  read = tonumber(redis.call('HGET', KEYS[8], ARGV[12]) or '0')
+  if read < last then  -- messages after it, not edits, deletes or reactions (O(unread))
+    for _, e in ipairs(redis.call('XRANGE', KEYS[5], '(' .. read .. '-0', '+')) do
+      local plain = true
+      for i = 1, #e[2], 2 do if e[2][i] == 'k' then plain = false end end
+      if plain then unread = unread + 1 end
+    end
+  end
+end
 if mode == 'since' then
   local since = tonumber(ARGV[7])
   if since < last then
@@ -340,12 +349,12 @@ if mode == 'since' then
     if first > since + 1 then truncated = 1 end
   end
 elseif mode == 'none' then
-  return {'ok', new, last, 0, {}, {}, epoch, reset, read, {}}
+  return {'ok', new, last, 0, {}, {}, epoch, reset, read, {}, unread}
 elseif tonumber(ARGV[8]) > 0 then
   entries, overlays = span(KEYS[5], KEYS[9], 0, '', tonumber(ARGV[8]), true)
 end
 return {'ok', new, last, truncated, redis.call('HVALS', KEYS[1]), entries, epoch, reset, read,
-        overlays}
+        overlays, unread}
 """,
     # KEYS: read markers, seq. ARGV: reader, id, channel, the event's JSON tail
     # ([user, name] without its "]"). Returns the marker as it is now; publishes
@@ -792,7 +801,7 @@ class RedisBroker:
         return d.addCallback(answered)
 
     def _joined(self, room: str, reply: list[Any]) -> Joined:
-        _, _, last, truncated, values, entries, epoch, reset, read, overlays = reply
+        _, _, last, truncated, values, entries, epoch, reset, read, overlays, unread = reply
         history = _messages(room, entries, overlays)
         last = int(last)
         more = None
@@ -808,6 +817,7 @@ class RedisBroker:
             bool(reset),
             more,
             int(read),
+            int(unread),
         )
 
     def mark_read(

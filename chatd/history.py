@@ -240,6 +240,18 @@ class History:
         ).fetchone()
         return row[0] if row else 0
 
+    def unread(self, room: str, after: int) -> int:
+        """How many kept messages of ``room`` came after id ``after``: messages only,
+        not edits, deletes or reactions, and not deleted ones (without storage: every id)."""
+        if not self.retention:
+            return max(0, self.last_id(room) - after)
+        row = self.db.execute(
+            "SELECT count(*) FROM messages WHERE room = ? AND id > ? AND kind IS NULL "
+            "AND deleted IS NULL",
+            (room, after),
+        ).fetchone()
+        return int(row[0])
+
     def mark_read(self, room: str, who: str, id: int) -> int:
         """Move ``who``'s marker in ``room`` up to ``id`` (never back, never past the
         last id); the marker it is at now. Written with the batch if one is open."""

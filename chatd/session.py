@@ -684,7 +684,7 @@ class ChatSession:
         if j.reset:
             out["reset"] = True
         out["read"] = j.read  # the reader's marker, and how many came after it
-        out["unread"] = max(0, j.last_id - j.read)
+        out["unread"] = j.unread
         if since is not None:  # was every message after it served? Never a partial as whole.
             reason = recovery_problem(j, since)
             out["recovered"] = reason is None

@@ -305,7 +305,16 @@ def test_read_markers_only_move_up_are_told_when_they_move_and_come_with_a_join(
     joined = yield b.join("tea", f"{b.node}.1", "Alice", False, None, True, 10, None, "a1", "@a1")
     assert (joined.read, joined.last_id) == (5, 5)
     other = yield b.join("tea", f"{b.node}.2", "cy", True, None, False, 0, None, "", "~cy")
-    assert other.read == 0  # (none yet; a join without snapshot has it too)
+    assert (other.read, other.unread) == (0, 5)  # (none yet; a join without snapshot has it too)
+    bobs = yield b.join("tea", f"{b.node}.3", "bob", True, None, True, 10, None, "", "~bob")
+    assert (bobs.read, bobs.unread) == (1, 4)
+    # Unread counts messages: not edits, deletes or reactions, nor deleted messages.
+    yield b.publish("tea", "ann", "t1!", None, "", "", "edit", 2, True)
+    yield b.publish("tea", "ann", "👍", None, "", "", "react", 3)
+    yield b.publish("tea", "ann", "", None, "", "", "delete", 4, True)
+    yield b.publish("tea", "ann", "t5")
+    bobs = yield b.join("tea", f"{b.node}.3", "bob", True, None, True, 10, None, "", "~bob")
+    assert (bobs.read, bobs.last_id, bobs.unread) == (1, 9, 4)  # 2, 3, 5 and 9
     rec = b.recorder
     yield rec.until(
         lambda: (
