@@ -159,6 +159,19 @@ def test_broadcast_deflates_once_per_window_and_queues_the_same_bytes() -> None:
     assert queued[8] is queued[9]
     assert queued[5] == fanout.encode_frame(CHAT, False)
     assert queued[0] != queued[5] and queued[0][0] & fanout.RSV1
+    # window sizes interleaved: still one deflate per size, each link the right frame
+    calls.clear()
+    mixed = [link(15), link(10), link(0), link(15), link(10), link(15)]
+    fanout.deflate_frame = counting  # type: ignore[assignment]
+    try:
+        assert broadcast(mixed, CHAT, False, outbox) == len(mixed)
+    finally:
+        fanout.deflate_frame = real  # type: ignore[assignment]
+    assert sorted(calls) == [10, 15]
+    got = [lk.pending[0] for lk in mixed]  # type: ignore[index]
+    assert got[0] is got[3] is got[5] and got[1] is got[4] and got[0] is not got[1]
+    assert got[0] == deflate_frame(CHAT, False, 15) and got[1] == deflate_frame(CHAT, False, 10)
+    assert got[2] == fanout.encode_frame(CHAT, False)
 
 
 def test_a_room_of_deflate_members_gets_one_frame_all_decode() -> None:
