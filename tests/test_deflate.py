@@ -361,8 +361,8 @@ SLOW_OFFERS = [
 def answer(offer: str, one_read: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, str, bool]:
     """chatd's whole answer to a handshake offering ``offer`` (in process), the
     connection's permessage-deflate once open, and whether Connection._take_handshake
-    took it. In two reads, the head is never taken on the fast
-    path (the door hands a split head to twisted.web): the slow path's answer."""
+    took it. Sent in two reads, the head never takes the fast path (the door hands a
+    split head to twisted.web): that is the slow path's answer."""
     taken: list[bool] = []
     take = base.Connection._take_handshake
 
