@@ -1,7 +1,7 @@
 """Where a chatd handshake's CPU goes: the handshake load under py-spy or cProfile.
 
     python -m bench.profile_handshakes [--path /relay/bench] [--proto chatd.v1]
-        [--rounds 3] [--conns 5000] [--profiler py-spy|cprofile] [--top 30]
+        [--rounds 3] [--conns 5000] [--profiler py-spy|cprofile] [--top 30] [--deflate]
 
 Starts chatd as ``bench.run`` does (pinned to CPU 0, the generator on CPU 1),
 opens ``--conns`` connections ``--rounds`` times (each round's connections
@@ -9,7 +9,9 @@ are closed before the next, so closing is profiled too), and prints the
 handshake rate of each round and the functions that took the most CPU,
 inclusive and exclusive. py-spy (``pip install py-spy``) samples without
 slowing the server much; cProfile (twistd --profile) counts calls exactly
-but makes everything slower.
+but makes everything slower. ``--deflate``: the clients offer
+permessage-deflate as Chromium does, and chatd runs with compression on
+(as the "browsers (deflate)" column of ``bench.run``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def run_rounds(port: int, pid: int, a: argparse.Namespace) -> list[str]:
     for i in range(a.rounds):
         argv = [str(LOADGEN), "handshakes", "--port", str(port), "--path", a.path]
         argv += ["--proto", a.proto, "-n", str(a.conns), "--inflight", "200", "--timeout", "120"]
+        if a.deflate:
+            argv += ["--deflate", "1"]
         cpu0 = proc_cpu_s(pid)
         r = subprocess.run(
             argv, capture_output=True, text=True, timeout=200, preexec_fn=_child_setup(GEN_CPU)
@@ -122,6 +126,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--log-format", default="text")
     ap.add_argument("--tree", default="", help="run the chatd of another checkout (PYTHONPATH)")
+    ap.add_argument("--deflate", action="store_true", help="clients offer permessage-deflate")
     a = ap.parse_args()
     build_loadgen()
     tmp = Path(tempfile.mkdtemp(prefix="chatd-prof-"))
@@ -129,7 +134,8 @@ def main() -> None:
     argv = [twistd(), "-n", "--pidfile="]
     if a.profiler == "cprofile":
         argv += ["--profile", str(prof), "--profiler", "cprofile", "--savestats"]
-    argv += ["chatd", *CHATD_COMMON, "--history-size", "0", "--log-format", a.log_format]
+    common = [x for x in CHATD_COMMON if not (a.deflate and x == "--no-compression")]
+    argv += ["chatd", *common, "--history-size", "0", "--log-format", a.log_format]
     argv += ["--port", "0"]
     if SERVER_CPU is not None:
         argv = ["taskset", "-c", str(SERVER_CPU), *argv]
@@ -138,7 +144,11 @@ def main() -> None:
     spy = None
     raw = tmp / "spy.txt"
     if a.profiler == "py-spy":
-        exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        exe = (
+            os.environ.get("PY_SPY")
+            or shutil.which("py-spy")
+            or str(Path(sys.executable).parent / "py-spy")
+        )
         spy = subprocess.Popen(
             [
                 exe,

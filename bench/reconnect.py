@@ -13,14 +13,22 @@ jitter), sends one message to the room so every connection has used its
 compression path, stops chatd with SIGTERM (clients are closed with 1001),
 starts a new chatd on the same port, and measures:
 
+- ``down_s``: from the SIGTERM until the new chatd listens (the old one's
+  shutdown and the new one's start-up: no client can connect meanwhile);
 - ``back_s``: from the new chatd listening until every client is connected
-  again (bounded: 120 s);
-- ``peak_mib``: the new chatd's highest RSS while they come back (sampled
-  every 20 ms), and ``after_mib`` once all are back and one more message
-  went to all of them.
+  again (bounded: 120 s). The clients' back-off is part of it: a client
+  refused while chatd was down waits its next delay (up to 1 s after two
+  refusals) before it tries again, so a fraction of a second to a second
+  or two of ``back_s`` is the clients waiting, not chatd working;
+- ``back_mib``: the new chatd's highest RSS until all are back (sampled
+  every 20 ms); ``peak_mib``: its highest from listening until one more
+  message went to all of them (what a first message costs shows here);
+  ``after_mib``: its RSS then.
 
 With BENCH_BASELINE=<another checkout of chatd> (as for bench.run) each kind
-also runs on that chatd ("<kind> base"). Results go to stdout and to
+also runs on that chatd ("<kind> base"). For the deflate kind, every
+client must have negotiated permessage-deflate after the restart, or the row
+fails. Results go to stdout and to
 bench/RESULTS-reconnect.md. The clients share the machine with chatd (two
 cores here), so ``back_s`` includes their own handshake work.
 """
@@ -79,6 +87,7 @@ class Clients:
     def __init__(self, url: str, n: int, compression: str | None) -> None:
         self.url, self.n, self.compression = url, n, compression
         self.connected: set[int] = set()
+        self.compressing: set[int] = set()  # connected with permessage-deflate negotiated
         self.received = 0
         self.done = False
         self.changed = asyncio.Event()
@@ -95,6 +104,10 @@ class Clients:
                     max_size=None,
                 ) as ws:
                     self.connected.add(i)
+                    if ws.response is not None and ws.response.headers.get(
+                        "Sec-WebSocket-Extensions", ""
+                    ).startswith("permessage-deflate"):
+                        self.compressing.add(i)
                     self.changed.set()
                     delay = 0.5
                     async for _ in ws:
@@ -103,6 +116,7 @@ class Clients:
             except (TimeoutError, OSError, websockets.exceptions.WebSocketException):
                 pass
             self.connected.discard(i)
+            self.compressing.discard(i)
             self.changed.set()
             if self.done:
                 return
@@ -142,20 +156,28 @@ async def measure(kind: str, n: int, tree: str) -> dict[str, float]:
         await clients.until(lambda: len(clients.connected) == n, "all connected")
         await post(port, n, clients)
         before_mib = first.rss_kib() / 1024
+        stopping = time.monotonic()
         await asyncio.to_thread(first.stop)
         await clients.until(lambda: not clients.connected, "all dropped")
         second = await asyncio.to_thread(start, port, tree)
         listening = time.monotonic()
+        down_s = listening - stopping
         sampler = Sampler(second.pid)
         sampler.start()
         await clients.until(lambda: len(clients.connected) == n, "all back")
         back_s = time.monotonic() - listening
+        back_mib = sampler.peak / 1024
+        compressing = len(clients.compressing)
+        if compressing != (n if KINDS[kind] else 0):
+            raise RuntimeError(f"{compressing} of {n} connections negotiated permessage-deflate")
         await post(port, n, clients)
         sampler.running = False
         after_mib = second.rss_kib() / 1024
         return {
             "before_mib": before_mib,
+            "down_s": down_s,
             "back_s": back_s,
+            "back_mib": back_mib,
             "peak_mib": max(sampler.peak / 1024, after_mib),
             "after_mib": after_mib,
         }
@@ -184,22 +206,27 @@ def main() -> None:
             r = asyncio.run(measure(kind, args.n, tree))
         except Exception as e:  # a row that failed says so; the others still run
             print(f"  failed: {e}")
-            rows.append(f"| {name} | failed: {e} | | | |")
+            rows.append(f"| {name} | failed: {e} | | | | | |")
             continue
         print(
-            f"  back in {r['back_s']:.1f} s; RSS before {r['before_mib']:.0f} MiB, "
+            f"  down {r['down_s']:.1f} s, back in {r['back_s']:.1f} s; "
+            f"RSS before {r['before_mib']:.0f} MiB, until all back {r['back_mib']:.0f} MiB, "
             f"peak {r['peak_mib']:.0f} MiB, after {r['after_mib']:.0f} MiB"
         )
         rows.append(
-            f"| {name} | {r['back_s']:.1f} | {r['before_mib']:.0f} | {r['peak_mib']:.0f} "
+            f"| {name} | {r['down_s']:.1f} | {r['back_s']:.1f} | {r['before_mib']:.0f} "
+            f"| {r['back_mib']:.0f} | {r['peak_mib']:.0f} "
             f"| {r['after_mib']:.0f} |"
         )
     text = (
         f"# A restart under {args.n} clients (python -m bench.reconnect)\n\n"
         f"{machine()}; {time.strftime('%Y-%m-%d')}. Relay room, one message before the "
-        "restart and one after; clients reconnect as the page does.\n\n"
-        "| clients | all back after (s) | RSS before restart (MiB) | peak while they "
-        "come back (MiB) | after (MiB) |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "restart and one after; clients reconnect as the page does. All rows come from "
+        "this one run, one after the other, on a machine shared with other work; the "
+        "clients and chatd share its cores.\n\n"
+        "| clients | down (s) | all back after (s) | RSS before restart (MiB) | RSS peak "
+        "until all back (MiB) | RSS peak with the message after (MiB) | after (MiB) |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
     RESULTS.write_text(text)
     print(text)

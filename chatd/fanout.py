@@ -419,6 +419,7 @@ def broadcast(links: Iterable[Link], payload: bytes, binary: bool, outbox: Outbo
     """
     frame: bytes | None = None
     deflated: dict[int, bytes] | None = None
+    shared_bits, shared = 0, b""  # the last window size's deflated frame
     size = len(payload)
     delivered = 0
     dropped: list[tuple[Link, str]] | None = None
@@ -445,13 +446,14 @@ def broadcast(links: Iterable[Link], payload: bytes, binary: bool, outbox: Outbo
                     outbox.add(link)
                 else:
                     pending.append(frame)
-            elif link.deflate:
-                bits = link.deflate
-                if deflated is None:
-                    deflated = {}
-                shared = deflated.get(bits)
-                if shared is None:
-                    shared = deflated[bits] = deflate_frame(payload, binary, bits)
+            elif bits := link.deflate:
+                if bits != shared_bits:  # (nearly always one window size: no lookup)
+                    if deflated is None:
+                        deflated = {}
+                    got = deflated.get(bits)
+                    if got is None:
+                        got = deflated[bits] = deflate_frame(payload, binary, bits)
+                    shared, shared_bits = got, bits
                 pending = link.pending
                 if pending is None:
                     link.pending = [shared]

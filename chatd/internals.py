@@ -86,7 +86,12 @@ The reaches, by where they are used:
    override, in ``base.py``) checks an Origin with Autobahn's own
    ``_url_to_origin``/``_is_same_origin`` (so the answer is the one
    Autobahn would give) and leaves the key where ``succeedHandshake``
-   reads it (``set_key``: ``_wskey``). Once open, the connection forgets
+   reads it (``set_key``: ``_wskey``). A browser's permessage-deflate
+   offer is handed to ``succeedHandshake`` as Autobahn's processHandshake
+   hands it: in ``websocket_extensions``, shaped as its private
+   ``_parseExtensionsHeader`` shapes it (``chatd.deflate.plain_offer``);
+   tests/test_deflate.py checks that parse and that both paths give the
+   same answer. Once open, the connection forgets
    its handshake attributes, ``_wskey`` among them (``HANDSHAKE_PRIVATE``).
    ``compressor`` reads ``_perMessageCompress`` (the negotiated
    permessage-deflate, if any), and ``use_compressor`` replaces it, once

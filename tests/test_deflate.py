@@ -1,5 +1,10 @@
 """permessage-deflate that scales (chatd.deflate): negotiation, one shared frame, no state kept.
 
+Negotiation includes the fast upgrade path: a browser's offer is taken there
+(``chatd.deflate.plain_offer``) and gets, byte for byte, the answer and the
+connection Autobahn's own handshake path gives it; every other offer still
+goes that way.
+
 In process (tests/inproc.py: the site ``twistd chatd`` serves, over
 StringTransports), since what is checked is what the server holds and
 writes, byte for byte; the clients are tests/wsclient.py's, offering what
@@ -15,13 +20,18 @@ import zlib
 from typing import Any
 
 import pytest
-from inproc import Site
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from inproc import Site, connect, turn
+from rawhttp import handshake
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from wsclient import BINARY, TEXT, Client, Frame
 
 from chatd import fanout
-from chatd.deflate import Deflate
+from chatd.deflate import Deflate, plain_offer
 from chatd.fanout import Link, Outbox, broadcast, deflate_frame, shared_deflate
+from chatd.protocols import base
 
 CHROMIUM = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
 CHAT = json.dumps(
@@ -149,6 +159,19 @@ def test_broadcast_deflates_once_per_window_and_queues_the_same_bytes() -> None:
     assert queued[8] is queued[9]
     assert queued[5] == fanout.encode_frame(CHAT, False)
     assert queued[0] != queued[5] and queued[0][0] & fanout.RSV1
+    # window sizes interleaved: still one deflate per size, each link the right frame
+    calls.clear()
+    mixed = [link(15), link(10), link(0), link(15), link(10), link(15)]
+    fanout.deflate_frame = counting  # type: ignore[assignment]
+    try:
+        assert broadcast(mixed, CHAT, False, outbox) == len(mixed)
+    finally:
+        fanout.deflate_frame = real  # type: ignore[assignment]
+    assert sorted(calls) == [10, 15]
+    got = [lk.pending[0] for lk in mixed]  # type: ignore[index]
+    assert got[0] is got[3] is got[5] and got[1] is got[4] and got[0] is not got[1]
+    assert got[0] == deflate_frame(CHAT, False, 15) and got[1] == deflate_frame(CHAT, False, 10)
+    assert got[2] == fanout.encode_frame(CHAT, False)
 
 
 def test_a_room_of_deflate_members_gets_one_frame_all_decode() -> None:
@@ -308,3 +331,111 @@ def test_a_holding_link_that_shares_deflated_frames_queues_behind_its_reply() ->
     assert link.held is None and link.deflate == 15  # shares frames again
     broadcast([link], CHAT, False, outbox)
     assert link.pending == [deflate_frame(CHAT, False, 15)]
+
+
+# -- the fast upgrade path takes browser offers ------------------------------------------
+
+# Offers Upgrades/Connection._take_handshake take (one plain permessage-deflate offer) ...
+FAST_OFFERS = [
+    "permessage-deflate; client_max_window_bits",  # Chromium, python websockets
+    "permessage-deflate",  # Firefox, Safari
+    "permessage-deflate;client_max_window_bits=10",
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+    "permessage-deflate; server_max_window_bits=9; client_max_window_bits=15",
+]
+# ... and what still goes through Autobahn's own parse, accepted or refused as before.
+SLOW_OFFERS = [
+    "permessage-deflate; server_max_window_bits=8",  # Autobahn refuses 8
+    "permessage-deflate; server_max_window_bits",  # no value: refused
+    "permessage-deflate; client_max_window_bits=16",
+    "permessage-deflate; client_max_window_bits; client_max_window_bits",  # repeated: refused
+    "permessage-deflate; x-unknown",  # refused
+    'permessage-deflate; client_max_window_bits="10"',
+    "Permessage-Deflate; Client_Max_Window_Bits",
+    "permessage-deflate; client_max_window_bits, permessage-deflate",  # two offers
+    "x-webkit-deflate-frame",  # not one chatd speaks: no extension
+    "permessage-deflate;; client_max_window_bits",
+]
+
+
+def answer(offer: str, one_read: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, str, bool]:
+    """chatd's whole answer to a handshake offering ``offer`` (in process), the
+    connection's permessage-deflate once open, and whether Connection._take_handshake
+    took it. Sent in two reads, the head never takes the fast path (the door hands a
+    split head to twisted.web): that is the slow path's answer."""
+    taken: list[bool] = []
+    take = base.Connection._take_handshake
+
+    def spy(conn: Any, parsed: Any, end: int) -> bool:
+        ok = take(conn, parsed, end)
+        taken.append(ok)
+        return ok
+
+    monkeypatch.setattr(base.Connection, "_take_handshake", spy)
+    site = Site()
+    t = connect(site.site)
+    data = handshake("/relay/offer", f"Sec-WebSocket-Extensions: {offer}")
+    if one_read:
+        t.protocol.dataReceived(data)
+    else:
+        t.protocol.dataReceived(data[:20])
+        assert t.value() == b""
+        t.protocol.dataReceived(data[20:])
+    assert turn(lambda: b"\r\n\r\n" in t.value())
+    out = t.value()
+    compressor = repr(getattr(t.protocol, "compressor", None))
+    t.protocol.connectionLost(Failure(ConnectionDone()))
+    monkeypatch.undo()
+    return out, compressor, taken == [True]
+
+
+@pytest.mark.parametrize("offer", FAST_OFFERS + SLOW_OFFERS)
+def test_an_offer_gets_the_same_answer_on_either_path(
+    offer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast, fast_pmc, taken = answer(offer, True, monkeypatch)
+    slow, slow_pmc, taken_slow = answer(offer, False, monkeypatch)
+    assert not taken_slow
+    assert taken == (offer in FAST_OFFERS)
+    assert fast == slow  # byte for byte: status, Sec-WebSocket-Extensions, everything
+    assert fast_pmc == slow_pmc  # the same Deflate (parameters), or None on both
+    if offer in FAST_OFFERS:
+        assert fast.startswith(b"HTTP/1.1 101 ") and fast_pmc.startswith("Deflate(")
+
+
+def test_the_offers_the_fast_path_takes_parse_as_autobahn_parses_them() -> None:
+    # Autobahn's own parse (private: read here only to compare with chatd's)
+    parse = WebSocketServerProtocol()._parseExtensionsHeader
+    for offer in FAST_OFFERS:
+        assert plain_offer(offer.encode()) == parse(offer), offer
+    for offer in SLOW_OFFERS:
+        assert plain_offer(offer.encode()) is None, offer
+
+
+def test_a_chromium_offer_takes_the_fast_path_and_compresses_both_ways(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    taken: list[bool] = []
+    take = base.Connection._take_handshake
+
+    def spy(conn: Any, parsed: Any, end: int) -> bool:
+        ok = take(conn, parsed, end)
+        taken.append(ok)
+        return ok
+
+    monkeypatch.setattr(base.Connection, "_take_handshake", spy)
+    site = Site()
+    a = site.client("/relay/fast", headers=CHROMIUM)
+    b = site.client("/relay/fast", headers=CHROMIUM)
+    assert taken == [True, True]  # both on the fast path
+    assert extensions(a) == (
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    )
+    pmc = server_side(a).compressor
+    assert isinstance(pmc, Deflate) and pmc.shared and pmc.bits == 15 and pmc.client_bits == 15
+    assert server_side(a).link.deflate == 15
+    a.send_frame(TEXT, deflated(CHAT), rsv=4)  # compressed in
+    for c in (a, b):
+        f = c.read_frame()
+        assert f.rsv == 4 and len(f.payload) < len(CHAT)  # compressed out
+        assert inflated(f) == CHAT

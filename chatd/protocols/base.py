@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from chatd import fanout, limits
 from chatd.auth import NO_AUTH, AuthError, Identity, Policy, bearer
 from chatd.config import Settings
-from chatd.deflate import Deflate, acceptor
+from chatd.deflate import Deflate, acceptor, plain_offer
 from chatd.fanout import Budget, Link
 from chatd.hub import Hub
 from chatd.internals import (
@@ -286,9 +286,13 @@ class Connection(ServerInternals):
         For an ordinary handshake this does what Autobahn's does (the same
         checks, the same attributes, onConnect, then Autobahn's own
         succeedHandshake) without parsing the request a second time or going
-        through a Deferred. Anything it does not take on (a Sec-WebSocket-
-        Extensions offer, an odd Host, version or key, or any check that
-        fails, so that the refusal is Autobahn's own) goes to Autobahn's.
+        through a Deferred. A Sec-WebSocket-Extensions header is taken when it
+        is one plain permessage-deflate offer (``chatd.deflate.plain_offer``:
+        what browsers send), parsed as Autobahn parses it; Autobahn's
+        succeedHandshake then negotiates it, on either path. Anything it does
+        not take on (any other extensions header, an odd Host, version or key,
+        or any check that fails, so that the refusal is Autobahn's own) goes
+        to Autobahn's.
         """
         parsed = self.parsed_request
         end = self.data.find(b"\r\n\r\n")
@@ -298,9 +302,14 @@ class Connection(ServerInternals):
 
     def _take_handshake(self, parsed: tuple[bytes, dict[bytes, bytes]], end: int) -> bool:
         target, raw = parsed
+        extensions: list[Any] = []
+        if b"sec-websocket-extensions" in raw:
+            offer = plain_offer(raw[b"sec-websocket-extensions"])
+            if offer is None:
+                return False  # anything but one plain permessage-deflate offer
+            extensions = offer
         if (
-            b"sec-websocket-extensions" in raw
-            or self.trustXForwardedFor
+            self.trustXForwardedFor
             or self.maxConnections > 0
             or self.factory.externalPort
             or raw.get(b"sec-websocket-version") != b"13"
@@ -359,7 +368,7 @@ class Connection(ServerInternals):
         self.websocket_version = 13
         self.websocket_protocols = protocols
         self.websocket_origin = origin
-        self.websocket_extensions = []
+        self.websocket_extensions = extensions  # succeedHandshake negotiates from it
         self.data = self.data[end + 4 :]
         self.set_key(key.decode("ascii"))
         request = ConnectionRequest(
@@ -371,7 +380,7 @@ class Connection(ServerInternals):
             13,
             origin,
             protocols,
-            [],
+            extensions,
         )
         try:
             accepted = self.onConnect(request)
