@@ -330,3 +330,32 @@ def test_edit_react_and_delete_on_the_page(people) -> None:
     bob.wait_texts(["message deleted"])
     alice.wait_texts(["message deleted"])
     assert theirs.locator(".reactions button").count() == 0
+
+
+def test_unread_messages_show_as_a_badge_and_in_the_title_until_read(people) -> None:
+    alice, bob = people(), people()
+    # Bob's tab can be hidden at will (headless Chromium is always "visible").
+    bob.page.add_init_script(
+        "window.__hidden = true;"
+        "Object.defineProperty(document, 'hidden', {get: () => window.__hidden});"
+    )
+    alice.join("alice", "badge-room")
+    bob.open()
+    bob.join("bob", "badge-room")
+    alice.say("one")
+    alice.say("two")
+    bob.wait_texts(["one", "two"])
+    badge = bob.page.locator("#unread")
+    eventually(lambda: badge.text_content(), "2 new", "the badge counts what came hidden")
+    assert bob.page.title() == "(2) chatd"
+    bob.open()  # a reload, still hidden: the count comes from the server (joined.unread)
+    bob.wait_open()
+    eventually(lambda: badge.text_content(), "2 new", "the badge after a reload")
+    bob.page.evaluate(
+        "window.__hidden = false; document.dispatchEvent(new Event('visibilitychange'))"
+    )
+    eventually(lambda: badge.is_hidden(), True, "read once shown: the badge goes")
+    assert bob.page.title() == "chatd"
+    alice.say("three")  # seen as it comes, in a visible tab: no badge
+    bob.wait_texts(["one", "two", "three"])
+    assert badge.is_hidden()

@@ -30,6 +30,10 @@
   // are events about them, applied only when newer than the state: PROTOCOL.md).
   const shown = new Map();
   const QUICK = ["👍", "❤️", "😂", "🎉"];
+  // Messages not read yet (the joined's count, then what came while the tab was hidden):
+  // a badge and the tab's title say how many, until the read marker moves.
+  const unreadEl = $("unread"), title = document.title;
+  let unread = 0;
 
   // A signed token (docs/AUTH.md) comes in the URL's fragment, #token=..., which
   // browsers never send to a server: kept for this tab, taken out of the address bar.
@@ -223,6 +227,12 @@
     if (!s.node.querySelector("input.edit")) fill(s);   // (not under the user's hands)
   }
 
+  function renderUnread() {
+    unreadEl.textContent = unread ? unread + " new" : "";
+    unreadEl.hidden = !unread;
+    document.title = unread ? "(" + unread + ") " + title : title;
+  }
+
   function renderTyping() {
     const now = Date.now();
     for (const [k, t] of typers) if (t.until <= now) typers.delete(k);
@@ -242,6 +252,8 @@
       if (document.hidden || lastId <= readSent) return;
       readSent = lastId;
       send({ type: "read", room, id: lastId });
+      unread = 0;
+      renderUnread();
     }, 2000);
   }
   document.addEventListener("visibilitychange", markRead);
@@ -322,6 +334,8 @@
         epoch = m.epoch;
         readSent = Math.max(readSent, m.read || 0);
         if (m.unread > 0 && m.read > 0) sys(m.unread + " new since you last read");
+        unread = m.unread || 0;
+        renderUnread();
         markRead();
         members = m.members.slice();
         renderMembers();
@@ -358,6 +372,7 @@
         if (m.room !== room || m.id <= lastId) return;   // never shown twice
         lastId = m.id;
         if (m.kind) applyEvent(m); else addMessage(m);
+        if (!m.kind && !mine(m) && document.hidden) { unread += 1; renderUnread(); }
         markRead();
         break;
       case "presence":
@@ -391,7 +406,8 @@
     const newRoom = roomEl.value.trim();
     if (newRoom !== room) {
       log.replaceChildren(); shown.clear();
-      lastId = 0; epoch = null; unsent.clear(); mayType = true; readSent = 0;
+      lastId = 0; epoch = null; unsent.clear(); mayType = true; readSent = 0; unread = 0;
+      renderUnread();
     }
     room = newRoom;
     localStorage.setItem("chatd.nick", nick);
