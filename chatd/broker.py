@@ -184,6 +184,11 @@ class BrokerEvents(Protocol):
         once: its first member id's join is a ``join``, a further one's a
         ``mark``, and only its last member id's leave is a ``leave``."""
 
+    def expired(self, room: str, mid: str, nick: str, user: str) -> None:
+        """This process removed a silent process's member ``mid`` of ``room``, the last
+        member id of ``user`` there (its ``leave`` went to every process as ever):
+        said by the one process that removed it, so exactly once for the cluster."""
+
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         """Another process published to a relay room this process subscribed to."""
 

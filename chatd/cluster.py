@@ -124,6 +124,8 @@ end
 _PURGE = (
     _MEMBERS
     + r"""
+-- The token users whose last member id a purge removed: {room, member id, value}...
+local gone = {}
 local function purge(node, keep)
   local rooms_key = 'chatd:node:' .. node
   local prefix = node .. '.'
@@ -141,6 +143,9 @@ local function purge(node, keep)
         end
         if counted_out(base .. ':u', v) then
           redis.call('PUBLISH', base, 'l ' .. mid .. ' ' .. v)
+          if user_of(v) ~= '' then
+            table.insert(gone, room); table.insert(gone, mid); table.insert(gone, v)
+          end
         end
         n = n + 1
       end
@@ -402,7 +407,8 @@ end
 if counted_out(KEYS[4], v) then redis.call('PUBLISH', ARGV[3], 'l ' .. ARGV[1] .. ' ' .. v) end
 return 1
 """,
-    # KEYS: nodes. ARGV: node, ttl in ms. Returns {known before, members reaped}.
+    # KEYS: nodes. ARGV: node, ttl in ms. Returns {known before, members reaped,
+    # (room, member id, value) of each token user gone with them}.
     "heartbeat": _PURGE
     + r"""
 local t = redis.call('TIME')
@@ -414,8 +420,8 @@ for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumbe
   reaped = reaped + purge(node, nil)
   redis.call('ZREM', KEYS[1], node)
 end
-if known then return {1, reaped} end
-return {0, reaped}
+if known then return {1, reaped, gone} end
+return {0, reaped, gone}
 """,
     # KEYS: nodes. ARGV: node, then (room, member id, value) for every live member
     # here. Makes Redis hold exactly these for this node. Returns {removed, added,
@@ -982,6 +988,11 @@ class RedisBroker:
         def beat(reply: list[Any]) -> None:
             known, reaped = int(reply[0]), int(reply[1])
             self.stats.cluster_reaped += reaped
+            gone = reply[2]
+            if self.events is not None:  # (this node reaped them: it alone says so)
+                for i in range(0, len(gone), 3):
+                    nick, user = _member(gone[i + 2])
+                    self.events.expired(gone[i].decode(), gone[i + 1].decode(), nick, user)
             if not known and self.events is not None and any(self.events.live_members()):
                 _log.warn("cluster: this node had been given up for dead; re-registering")
                 self._resync()

@@ -749,11 +749,7 @@ class Hub:
         # reconnect, is news to no one here.)
         if r.name == ONLINE:
             if kind != "mark" and user and mid.startswith(self.node + "."):
-                for listener in self.user_listeners:
-                    try:
-                        listener(user, nick, kind == "join")
-                    except Exception:
-                        _log.failure("a user listener failed")
+                self._tell_users(user, nick, kind == "join")
         elif kind == "join" and mid not in r.live:
             self.local.presence(r.name, nick, "join", user)
         elif kind == "leave" and not told:
@@ -763,6 +759,19 @@ class Hub:
             joiner.marked = True
             r.marked[joiner] = None
             self._maybe_live(r, joiner)
+
+    def expired(self, room: str, mid: str, nick: str, user: str) -> None:
+        # A user whose connections were all on a node that died (its presence expired
+        # through this node): this node tells the user listeners, once for the cluster.
+        if room == ONLINE and user:
+            self._tell_users(user, nick, False)
+
+    def _tell_users(self, user: str, nick: str, online: bool) -> None:
+        for listener in self.user_listeners:
+            try:
+                listener(user, nick, online)
+            except Exception:
+                _log.failure("a user listener failed")
 
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         self.local.relay_send(room, payload, binary)

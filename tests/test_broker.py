@@ -52,6 +52,9 @@ class Recorder:
     def relay(self, room: str, payload: bytes, binary: bool) -> None:
         self._add(("r", room, payload, binary))
 
+    def expired(self, room: str, mid: str, nick: str, user: str) -> None:
+        self._add(("x", room, mid, nick, user))
+
     def typing(self, room: str, user: str, name: str) -> None:
         self._add(("t", room, user, name))
 
@@ -724,15 +727,20 @@ def test_a_users_presence_expires_once_with_its_silent_process(kit):
     for i in (1, 2):  # two tabs of one user on node a
         yield a.join("tea", f"{a.node}.{i}", "Alice", False, None, True, 10, None, user="a1")
     yield b.join("tea", f"{b.node}.1", "Alice", False, None, True, 10, None, user="a1")
+    yield a.join("tea", f"{a.node}.3", "Zed", False, None, True, 10, None, user="z1")
     a._beat.stop()  # node a goes silent: its two member ids are reaped, the user stays (on b)
     yield _reaped(b, a.node)
     assert (yield b.members("tea")) == ["Alice"]
+    # The user gone with the silent node (Zed, not Alice) is said by the reaper, once.
+    assert [e for e in b.recorder.events if e[0] == "x"] == [
+        ("x", "tea", f"{a.node}.3", "Zed", "z1")
+    ]
     b.leave("tea", f"{b.node}.1", True)
     yield b.recorder.until(
         lambda: ("p", f"{b.node}.1", "Alice", "leave", "a1") in b.recorder.kinds("tea"),
         "her last member id leaves",
     )
-    kinds = [e for e in b.recorder.kinds("tea") if e[0] == "p"]
+    kinds = [e for e in b.recorder.kinds("tea") if e[0] == "p" and e[2] != "Zed"]
     assert [e[3] for e in kinds] == ["join", "mark", "mark", "leave"]  # once each
     assert (yield b.members("tea")) == []
 

@@ -17,6 +17,7 @@ import http.server
 import json
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -622,3 +623,27 @@ def test_two_nodes_say_a_users_online_and_offline_once(receiver) -> None:
                 n.stop()
         for n in nodes:
             assert "Traceback" not in n.log(), n.log()
+
+
+def test_a_users_offline_is_said_once_when_the_node_holding_it_dies(receiver) -> None:
+    rx = receiver()
+    with RedisServer() as redis:
+        nodes = []
+        try:
+            for _ in range(2):
+                n = Daemon(*hooked(rx.url, "--redis", redis.url, "--cluster-ttl", "2"))
+                nodes.append(n)
+                n.wait_for_log(r"redis redis://\S+ connected", 30)
+            doomed, survivor = nodes
+            alice = tab(doomed.port, "alice")  # noqa: F841 (held open until the node dies)
+            both = [tab(doomed.port, "bob"), tab(survivor.port, "bob")]  # bob stays, on the other
+            rx.wait(lambda ev: users(ev, "alice") == ["user.online"] == users(ev, "bob"))
+            doomed.stop(signal.SIGKILL)  # no goodbye: its members expire through the survivor
+            rx.wait(lambda ev: "user.offline" in users(ev, "alice"))
+            both[1].close()  # the marker: bob's offline, said after alice's by the survivor
+            events = rx.wait(lambda ev: users(ev, "bob") == ["user.online", "user.offline"])
+            assert users(events, "alice") == ["user.online", "user.offline"]  # once
+        finally:
+            for n in nodes:
+                n.stop()
+        assert "Traceback" not in nodes[1].log(), nodes[1].log()
