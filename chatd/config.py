@@ -431,6 +431,23 @@ SETTINGS: tuple[Setting, ...] = (
         shown="the page's own host",
     ),
     Setting(
+        "frame_ancestors",
+        "list",
+        (),
+        "An origin (scheme://host[:port]) whose pages may embed the page in a frame, or 'self'. "
+        "Repeatable.",
+        option="frame-ancestor",
+        shown="none: the page is never framed",
+    ),
+    Setting(
+        "page_csp",
+        "text",
+        None,
+        "The page's Content-Security-Policy, whole (for a --static page that needs more); "
+        "frame-ancestors is added from --frame-ancestor.",
+        shown="the shipped page's: its own files only",
+    ),
+    Setting(
         "api_token",
         "text",
         None,
@@ -608,6 +625,8 @@ class Settings:
     rate_burst: int = limits.RATE_BURST
     rate_flood: int = limits.RATE_FLOOD
     allowed_origins: tuple[str, ...] = ()  # empty: the page's own host only
+    frame_ancestors: tuple[str, ...] = ()  # empty: the page is never framed
+    page_csp: str | None = None  # None: the shipped page's (chatd.web.PAGE_CSP)
     api_token: str | None = None  # the push API is off without one
     webhook_url: str | None = None  # webhooks are off without one
     webhook_secret: str | None = None
@@ -651,6 +670,19 @@ class Settings:
         for origin in self.allowed_origins:
             if origin != "*" and "://" not in origin:
                 raise ConfigError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
+        for origin in self.frame_ancestors:
+            if origin != "'self'" and (
+                "://" not in origin or any(c in origin for c in " ;,'\"\r\n")
+            ):
+                raise ConfigError(
+                    f"frame_ancestors: {origin!r} is not scheme://host[:port] or 'self'"
+                )
+        if self.page_csp is not None and (
+            not self.page_csp.strip() or any(c in self.page_csp for c in "\r\n")
+        ):
+            raise ConfigError("page_csp: one line of Content-Security-Policy directives")
+        if self.page_csp is not None and "frame-ancestors" in self.page_csp:
+            raise ConfigError("page_csp: set frame-ancestors with frame_ancestors, not here")
         if self.redis is not None:
             from chatd.redisconn import parse_url
 

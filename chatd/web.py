@@ -57,17 +57,32 @@ from chatd.protocols.relay import Relay
 from chatd.protocols.v1 import SUBPROTOCOL, V1Chat, V1Renderer
 from chatd.stats import Stats
 
-SECURITY_HEADERS = {
-    b"X-Content-Type-Options": b"nosniff",
-    b"X-Frame-Options": b"DENY",
-    b"Referrer-Policy": b"no-referrer",
-    # The page ships its own script and style; it may open a WebSocket to
-    # whatever server the user types in, and nothing else.
-    b"Content-Security-Policy": (
-        b"default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
-        b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-    ),
-}
+# The page ships its own script and style; it may open a WebSocket to whatever
+# server the user types in, and nothing else (--page-csp replaces this).
+PAGE_CSP = (
+    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'"
+)
+
+
+def page_headers(
+    csp: str | None = None, frame_ancestors: tuple[str, ...] = ()
+) -> dict[bytes, bytes]:
+    """The headers of every file of the page: ``csp`` (None: ``PAGE_CSP``) with
+    ``frame-ancestors`` (none unless some origins may embed the page; then no
+    X-Frame-Options, which cannot name them)."""
+    ancestors = " ".join(frame_ancestors) or "'none'"
+    headers = {
+        b"X-Content-Type-Options": b"nosniff",
+        b"Referrer-Policy": b"no-referrer",
+        b"Content-Security-Policy": f"{csp or PAGE_CSP}; frame-ancestors {ancestors}".encode(),
+    }
+    if not frame_ancestors:
+        headers[b"X-Frame-Options"] = b"DENY"
+    return headers
+
+
+SECURITY_HEADERS = page_headers()  # the shipped page's, on its defaults
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -119,6 +134,7 @@ class Page(File):
     """The page's directory: files only, no listings, nothing outside it."""
 
     root_dir: str = ""
+    headers: dict[bytes, bytes] = SECURITY_HEADERS
     contentTypes = {
         **File.contentTypes,
         ".html": "text/html; charset=utf-8",
@@ -139,6 +155,7 @@ class Page(File):
     def createSimilarFile(self, path: str) -> File:
         child = super().createSimilarFile(path)
         child.root_dir = self.root_dir or os.path.realpath(self.path)
+        child.headers = self.headers
         return child
 
     def getChild(self, path: bytes, request: Request) -> IResource:
@@ -153,7 +170,7 @@ class Page(File):
         return child
 
     def render(self, request: Request) -> bytes | int:
-        for name, value in SECURITY_HEADERS.items():
+        for name, value in self.headers.items():
             request.setHeader(name, value)
         return super().render(request)
 
@@ -829,6 +846,7 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
 
     page = Page(settings.static)
     page.root_dir = os.path.realpath(settings.static)
+    page.headers = page_headers(settings.page_csp, settings.frame_ancestors)
     ops = ops_children(health, stats, hub)
     from twisted.internet import reactor
 

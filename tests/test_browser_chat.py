@@ -359,3 +359,28 @@ def test_unread_messages_show_as_a_badge_and_in_the_title_until_read(people) -> 
     alice.say("three")  # seen as it comes, in a visible tab: no badge
     bob.wait_texts(["one", "two", "three"])
     assert badge.is_hidden()
+
+
+def test_embedding_the_page_in_a_frame_is_refused_unless_allowed(browser, daemon, tmp_path) -> None:
+    # The application's own page (a --static page whose CSP lets it frame http: pages)
+    # frames two chatd pages: one allows that application's origin, one allows none.
+    (tmp_path / "index.html").write_text("<!doctype html><title>app</title>")
+    app = daemon("--static", str(tmp_path), "--page-csp", "default-src 'self'; frame-src http:")
+    app_origin = f"http://127.0.0.1:{app.port}"
+    allowing = daemon("--frame-ancestor", app_origin)
+    refusing = daemon()
+    (tmp_path / "embed.html").write_text(
+        "<!doctype html><title>embed</title>"
+        f'<iframe name="yes" src="http://127.0.0.1:{allowing.port}/"></iframe>'
+        f'<iframe name="no" src="http://127.0.0.1:{refusing.port}/"></iframe>'
+    )
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{app_origin}/embed.html")
+        page.frame_locator('iframe[name="yes"]').locator("#join").wait_for(timeout=WAIT_MS)
+        refused = page.frame(name="no")
+        assert refused is not None
+        eventually(lambda: refused.url.startswith("chrome-error://"), True, "the framing refused")
+    finally:
+        context.close()

@@ -106,3 +106,26 @@ def test_head_and_unknown_method(chatd: Site) -> None:
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
     assert chatd.request("POST", "/", b"x")[0] == 405  # the page is read-only
     assert chatd.request("DELETE", "/")[0] == 501  # twisted.web knows only GET, HEAD and POST
+
+
+def test_the_page_is_never_framed_unless_an_origin_may_embed_it(chatd: Site) -> None:
+    for path in ("/", "/chat.js", "/plain.html"):
+        r = get(chatd, path)
+        assert r.getheader("X-Frame-Options") == "DENY"
+        assert r.getheader("Content-Security-Policy").endswith("; frame-ancestors 'none'")
+    embedded = Site("--frame-ancestor", "https://app.example", "--frame-ancestor", "'self'")
+    for path in ("/", "/chat.css"):
+        r = get(embedded, path)
+        assert r.getheader("X-Frame-Options") is None  # (it cannot name origins: CSP does)
+        csp = r.getheader("Content-Security-Policy")
+        assert csp.startswith("default-src 'self'; connect-src 'self' ws: wss:")
+        assert csp.endswith("; frame-ancestors https://app.example 'self'")
+
+
+def test_a_static_page_gets_its_own_content_security_policy(tmp_path) -> None:
+    (tmp_path / "index.html").write_text("<!doctype html><img src='https://img.example/a.png'>")
+    own = "default-src 'self'; img-src 'self' https://img.example"
+    r = get(Site("--static", str(tmp_path), "--page-csp", own), "/")
+    assert r.status == 200
+    assert r.getheader("Content-Security-Policy") == own + "; frame-ancestors 'none'"
+    assert r.getheader("X-Content-Type-Options") == "nosniff"

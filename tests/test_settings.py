@@ -44,6 +44,7 @@ TEXT_SAMPLES = {
     "webhook_url": "https://backend.example/chatd/events",
     "webhook_secret": "a-webhook-secret-long-enough",
     "webhook_rooms": "support-*,orders",
+    "page_csp": "default-src 'self'; img-src 'self' https://img.example",
 }
 # What a sample needs beside it to be valid (a mode that checks tokens needs a key).
 COMPANIONS: dict[str, dict[str, str]] = {
@@ -68,6 +69,8 @@ def sample(s: Setting, tmp_path: Path) -> Any:
     if s.kind == "flag":
         return not s.default
     if s.kind == "list":
+        if s.name == "frame_ancestors":
+            return ("https://app.example", "'self'")
         return ("https://chat.example", "*")
     if s.choices:
         return next(c for c in s.choices if c != s.default)
@@ -401,7 +404,7 @@ def test_example_config_agrees_with_the_declarations() -> None:
             assert value == s.default, f"etc/chatd.toml: {lines[s.name]!r}, default {s.shown}"
 
 
-EXAMPLES = {"static", "allowed_origins", "anonymous_rooms"}
+EXAMPLES = {"static", "allowed_origins", "frame_ancestors", "anonymous_rooms"}
 
 
 def test_the_benchmarks_start_chatd_with_options_it_accepts() -> None:
@@ -428,3 +431,21 @@ def test_the_benchmarks_start_chatd_with_options_it_accepts() -> None:
             "1000",
         ]
     )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--frame-ancestor", "app.example"],  # no scheme
+        ["--frame-ancestor", "https://a.example; script-src *"],  # a directive smuggled in
+        ["--frame-ancestor", "*"],
+        ["--page-csp", "default-src 'self'\r\nX-Evil: 1"],  # a header smuggled in
+        ["--page-csp", " "],
+        ["--page-csp", "default-src 'self'; frame-ancestors *"],  # (that is --frame-ancestor's)
+    ],
+)
+def test_page_headers_refuse_what_would_change_another_header_or_directive(
+    capfd, argv: list[str]
+) -> None:
+    line = refused(capfd, argv)
+    assert "--frame-ancestor: " in line or "--page-csp: " in line
