@@ -76,6 +76,7 @@ TokenSource = Callable[[], str | Awaitable[str]]
 Callback = Callable[[Event], Awaitable[None] | None]
 
 SUBPROTOCOL = Subprotocol("chatd.v1")
+HELLO_REFUSED = "hello refused: "
 CLOSE_RESUMED = 4000  # a newer connection took this session over
 CLOSE_UNAUTHORIZED = 4001  # bad or expired token
 # Codes of an error answering a request that are worth trying again later.
@@ -441,8 +442,12 @@ class Client:
             return f"unauthorized (4001): {reason}"
         if code == CLOSE_UNAUTHORIZED:
             self._token = None  # ask for a new one
-        if reason.startswith("hello refused: ") and "unauthorized" not in reason:
-            return reason
+        if reason.startswith(HELLO_REFUSED + "unauthorized"):
+            if self._token_refresh is None:
+                return reason
+            self._token = None
+        elif reason.startswith(HELLO_REFUSED):
+            return reason  # a bad nick, say: trying again changes nothing
         return None
 
     async def _fresh_token(self) -> str | None:
@@ -510,7 +515,7 @@ class Client:
                 self._connected.set()
             elif self._welcome in done:
                 err = self._welcome.exception()
-                reason = f"hello refused: {err}"
+                reason = f"{HELLO_REFUSED}{err}"
                 await ws.close()
             else:
                 reason = "no welcome"
@@ -675,6 +680,9 @@ class Client:
         r.retries = 0
         if f.get("reset"):
             self._emit({"type": "reset", "room": r.name, "epoch": r.epoch, "last_id": 0})
+        # The joined event first (recovered, reason: whether what follows is whole),
+        # then the messages missed, as message events, each once and in order.
+        self._emit({**f, "rejoin": rejoin})
         history = f.get("history", [])
         if replay:
             for m in history:
@@ -684,7 +692,6 @@ class Client:
             r.last_id = max([r.last_id, *ids])
         r.last_id = max(r.last_id, int(f.get("last_id") or 0))
         r.synced = True
-        self._emit({**f, "rejoin": rejoin})
         waiters, r.waiters = r.waiters, []
         for w in waiters:
             if not w.done():
