@@ -517,7 +517,7 @@ class Client:
                 err = self._welcome.exception()
                 reason = f"{HELLO_REFUSED}{err}"
                 await ws.close()
-            else:
+            elif reader not in done:
                 reason = "no welcome"
                 await ws.close()
             await reader
@@ -608,8 +608,12 @@ class Client:
             except ValueError:
                 log.warning("chatd.client: not JSON: %r", data[:100])
                 continue
-            if isinstance(frame, dict):
+            if not isinstance(frame, dict):
+                continue
+            try:
                 self._dispatch(frame)
+            except Exception:  # a frame this client did not expect: not a reason to drop
+                log.exception("chatd.client: could not handle %r", frame.get("type"))
 
     def _dispatch(self, f: Event) -> None:
         kind = f.get("type")

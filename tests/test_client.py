@@ -72,7 +72,9 @@ class Restartable:
             assert "Unhandled" not in self.d.log(), self.d.log()
             self.d = None
 
-    def start(self) -> Daemon:
+    def start(self, cwd: str | None = None) -> Daemon:
+        """Start again on the same port; in ``cwd`` (another database), or the same one."""
+        self.cwd = cwd or self.cwd
         args = (*self.args, "--ping-interval", "0", "--port", str(self.port))
         self.d = Daemon(*args, cwd=self.cwd)
         return self.d
@@ -216,6 +218,39 @@ def test_the_daemon_restarts_and_the_client_recovers_what_was_sent_meanwhile(ser
         assert await texts(events, 1) == [(9, "live")]  # nothing twice, nothing skipped
         assert alice.connections == 2
         print(f"\nreconnect (gate open) to the first recovered message: {took * 1000:.0f} ms")
+        await alice.close()
+        await bob.close()
+
+    run(scenario())
+
+
+def test_a_daemon_that_lost_its_history_resets_the_room(server, tmp_path) -> None:
+    async def scenario() -> None:
+        alice = await Client(url(server.port), nick="alice", backoff_max=1.0).connect(WAIT)
+        await asyncio.wait_for(alice.join("tea"), WAIT)
+        for i in range(3):
+            await asyncio.wait_for(alice.send("tea", f"old {i}"), WAIT)
+        await asyncio.wait_for(alice.join("tea"), WAIT)  # learns the epoch
+        old_epoch = alice.epoch("tea")
+        assert old_epoch is not None and alice.last_id("tea") == 3
+        events = alice.events()
+        server.stop()
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        server.start(str(fresh))  # a new, empty database: ids start again at 1
+        reset = await until(events, lambda e: e["type"] in ("reset", "joined"))
+        assert reset["type"] == "reset" and reset["room"] == "tea"  # forget the room's ids
+        rejoined = await until(events, lambda e: e["type"] == "joined")
+        assert rejoined["rejoin"] is True and rejoined["reset"] is True
+        assert rejoined["recovered"] is False and rejoined["reason"] == "epoch"
+        assert alice.last_id("tea") == 0 and alice.epoch("tea") is None  # empty: no epoch yet
+        bob = await Client(url(server.port), nick="bob").connect(WAIT)
+        await asyncio.wait_for(bob.join("tea"), WAIT)
+        await asyncio.wait_for(bob.send("tea", "new 1"), WAIT)
+        # id 1 again, in another epoch: not taken for a duplicate
+        assert await texts(events, 1) == [(1, "new 1")]
+        await asyncio.wait_for(bob.send("tea", "new 2"), WAIT)
+        assert await texts(events, 1) == [(2, "new 2")]
         await alice.close()
         await bob.close()
 
