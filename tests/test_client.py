@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,24 @@ def url(port: int) -> str:
     return f"ws://127.0.0.1:{port}/"
 
 
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 120))  # type: ignore[arg-type]
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """``asyncio.run(coro)`` in a thread of its own, bounded: the suite's main thread may
+    have an event loop running already (Playwright's sync API, in the browser tests)."""
+    out: dict[str, Any] = {}
+
+    def main() -> None:
+        try:
+            out["result"] = asyncio.run(asyncio.wait_for(coro, 120))
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=main, name="asyncio scenario", daemon=True)
+    t.start()
+    t.join(150)
+    assert not t.is_alive(), "the scenario did not end"
+    if "error" in out:
+        raise out["error"]
+    return out.get("result")
 
 
 async def until(stream: Events, check: Callable[[Event], bool], timeout: float = WAIT) -> Event:
