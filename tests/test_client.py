@@ -108,10 +108,24 @@ def test_send_receive_history_edit_react_typing_read_between_two_clients(server)
         alice = await Client(url(server.port), nick="alice").connect(WAIT)
         bob = await Client(url(server.port), nick="bob").connect(WAIT)
         events = bob.events()
+        # callbacks, plain and async, for one type or all
+        presence: list[str] = []
+        everything: list[str] = []
+        came = asyncio.Event()
+
+        async def on_any(ev: Event) -> None:
+            everything.append(ev["type"])
+            if ev["type"] == "presence":
+                came.set()
+
+        alice.on("presence", lambda ev: presence.append(f"{ev['nick']} {ev['event']}"))
+        alice.on("*", on_any)
         joined = await asyncio.wait_for(alice.join("tea"), WAIT)
         assert joined["members"] == ["alice"] and joined["history"] == []
         joined = await asyncio.wait_for(bob.join("tea"), WAIT)
         assert joined["members"] == ["alice", "bob"]
+        await asyncio.wait_for(came.wait(), WAIT)
+        assert presence == ["bob join"] and everything == ["joined", "presence"]
         m = await asyncio.wait_for(alice.send("tea", "hello bob"), WAIT)
         assert (m["id"], m["from"], m["text"]) == (1, "alice", "hello bob")
         got = await until(events, lambda e: e["type"] == "message")
