@@ -73,4 +73,6 @@ setup(
         ("share/doc/chatd/etc", ["etc/chatd.service", "etc/chatd.socket", "etc/chatd.toml"]),
     ],
     install_requires=requirements(),
+    # chatd.client (docs/CLIENT.md): `pip install chatd[client]`; the daemon never imports it.
+    extras_require={"client": ["websockets>=12"]},
 )

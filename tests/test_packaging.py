@@ -104,7 +104,11 @@ def test_the_wheel_holds_the_page_the_plugin_and_the_docs(dists) -> None:
     assert "License: MIT" in meta and "Requires-Python: >=3.11" in meta
     runtime = (REPO / "requirements.txt").read_text().splitlines()
     wanted = [r.split("#")[0].strip() for r in runtime if r.split("#")[0].strip()]
-    assert len(wanted) == meta.count("Requires-Dist:"), meta
+    runtime_deps = [
+        x for x in meta.splitlines() if x.startswith("Requires-Dist:") and "extra ==" not in x
+    ]
+    assert len(wanted) == len(runtime_deps), meta
+    assert "Provides-Extra: client" in meta and 'websockets>=12; extra == "client"' in meta
 
 
 def test_the_sdist_is_the_source_release(dists) -> None:
