@@ -392,7 +392,7 @@ class Stream:
         self.sse.hub.chat_leave(self.room, self.link)
         self.link.close()
         request = self.request
-        if request.producer is not None:
+        if request.producer is not None and request.channel is not None:
             request.unregisterProducer()
         if request.finished or request._disconnected:
             return
