@@ -362,3 +362,27 @@ def test_a_message_on_one_node_reaches_sse_on_another(node) -> None:  # noqa: F8
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+def test_a_stream_ends_when_its_token_expires() -> None:
+    """SSE cannot refresh a token: the stream ends (an ``expired`` event) at exp + grace."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from chatd.auth import EXPIRY_GRACE
+
+    site = Site("--auth", "token", "--jwt-key", SECRET)
+    sse = site.site.resource.extra[b"sse"]
+    clock = Clock()
+    sse.clock = clock
+    t = connect(site.site)
+    ask = f"GET /sse/@alice?token={token(exp=time.time() + 10)} HTTP/1.1\r\nHost: x\r\n\r\n"
+    t.protocol.dataReceived(ask.encode())
+    assert turn(lambda: b"event: joined" in t.value(), turns=50), t.value()
+    clock.advance(EXPIRY_GRACE + 5)
+    assert b"event: expired" not in t.value()
+    clock.advance(6)
+    assert b"event: expired" in t.value() and t.value().endswith(b"0\r\n\r\n")  # ended
+    assert not sse.streams
+    t.protocol.connectionLost(Failure(ConnectionDone()))
