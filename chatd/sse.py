@@ -325,9 +325,7 @@ class Stream:
         if self.closed:
             self.sse.hub.chat_leave(self.room, self.link)
             return
-        self.live = True
         request = self.request
-        request.setResponseCode(200)
         history = j.history if since is not None else []
         obj: dict[str, Any] = {"type": "joined", "room": j.room, "last_id": j.last_id}
         obj["epoch"] = j.epoch
@@ -354,7 +352,15 @@ class Stream:
             after,
             encode(obj),
         )
-        self.write(head + (pages.page() or b""))  # the first page at once
+        try:
+            first = pages.page()  # the first page at once
+        except Exception:  # (its read failed: as a join that failed)
+            _log.failure("an sse replay could not be read")
+            self.close(status=503, message="the room's history cannot be read now; try again")
+            return
+        self.live = True
+        request.setResponseCode(200)
+        self.write(head + (first or b""))
         if pages.left() or pages.reading:  # the rest as the client reads
             if not link.open:
                 return
