@@ -26,6 +26,7 @@ from chatd.sse import SSE, accepts_event_stream
 from tools.daemon import Daemon
 
 SECRET = "sse-secret-" * 4  # HS256 needs at least 32 bytes
+API_TOKEN = "an-api-token-for-the-sse-test"
 
 
 def token(key: str = SECRET, **claims: Any) -> str:
@@ -209,6 +210,34 @@ def test_live_messages_resume_and_edits(chatd: Daemon) -> None:
     alice.close()
 
 
+def test_another_epoch_is_not_recovered(chatd: Daemon) -> None:
+    """An id of another history (``?epoch=`` not the room's): the recent messages, marked."""
+    alice = V1(chatd.port, "alice")
+    alice.join("ep")
+    ids = say(alice, "ep", "a", "b", "c")
+    s = Stream(chatd.port, f"/sse/ep?since={ids[1]}&epoch=an-old-epoch")
+    j = s.joined()
+    assert (j["data"]["recovered"], j["data"]["reason"], j["data"]["reset"]) == (
+        False,
+        "epoch",
+        True,
+    )
+    assert j["id"] == str(ids[0] - 1)  # exact from the first message it replays
+    assert [int(e["id"]) for e in s.events(3)] == ids
+    s.close()
+    alice.close()
+
+
+def test_reset_event() -> None:
+    from chatd.hub import Reset
+    from chatd.sse import SSERenderer
+
+    event = SSERenderer().reset(Reset("r", "e2", 7))
+    assert event == (
+        b'event: reset\nid: 7\ndata: {"type":"reset","room":"r","epoch":"e2","last_id":7}\n\n'
+    )
+
+
 def test_a_long_replay_comes_in_pages(chatd: Daemon) -> None:
     alice = V1(chatd.port, "alice")
     alice.join("long")
@@ -287,6 +316,8 @@ def test_token_auth(daemon) -> None:
         SECRET,
         "--anonymous-rooms",
         "lobby=r",
+        "--api-token",
+        API_TOKEN,
     )
     alice = token(rooms={"tea": "r"})
 
@@ -309,6 +340,22 @@ def test_token_auth(daemon) -> None:
     assert status(f"/sse/@bob?token={alice}") == 403
     assert status("/sse/@alice") == 401  # never anonymous
     assert "token=REDACTED" in d.wait_for_log(r"GET /sse/coffee\?token=")
+    # The simplest notification: the back end posts to a user, the user's stream gets it.
+    mine = Stream(d.port, "/sse/@alice", {"Authorization": f"Bearer {alice}"})
+    mine.joined()
+    status_code, _, body = metrics_request(
+        d.port,
+        "POST",
+        "/api/users/alice/messages",
+        json.dumps({"text": "your order shipped", "from": "shop"}).encode(),
+        {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"},
+    )
+    assert status_code == 201, body
+    note = mine.events(1)[0]
+    assert note["id"] == str(json.loads(body)["id"])
+    assert (note["data"]["room"], note["data"]["from"]) == ("@alice", "shop")
+    assert note["data"]["text"] == "your order shipped"
+    mine.close()
     assert alice not in d.log()
 
 
