@@ -433,3 +433,24 @@ def test_a_stream_ends_when_its_token_expires() -> None:
     assert b"event: expired" in t.value() and t.value().endswith(b"0\r\n\r\n")  # ended
     assert not sse.streams
     t.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def test_streams_count_toward_the_per_address_cap(daemon) -> None:
+    """--max-connections-per-ip holds for SSE as for any connection: checked at accept."""
+    d: Daemon = daemon("--ping-interval", "0", "--max-connections-per-ip", "2")
+    first, second = Stream(d.port, "/sse/capped"), Stream(d.port, "/sse/capped")
+    first.joined(), second.joined()
+    with pytest.raises((EOFError, ConnectionError)):
+        Stream(d.port, "/sse/capped")  # dropped at accept: no answer at all
+    first.close()
+    deadline = time.monotonic() + 10
+    while True:  # once the daemon has seen the first one go, a new one is let in
+        try:
+            third = Stream(d.port, "/sse/capped")
+            break
+        except (EOFError, ConnectionError):
+            assert time.monotonic() < deadline, "the cap was not given back"
+            time.sleep(0.05)
+    third.joined()
+    third.close()
+    second.close()
