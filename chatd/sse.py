@@ -34,6 +34,9 @@ comments every ``limits.SSE_HEARTBEAT`` seconds so that proxies and
 clients see the connection alive. Presence, typing and read markers are
 not sent.
 
+A page of another origin may read a stream (CORS: ``Access-Control-Allow-Origin``)
+when the WebSocket origin check (``--allowed-origins``) would let it connect.
+
 Auth is the WebSockets': a token in ``?token=`` (EventSource cannot set
 headers) or ``Authorization: Bearer``, checked by the same ``Policy``;
 reading the room is required; without a token, ``--anonymous-rooms`` (in
@@ -444,8 +447,12 @@ class SSE(Resource):
         budget: Budget = UNLIMITED,
         clock: IReactorTime | None = None,
         heartbeat: float = limits.SSE_HEARTBEAT,
+        origin_ok: Callable[[bytes | None, bytes | None, bool], bool] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        # Which pages may read the streams from another origin (CORS): the WebSocket
+        # origin check's answer (``--allowed-origins``); None: same origin only.
+        self.origin_ok = origin_ok
         hub.add_format(FORMAT, SSERenderer())
         self.hub = hub
         self.stats = stats
@@ -474,6 +481,11 @@ class SSE(Resource):
         return _refuse(request, 400, "GET /sse/<room> is a stream; HEAD has none")
 
     def render_GET(self, request: HTTPRequest) -> bytes | int:
+        origin = request.getHeader(b"origin")
+        if origin is not None and self.origin_ok is not None:
+            request.setHeader(b"Vary", b"Origin")
+            if self.origin_ok(origin, request.getHeader(b"host"), request.isSecure()):
+                request.setHeader(b"Access-Control-Allow-Origin", origin)
         try:
             room = self._room(request)
             if not accepts_event_stream(request.getHeader(b"accept")):

@@ -834,7 +834,7 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
     from twisted.internet import reactor
 
     api = PushAPI(hub, settings, stats)
-    sse = SSE(hub, settings, stats, policy, budget)
+    sse = SSE(hub, settings, stats, policy, budget, origin_ok=origins.permit_values)
     extra: dict[bytes, Resource] = {b"api": api, b"sse": sse}
     ops_site = None
     if settings.metrics_endpoint:

@@ -278,6 +278,15 @@ def test_bad_requests_get_clear_answers(chatd: Daemon) -> None:
         s.joined()
         s.close()
     assert not accepts_event_stream(b"application/json")
+    # CORS: a page of an origin the WebSocket check allows may read the stream.
+    here = f"127.0.0.1:{chatd.port}"
+    s = request(chatd.port, "/sse/ok", {"Host": here, "Origin": f"http://{here}"})
+    assert s.status == 200 and s.headers["access-control-allow-origin"] == f"http://{here}"
+    s.close()
+    s = request(chatd.port, "/sse/ok", {"Host": here, "Origin": "http://evil.example"})
+    assert s.status == 200 and "access-control-allow-origin" not in s.headers
+    assert s.headers["vary"] == "Origin"
+    s.close()
 
 
 def test_heartbeat_comments_on_the_clock() -> None:
@@ -454,3 +463,34 @@ def test_streams_count_toward_the_per_address_cap(daemon) -> None:
     third.joined()
     third.close()
     second.close()
+
+
+@pytest.mark.browser
+def test_a_browser_eventsource_gets_messages_and_resumes(browser, chatd: Daemon) -> None:
+    """docs/SSE.md's example, in Chromium: onmessage gets each message with its id; a
+    new EventSource after a gap, with the id it last saw, gets what it missed."""
+    context = browser.new_context(bypass_csp=True)
+    pg = context.new_page()
+    pg.goto(f"http://127.0.0.1:{chatd.port}/plain.html")
+    open_source = """(url) => {
+        window.got = []; window.joined = null;
+        window.es = new EventSource(url);
+        es.addEventListener("joined", (e) => { window.joined = JSON.parse(e.data); });
+        es.onmessage = (e) => { window.got.push([e.lastEventId, JSON.parse(e.data).text]); };
+    }"""
+    pg.evaluate(open_source, "/sse/browser")
+    pg.wait_for_function("window.joined !== null", timeout=30_000)
+    alice = V1(chatd.port, "alice")
+    alice.join("browser")
+    ids = say(alice, "browser", "one", "two")
+    pg.wait_for_function("window.got.length >= 2", timeout=30_000)
+    assert pg.evaluate("window.got") == [[str(ids[0]), "one"], [str(ids[1]), "two"]]
+    pg.evaluate("window.es.close()")
+    missed = say(alice, "browser", "three")
+    pg.evaluate(open_source, f"/sse/browser?since={ids[1]}")
+    pg.wait_for_function("window.got.length >= 1", timeout=30_000)
+    assert pg.evaluate("window.joined.recovered") is True
+    assert pg.evaluate("window.got") == [[str(missed[0]), "three"]]
+    pg.evaluate("window.es.close()")
+    context.close()
+    alice.close()
