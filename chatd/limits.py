@@ -69,6 +69,11 @@ TYPING_TIMEOUT = 5.0
 # room's members do not need each other's markers, at O(members) each).
 READ_RECEIPTS_MAX_MEMBERS = 50
 MAX_ROOMS_PER_CONNECTION = 16
+# SSE (GET /sse/<room>, chatd.sse): a ": ping" comment to each stream every this
+# many seconds (proxies drop idle responses), and the "retry:" a stream tells
+# EventSource to wait before it reconnects.
+SSE_HEARTBEAT = 15.0
+SSE_RETRY = 2.0
 # chatd.v1 frames that arrive while a join is being answered wait for it, up
 # to this many; one more closes the connection with 1008.
 MAX_WAITING_REQUESTS = 64

@@ -55,6 +55,7 @@ from chatd.protocols.base import ChatdFactory, Clients, Connection
 from chatd.protocols.plain import PlainChat, PlainRenderer
 from chatd.protocols.relay import Relay
 from chatd.protocols.v1 import SUBPROTOCOL, V1Chat, V1Renderer
+from chatd.sse import SSE
 from chatd.stats import Stats
 
 # The page ships its own script and style; it may open a WebSocket to whatever
@@ -196,7 +197,7 @@ class Route(NamedTuple):
 V1, PLAIN, RELAY, REFUSED, OTHER = "v1", "plain", "relay", "refused", "other"
 V1_CHAT = Route(V1)
 PLAIN_CHAT = Route(PLAIN)
-NOT_WEBSOCKET = Route(OTHER)  # the page, /healthz, /metrics, /api: twisted.web's resources
+NOT_WEBSOCKET = Route(OTHER)  # the page, /healthz, /metrics, /api, /sse: twisted.web's resources
 NO_SUCH_RELAY = Route(REFUSED, "", 404, "No Such Relay Room", "Relay rooms are at /relay/<room>.")
 BAD_ROOM_NAME = Route(
     REFUSED,
@@ -851,7 +852,8 @@ def make_web(settings: Settings, hub: Hub, stats: Stats, health: Health) -> Web:
     from twisted.internet import reactor
 
     api = PushAPI(hub, settings, stats)
-    extra: dict[bytes, Resource] = {b"api": api}
+    sse = SSE(hub, settings, stats, policy, budget, origin_ok=origins.permit_values)
+    extra: dict[bytes, Resource] = {b"api": api, b"sse": sse}
     ops_site = None
     if settings.metrics_endpoint:
         ops_root = Resource()
