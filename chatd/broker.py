@@ -293,6 +293,7 @@ class Broker(Protocol):
         epoch: str | None,
         user: str = "",
         reader: str = "",
+        silent: bool = False,
     ) -> Deferred[Joined]:
         """Record member ``mid``, publish its marker, read the snapshot, atomically.
 
@@ -300,7 +301,10 @@ class Broker(Protocol):
         ``snapshot`` False: no member list and no history; ``epoch``: the epoch
         ``since`` counts in (another epoch: as if ``since`` were None, ``reset``);
         ``user``: the member's token ``sub`` (its presence counts per user);
-        ``reader``: whose read marker the snapshot carries (``Joined.read``).
+        ``reader``: whose read marker the snapshot carries (``Joined.read``);
+        ``silent``: a listener (an SSE stream), not a member: nothing is recorded,
+        no nick claimed, only the marker (``mark``) is published, and its
+        ``leave`` says nothing.
         """
 
     def leave(self, room: str, mid: str, last: bool) -> None:
@@ -541,6 +545,7 @@ class MemoryBroker:
         epoch: str | None,
         user: str = "",
         reader: str = "",
+        silent: bool = False,
     ) -> Deferred[Joined]:
         self.flush()
         history = self.history
@@ -551,18 +556,21 @@ class MemoryBroker:
             unread = history.unread(room, read) if reader else 0
         except sqlite3.Error as e:
             return fail(Unavailable(str(e)))
-        key = limits.nick_key(nick) if unique else ""
+        key = limits.nick_key(nick) if unique and not silent else ""
         p = self._presence.get(room)
         if p is None:
-            p = self._presence[room] = _Presence()
+            p = _Presence()
+            if not silent:  # (a listener alone keeps no record)
+                self._presence[room] = p
         elif key:
             holder = p.nicks.get(key)
             if holder is not None and holder != mid:
                 return fail(NickTaken(nick))
         if key:
             p.nicks[key] = mid
-        new = mid not in p.members
-        p.members[mid] = (key, nick, user)
+        new = mid not in p.members and not silent
+        if not silent:
+            p.members[mid] = (key, nick, user)
         if new and user:  # news only as the user's first member id
             n = p.users[user] = p.users.get(user, 0) + 1
             new = n == 1

@@ -302,23 +302,28 @@ return {id, ts}
     # ARGV: member id, nick key, value, room, channel, 'since'|'recent'|'none', since,
     # count, the client's epoch or '', a new epoch for a room from before epochs, how
     # many entries at most after since (the rest is read in pages: _StreamCursor),
-    # whose read marker to give ('' for none). Returns {'ok', new, last, truncated,
+    # whose read marker to give ('' for none), '1' for a silent listener (nothing
+    # recorded: only its marker is published). Returns {'ok', new, last, truncated,
     # member values, entries, epoch or '', reset, read marker, overlays, unread}.
     "join": _MEMBERS
     + _SPAN
     + r"""
-local mid = ARGV[1]
-if ARGV[2] ~= '' then
-  local holder = redis.call('HGET', KEYS[2], ARGV[2])
-  if holder and holder ~= mid then return {'taken'} end
-  redis.call('HSET', KEYS[2], ARGV[2], mid)
-end
-local new = redis.call('HSET', KEYS[1], mid, ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[4])
-if new == 1 and counted_in(KEYS[7], ARGV[3]) then
-  redis.call('PUBLISH', ARGV[5], 'j ' .. mid .. ' ' .. ARGV[3])
-else
+local mid, new = ARGV[1], 0
+if ARGV[13] == '1' then  -- a listener, not a member: its marker only, nothing recorded
   redis.call('PUBLISH', ARGV[5], 'k ' .. mid)
+else
+  if ARGV[2] ~= '' then
+    local holder = redis.call('HGET', KEYS[2], ARGV[2])
+    if holder and holder ~= mid then return {'taken'} end
+    redis.call('HSET', KEYS[2], ARGV[2], mid)
+  end
+  new = redis.call('HSET', KEYS[1], mid, ARGV[3])
+  redis.call('SADD', KEYS[3], ARGV[4])
+  if new == 1 and counted_in(KEYS[7], ARGV[3]) then
+    redis.call('PUBLISH', ARGV[5], 'j ' .. mid .. ' ' .. ARGV[3])
+  else
+    redis.call('PUBLISH', ARGV[5], 'k ' .. mid)
+  end
 end
 local last = tonumber(redis.call('GET', KEYS[4]) or '0')
 local epoch = redis.call('GET', KEYS[6])
@@ -761,6 +766,7 @@ class RedisBroker:
         epoch: str | None,
         user: str = "",
         reader: str = "",
+        silent: bool = False,
     ) -> defer.Deferred[Joined]:
         key = limits.nick_key(nick) if unique else ""
         if not snapshot:
@@ -796,6 +802,7 @@ class RedisBroker:
                 new_epoch(),
                 PAGE_ROWS,
                 reader,
+                "1" if silent else "0",
             ],
         )
 

@@ -134,6 +134,7 @@ class Member:
     fmt: str
     unique: bool
     user: str = ""  # the token's sub ("" for an anonymous member)
+    silent: bool = False  # a listener (an SSE stream): in no member list, no presence
 
 
 @dataclass(slots=True)
@@ -436,6 +437,7 @@ class Hub:
         snapshot: bool = True,
         epoch: str | None = None,
         user: str = "",
+        silent: bool = False,
     ) -> defer.Deferred[Joined]:
         """Join (or re-join) ``room``; the history and the live stream meet exactly.
 
@@ -451,20 +453,22 @@ class Hub:
         nothing else changes. With a ``user`` (a token's sub), presence counts
         the user once, however many links it joins with; its leave is said
         ``presence_debounce`` seconds after its last link here left, and only
-        if it has no other link in the room by then, on any node.
+        if it has no other link in the room by then, on any node. A ``silent``
+        link (an SSE stream) gets what the room says and is in no member list:
+        no presence, no nick, nothing recorded by the broker.
         """
         if not self.broker.up:
             return defer.fail(Unavailable("the message store is unreachable"))
         r = self._room(room)
         mid = r.mids.get(link)
         if mid is not None:  # joined already: history again, nothing else changes
-            member = Member(nick, fmt, unique, user)
+            member = Member(nick, fmt, unique, user, silent)
             return self._broker_join(r, mid, member, since, snapshot, epoch)
         if link in r.joining:
             return defer.fail(Unavailable("a join of this room is in progress"))
         self._serial += 1
         mid = f"{self.node}.{self._serial}"
-        j = _Joining(link, mid, Member(nick, fmt, unique, user), since, snapshot, epoch)
+        j = _Joining(link, mid, Member(nick, fmt, unique, user, silent), since, snapshot, epoch)
         r.joining[link] = j
         r.by_mid[j.mid] = j
         if r.subscribed:
@@ -497,7 +501,17 @@ class Hub:
     ) -> defer.Deferred[Joined]:
         reader = who(m.user, m.nick) if snapshot else ""
         return self.broker.join(
-            r.name, mid, m.nick, m.unique, since, snapshot, self.join_history, epoch, m.user, reader
+            r.name,
+            mid,
+            m.nick,
+            m.unique,
+            since,
+            snapshot,
+            self.join_history,
+            epoch,
+            m.user,
+            reader,
+            m.silent,
         )
 
     def _start_join(self, r: _Room, j: _Joining) -> None:
@@ -571,7 +585,9 @@ class Hub:
             return False
         del r.live[mid]
         member = self.local.chat_remove(room, link)
-        if member is not None and member.user and self.presence_debounce > 0:
+        if member is not None and member.silent:
+            self._leave(room, mid)  # (a listener: nothing to say, nothing to debounce)
+        elif member is not None and member.user and self.presence_debounce > 0:
             self._part_later(room, mid, member)
         else:
             if member is not None and not member.user:  # (a user's leave comes from the broker)
@@ -630,7 +646,9 @@ class Hub:
     def members(self, room: str) -> list[str]:
         """The nicks of this process's live members of ``room`` (a user once)."""
         r = self.local.chat.get(room)
-        return once_per_user((m.nick, m.user) for m in r.members.values()) if r else []
+        if r is None:
+            return []
+        return once_per_user((m.nick, m.user) for m in r.members.values() if not m.silent)
 
     def post(
         self,
@@ -846,7 +864,8 @@ class Hub:
             members = self.local.chat[r.name].members if r.mids else {}
             for link, mid in r.mids.items():
                 member = members[link]
-                yield r.name, mid, member.nick, member.unique, member.user
+                if not member.silent:  # (a listener has no record to write back)
+                    yield r.name, mid, member.nick, member.unique, member.user
         for mid, p in self._parting.items():  # present until their debounce ends
             yield p.room, mid, p.member.nick, p.member.unique, p.member.user
 

@@ -48,11 +48,9 @@ few KiB, about a WebSocket connection's), one ``write`` per event and no
 rendering (shared per node and message); one timer per site for every
 heartbeat, a pass over the open streams every ``SSE_HEARTBEAT`` seconds.
 
-A limit: an SSE consumer is a member of the room, so the room's WebSocket
-members see it join and leave (presence) under its token's name (its user,
-counted once with the user's other connections) or, anonymous, as
-``SSE_NICK``. Silent membership needs a hub hook (a join that publishes only
-its marker); until then this is documented.
+An SSE consumer is a listener, not a member (``Hub.chat_join(silent=True)``):
+it gets what the room says, and no one sees it come or go: no presence, in no
+member list, nothing recorded by the broker but its join marker.
 """
 
 from __future__ import annotations
@@ -84,7 +82,7 @@ __all__ = ["FORMAT", "SSE", "SSERenderer", "accepts_event_stream"]
 _log = Logger(namespace="chatd.sse")
 
 FORMAT = "sse"  # the hub's name of this wire format
-SSE_NICK = "sse"  # an anonymous consumer's name in the room's presence
+SSE_NICK = "sse"  # an anonymous consumer's name (its read marker's key; never shown)
 PAGE_BYTES = 64 * 1024  # bytes of events written at once during a replay (one message may be more)
 PING = b": ping\n\n"
 SINCE_LIMIT = 2**53  # ids are below this (as chatd.v1's "since")
@@ -313,6 +311,7 @@ class Stream:
             snapshot=since is not None,
             epoch=epoch if since is not None else None,
             user=user,
+            silent=True,
         )
         d.addCallbacks(self._joined, self._join_failed, callbackArgs=(since,))
 

@@ -657,6 +657,22 @@ def test_a_replay_in_pages_has_no_gap_where_messages_were_deleted(kit):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_silent_listener_gets_a_marker_and_is_no_member(kit):
+    b = yield kit.broker()
+    yield kit.subscribed(b, "tea")
+    yield b.join("tea", f"{b.node}.1", "ann", True, None, True, 10, None)
+    heard = yield b.join("tea", f"{b.node}.2", "ann", True, None, True, 10, None, "", "", True)
+    assert heard.members == ["ann"]  # (its nick claimed nothing: ann's stays ann's)
+    assert (yield b.members("tea")) == ["ann"]
+    b.leave("tea", f"{b.node}.2", False)
+    yield b.publish("tea", "ann", "after")  # a marker after the leave: nothing came before it
+    rec = b.recorder
+    yield rec.until(lambda: rec.ids("tea") == [1], "the message")
+    presence = [e[1:] for e in rec.kinds("tea") if e[0] == "p"]
+    assert presence == [(f"{b.node}.1", "ann", "join"), (f"{b.node}.2", "", "mark")]
+
+
+@pytest_twisted.inlineCallbacks
 def test_read_after_gives_what_a_gap_missed(kit):
     b = yield kit.broker()
     yield kit.subscribed(b, "tea")

@@ -416,6 +416,36 @@ def test_a_message_on_one_node_reaches_sse_on_another(node) -> None:  # noqa: F8
     alice.close()
 
 
+def _streams_are_not_members(a: Daemon, b: Daemon, room: str) -> None:
+    """Streams on ``a`` and ``b`` (one daemon or two nodes) are listeners: no presence
+    of theirs reaches a member, and no member list names them."""
+    alice = V1(a.port, "alice")
+    alice.join(room)
+    streams = [Stream(b.port, f"/sse/{room}"), Stream(a.port, f"/sse/{room}")]
+    for s in streams:
+        s.joined()
+    bob = V1(a.port, "bob")
+    assert sorted(bob.join(room)["members"]) == ["alice", "bob"]
+    p = alice.next("presence")
+    assert (p["nick"], p["event"]) == ("bob", "join")
+    for s in streams:
+        s.close()
+    carol = V1(b.port, "carol")  # the next presence alice sees is carol's: no stream's leave
+    carol.join(room)
+    p = alice.next("presence")
+    assert (p["nick"], p["event"]) == ("carol", "join")
+    for c in (alice, bob, carol):
+        c.close()
+
+
+def test_a_stream_is_a_listener_not_a_member(chatd: Daemon) -> None:
+    _streams_are_not_members(chatd, chatd, "quiet")
+
+
+def test_a_stream_is_a_listener_not_a_member_on_a_cluster(node) -> None:  # noqa: F811
+    _streams_are_not_members(node(), node(), "quiet")
+
+
 if __name__ == "__main__":
     pytest.main([__file__])
 
