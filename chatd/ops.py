@@ -83,7 +83,9 @@ class Collector:
             return labelled(CounterMetricFamily(name, doc, labels=[label]), values)
 
         yield labelled(
-            GaugeMetricFamily("chatd_connections", "Open WebSocket connections.", labels=["kind"]),
+            GaugeMetricFamily(
+                "chatd_connections", "Open connections (WebSocket, or sse).", labels=["kind"]
+            ),
             s.connections,
         )
         yield counter(
