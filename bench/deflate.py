@@ -464,12 +464,14 @@ def legend(kinds: tuple[str, ...], browser_note: str, quick: bool) -> str:
             "Chromium's: a p50 of seconds means the browser fell behind, not the server, "
             "and the server then writes more frames per write (a lower CPU per delivery). "
             f"Its CPU rows are the server's CPU per delivery while a browser is the load; "
-            f"the memory rows are what compares. {browser_note}."
+            "the memory rows are what compares. On a machine shared with other work "
+            "the memory figures hold (RSS of chatd alone); CPU figures and p50 do not "
+            f"(see the load averages above). {browser_note}."
         )
     return "\n\n".join(parts)
 
 
-def write_results(body: str, parts: set[str], quick: bool) -> None:
+def write_results(body: str, parts: set[str], quick: bool, load0: str) -> None:
     """A full run replaces the file's first section; a partial run (--only) its own
     section after it; the sections written by hand are kept."""
     title = "# permessage-deflate: plain, deflate (default), deflate with context takeover\n"
@@ -480,7 +482,8 @@ def write_results(body: str, parts: set[str], quick: bool) -> None:
     args = f"{' --quick' if quick else ''}" + ("" if full else f" --only {','.join(sorted(parts))}")
     made = (
         f"Made by `python -m bench.deflate{args}` on {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; "
-        f"{machine()}; server on CPU 0, generator on CPU 1.\n\n"
+        f"{machine()}; server on CPU 0, generator on CPU 1; load average {load0} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end.\n\n"
     )
     if full:
         RESULTS.write_text(title + "\n" + made + body + rest)
@@ -506,7 +509,8 @@ def main() -> None:
     rows: dict[str, dict[str, str]] = {k: {} for k in LABELS}
     labels = dict(LABELS)
     started = time.monotonic()
-    log(f"permessage-deflate benchmark: {machine()}")
+    load0 = f"{os.getloadavg()[0]:.1f}"  # (1 min) other work on the machine
+    log(f"permessage-deflate benchmark: {machine()}, load average {load0}")
     if "memory" in only:
         for kind in kinds:
             log(f"[{kind}] memory")
@@ -576,7 +580,7 @@ def main() -> None:
     body = "```\n" + text + "\n```\n\n" + legend(columns, browser_note, a.quick) + "\n"
     if browser_note and BROWSER not in columns:
         body += f"\n{BROWSER}: {browser_note}.\n"
-    write_results(body, only, a.quick)
+    write_results(body, only, a.quick, load0)
     log(f"wrote {RESULTS.relative_to(REPO)}")
 
 
