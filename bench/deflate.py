@@ -55,6 +55,7 @@ import random
 import shutil
 import socket
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -308,14 +309,18 @@ P50 = """() => {
 
 def publish(pub: Raw, count: int, rate: float) -> None:
     """``count`` messages of 200 B at ``rate``/s (a marker, the time, padding), as loadgen's."""
+    # its own copies, read meanwhile (as loadgen's publisher does), not queued in chatd
+    reader = threading.Thread(target=lambda: [pub.message() for _ in range(count)], daemon=True)
+    reader.start()
     t0 = time.monotonic()
     for i in range(count):
         delay = t0 + i / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         pub.send(f"@@{time.time() * 1000:016.2f}".encode().ljust(200, b"x"))
-    for _ in range(count):
-        pub.message()  # its own copies, read after: the sends are not held up by them
+    reader.join(30)
+    if reader.is_alive():
+        raise RuntimeError("the publisher did not get its own messages back in 30 s")
 
 
 def chromium(quick: bool) -> tuple[dict[str, str], str]:
