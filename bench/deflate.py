@@ -1,6 +1,6 @@
 """permessage-deflate side by side: plain, deflate (chatd's default), deflate with context takeover.
 
-    python -m bench.deflate [--quick] [--only memory,cpu,wire]
+    python -m bench.deflate [--quick] [--only memory,cpu,wire,chromium]
 
 Why: issue #13 ("compression that scales"). Each row starts a fresh chatd
 (pinned to CPU 0, the C generator bench/loadgen.c on CPU 1, as bench.run
@@ -15,14 +15,35 @@ does (``permessage-deflate; client_max_window_bits``):
   that deflates per connection is not saturated;
 - wire: bytes on the wire per message (frame header included) that one
   member receives, for chat-sized JSON (~150-200 B, varied) and for 4 KiB
-  JSON documents, from a Python client on loopback.
+  JSON documents, from a Python client on loopback;
+- chromium: Chromium itself, a column "chromium (deflate)" beside the
+  memory and cpu rows. chatd as in the deflate column; headless Debian
+  Chromium (/usr/bin/chromium or CHATD_CHROMIUM, launched through Playwright
+  as tests/conftest.py does, on CPU 1) loads /plain.html from that chatd
+  and from that one page opens 200 WebSockets to the relay room (Chromium
+  allows about 255 per profile); the page checks that every socket's
+  ``extensions`` is permessage-deflate. With one plain Python client
+  publishing (a member too: 201 connections), the server's RSS growth per
+  connection from after the page load: with the sockets open (no message),
+  after 1 message, after 600 of 200 B (599 more at 100 msg/s, loadgen's
+  payload), with the server's CPU per delivery over those 599; then 600
+  more at 20 msg/s for the CPU at a rate the browser keeps up with. Every
+  delivery is counted in the page (bounded waits); p50 is the page's
+  Date.now() against the publisher's clock. The browser shares CPU 1 with
+  the publisher and inflates every message on every socket: its p50 at
+  100 msg/s is the browser falling behind, and the CPU rows of this column
+  are the server's cost with a real browser as the load, not a comparison
+  with loadgen's. Skipped, with the reason, when Playwright or Chromium is
+  missing.
 
 "deflate" is chatd's default (no context takeover, one deflated frame per
 message shared by all); "takeover" is ``--compression-context-takeover``
 (a compressor and a deflate per connection). With BENCH_BASELINE=<another
 checkout of chatd> (as for bench.run) a column "base deflate" runs that
-chatd with compression on, its clients keeping their inflater's context. Results go to stdout and to
-the "permessage-deflate" section of bench/RESULTS-deflate.md.
+chatd with compression on, its clients keeping their inflater's context.
+Results go to stdout and to bench/RESULTS-deflate.md: a full run replaces
+its first section, a run with --only its own section after that one; the
+sections written by hand are kept.
 """
 
 from __future__ import annotations
@@ -31,8 +52,10 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -40,13 +63,16 @@ from typing import Any
 
 from bench.run import (
     CHATD_COMMON,
+    GEN_CPU,
     REPO,
     ServerSpec,
     build_loadgen,
     load,
     log,
     machine,
+    proc_cpu_s,
     proc_rss_kib,
+    running,
 )
 from tools.daemon import Daemon
 
@@ -56,6 +82,21 @@ KIND_ARGS = {"plain": (), "deflate": (), "takeover": ("--compression-context-tak
 KINDS = tuple(KIND_ARGS)
 BASELINE = os.environ.get("BENCH_BASELINE", "")
 BASE = "base deflate"
+BROWSER = "chromium (deflate)"
+CHROMIUM_BIN = os.environ.get("CHATD_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [  # as tests/conftest.py launches it
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+BROWSER_SOCKETS = 200  # one page; Chromium allows about 255 WebSockets per profile
+PARTS = ("memory", "cpu", "wire", "chromium")
 
 
 def spec(kind: str) -> ServerSpec:
@@ -237,55 +278,267 @@ def wire_bytes(kind: str, payloads: list[bytes]) -> float:
         d.stop()
 
 
+# -- Chromium itself ------------------------------------------------------------------
+
+# Opens n WebSockets from the page; counts opens, closes and messages (and, while
+# window.bench.timing, each message's age: its first 18 bytes are "@@" and the send
+# time in ms since the epoch, as Date.now() reads it).
+OPEN_SOCKETS = """([url, n]) => {
+  const b = (window.bench = {open: 0, closed: 0, got: 0, timing: false, lat: [], socks: []});
+  for (let i = 0; i < n; i++) {
+    const ws = new WebSocket(url);
+    ws.onopen = () => { b.open++; };
+    ws.onclose = () => { b.closed++; };
+    ws.onmessage = (e) => {
+      b.got++;
+      if (b.timing) b.lat.push(Date.now() - Number(e.data.slice(2, 18)));
+    };
+    b.socks.push(ws);
+  }
+}"""
+STATE = """() => {
+  const b = window.bench;
+  return {open: b.open, closed: b.closed, got: b.got,
+          extensions: [...new Set(b.socks.map((ws) => ws.extensions))]};
+}"""
+P50 = """() => {
+  const a = window.bench.lat.slice().sort((x, y) => x - y);
+  return a.length ? a[a.length >> 1] : -1;
+}"""
+
+
+def publish(pub: Raw, count: int, rate: float) -> None:
+    """``count`` messages of 200 B at ``rate``/s (a marker, the time, padding), as loadgen's."""
+    # its own copies, read meanwhile (as loadgen's publisher does), not queued in chatd
+    reader = threading.Thread(target=lambda: [pub.message() for _ in range(count)], daemon=True)
+    reader.start()
+    t0 = time.monotonic()
+    for i in range(count):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        pub.send(f"@@{time.time() * 1000:016.2f}".encode().ljust(200, b"x"))
+    reader.join(30)
+    if reader.is_alive():
+        raise RuntimeError("the publisher did not get its own messages back in 30 s")
+
+
+def chromium(quick: bool) -> tuple[dict[str, str], str]:
+    """Chromium's own permessage-deflate: BROWSER_SOCKETS WebSockets from one page.
+
+    Returns cells by row key ("idle", "one", "many", "cpu100", "p50_100",
+    "cpu20", "p50_20") and a note, or no cells and why not.
+    """
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as e:
+        return {}, f"skipped: Playwright is not importable ({e})"
+    if not shutil.which(CHROMIUM_BIN):
+        return {}, f"skipped: {CHROMIUM_BIN} is missing (Debian's chromium; CHATD_CHROMIUM)"
+    n = BROWSER_SOCKETS
+    conns = n + 1  # and the publisher, a plain Python client (loadgen's is a member too)
+    cells: dict[str, str] = {}
+    affinity = os.sched_getaffinity(0)
+    if GEN_CPU is not None:
+        os.sched_setaffinity(0, {GEN_CPU})  # Chromium and its driver inherit the generator's CPU
+    try:
+        with (
+            running(spec("deflate"), ("--max-backlog", "64M")) as server,
+            sync_playwright() as p,
+        ):
+            browser = p.chromium.launch(executable_path=CHROMIUM_BIN, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{server.port}/plain.html", timeout=30_000)
+                time.sleep(0.5)
+                before = proc_rss_kib(server.pid)  # after the page's own HTTP requests
+
+                def kib() -> float:
+                    return (proc_rss_kib(server.pid) - before) / conns
+
+                def until(expr: str, seconds: float) -> bool:
+                    """Whether ``expr`` became true in the page within ``seconds`` (polled:
+                    the page's CSP forbids wait_for_function's eval)."""
+                    deadline = time.monotonic() + seconds
+                    while not page.evaluate(expr):
+                        if time.monotonic() > deadline:
+                            return False
+                        time.sleep(0.05)
+                    return True
+
+                def delivered(target: int, seconds: float) -> bool:
+                    ok = until(f"window.bench.got >= {target}", seconds)
+                    if not ok:
+                        got = page.evaluate("window.bench.got")
+                        log(f"  chromium: {got} of {target} deliveries counted in {seconds} s")
+                    return ok
+
+                url = f"ws://127.0.0.1:{server.port}/relay/bench"
+                page.evaluate(OPEN_SOCKETS, [url, n])
+                until(f"window.bench.open === {n} || window.bench.closed > 0", 60)
+                st = page.evaluate(STATE)
+                if st["open"] != n or st["closed"]:
+                    return {}, f"failed: {st['open']} of {n} open, {st['closed']} closed"
+                exts = st["extensions"]
+                if not all(str(e).startswith("permessage-deflate") for e in exts):
+                    return {}, f"failed: not every socket negotiated permessage-deflate: {exts}"
+                offered = " and ".join(f"`{e}`" for e in exts)
+                note = f"Chromium {browser.version}: all {n} sockets negotiated {offered}"
+                log(f"  {note}")
+                pub = Raw(server.port, "/relay/bench", None)
+                time.sleep(2)  # as loadgen's idle run holds its connections
+                cells["idle"] = f"{kib():.1f}"
+                publish(pub, 1, 1)
+                ok = delivered(n, 30)
+                cells["one"] = f"{kib():.1f}" + ("" if ok else " (lost)")
+                # 599 more at 100 msg/s: 600 messages of 200 B in all, and the CPU
+                page.evaluate("window.bench.timing = true")
+                cpu = proc_cpu_s(server.pid)
+                publish(pub, 599, 100)
+                ok = delivered(n * 600, 60)
+                us = (proc_cpu_s(server.pid) - cpu) / (599 * conns) * 1e6
+                cells["many"] = f"{kib():.1f}" + ("" if ok else " (lost)")
+                cells["cpu100"] = f"{us:.2f}" + ("" if ok else " (lost)")
+                cells["p50_100"] = f"{page.evaluate(P50):.2f}"
+                count = int(20 * 30 * (0.5 if quick else 1.0))
+                page.evaluate("window.bench.lat = []")
+                cpu = proc_cpu_s(server.pid)
+                publish(pub, count, 20)
+                ok = delivered(n * (600 + count), 60)
+                us = (proc_cpu_s(server.pid) - cpu) / (count * conns) * 1e6
+                cells["cpu20"] = f"{us:.2f}" + ("" if ok else " (lost)")
+                cells["p50_20"] = f"{page.evaluate(P50):.2f}"
+                note += f"; after the 20 msg/s run, {kib():.1f} KiB/conn"
+                pub.close()
+            finally:
+                browser.close()
+    finally:
+        os.sched_setaffinity(0, affinity)
+    log(f"  chromium: {cells}")
+    return cells, note
+
+
 # -- the report ----------------------------------------------------------------------
+
+
+LABELS = {
+    "idle": "KiB/conn, connections open (no message)",
+    "one": "KiB/conn after 1 message",
+    "many": "KiB/conn after 600 messages of 200 B",
+    "cpu100": "server CPU us/delivery (100 msg/s, 200 B)",
+    "p50_100": "  latency p50 ms",
+    "cpu20": "server CPU us/delivery (20 msg/s, 200 B)",
+    "p50_20": "  latency p50 ms",
+}
+
+
+def legend(kinds: tuple[str, ...], browser_note: str, quick: bool) -> str:
+    parts = []
+    if set(kinds) - {BROWSER}:
+        parts.append(
+            "Clients offer `permessage-deflate; client_max_window_bits` (Chromium's offer); "
+            "plain clients offer nothing. deflate: chatd's default (server and client "
+            "no context takeover: one deflated frame per message, shared); takeover: "
+            "`--compression-context-takeover`."
+            + (f" base deflate: the chatd in {BASELINE} (BENCH_BASELINE)." if BASELINE else "")
+            + " Memory and CPU: a relay room of 300 loadgen members (2,000 connections for "
+            "the row with no message), 200-byte messages (a marker and padding: very "
+            "compressible), 600 at 100 msg/s (6 s) and 600 at 20 msg/s (30 s); KiB/conn is "
+            "the server's RSS growth over the members, so it includes the process's one "
+            "compressor (~256 KiB, under 1 KiB per member here). A p50 of 50 ms or more "
+            "means the server could not keep up (saturated): its CPU per delivery then "
+            "includes falling behind. wire: what one member reads, "
+            "frame headers included, for messages that are all different."
+        )
+    if BROWSER in kinds:
+        later = 300 if quick else 600
+        parts.append(
+            f"{BROWSER}: chatd with its default compression (the deflate column's "
+            "flags), headless Debian Chromium through Playwright on CPU 1 (the generator's), "
+            f"one page of the daemon (/plain.html) opening {BROWSER_SOCKETS} WebSockets to "
+            "the relay room, every one checked in the page to have negotiated "
+            "permessage-deflate, and one plain Python client publishing (a member too, so "
+            f"{BROWSER_SOCKETS + 1} connections: KiB/conn and deliveries are over them). "
+            "Its RSS baseline is taken after the page loaded; its messages are cumulative on "
+            "the same connections (the 1st, then 599 more at 100 msg/s: the 600 row and the "
+            f"100 msg/s CPU row, then {later} more at 20 msg/s) and the same 200-byte "
+            "payloads as loadgen's; every delivery is counted in the page, with a bounded "
+            "wait, and its p50 is the page's Date.now() against the publisher's clock. "
+            "Chromium (browser, renderer, network service: it inflates every message on "
+            "every socket) shares CPU 1 with the publisher, so this column's p50 is "
+            "Chromium's: a p50 of seconds means the browser fell behind, not the server, "
+            "and the server then writes more frames per write (a lower CPU per delivery). "
+            f"Its CPU rows are the server's CPU per delivery while a browser is the load; "
+            "the memory rows are what compares. On a machine shared with other work "
+            "the memory figures hold (RSS of chatd alone); CPU figures and p50 do not "
+            f"(see the load averages above). {browser_note}."
+        )
+    return "\n\n".join(parts)
+
+
+def write_results(body: str, parts: set[str], quick: bool, load0: str) -> None:
+    """A full run replaces the file's first section; a partial run (--only) its own
+    section after it; the sections written by hand are kept."""
+    title = "# permessage-deflate: plain, deflate (default), deflate with context takeover\n"
+    old = RESULTS.read_text() if RESULTS.exists() else title
+    first, sep, rest = old.partition("\n## ")
+    rest = sep + rest if sep else ""
+    full = parts >= set(PARTS)
+    args = f"{' --quick' if quick else ''}" + ("" if full else f" --only {','.join(sorted(parts))}")
+    made = (
+        f"Made by `python -m bench.deflate{args}` on {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; "
+        f"{machine()}; server on CPU 0, generator on CPU 1; load average {load0} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end.\n\n"
+    )
+    if full:
+        RESULTS.write_text(title + "\n" + made + body + rest)
+        return
+    heading = f"## `python -m bench.deflate --only {','.join(sorted(parts))}`\n"
+    sections = rest.split("\n## ")
+    kept = [x for x in sections[1:] if not ("## " + x).startswith(heading)]
+    text = first.rstrip("\n") + "\n\n" + heading + "\n" + made + body
+    RESULTS.write_text(text + "".join("\n## " + x for x in kept))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter runs")
-    ap.add_argument("--only", default="memory,cpu,wire")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
     a = ap.parse_args()
     only = {x.strip() for x in a.only.split(",")}
+    if not only <= set(PARTS):
+        ap.error(f"--only: {','.join(sorted(only - set(PARTS)))} is not one of {PARTS}")
     kinds = (*KINDS, BASE) if BASELINE else KINDS
     build_loadgen()
     scale = 0.5 if a.quick else 1.0
-    rows: list[tuple[str, dict[str, str]]] = []
+    rows: dict[str, dict[str, str]] = {k: {} for k in LABELS}
+    labels = dict(LABELS)
     started = time.monotonic()
-    log(f"permessage-deflate benchmark: {machine()}")
+    load0 = f"{os.getloadavg()[0]:.1f}"  # (1 min) other work on the machine
+    log(f"permessage-deflate benchmark: {machine()}, load average {load0}")
     if "memory" in only:
-        one: dict[str, str] = {}
-        idle: dict[str, str] = {}
-        many: dict[str, str] = {}
         for kind in kinds:
             log(f"[{kind}] memory")
-            idle[kind] = f"{idle_kib(kind):.1f}"
+            rows["idle"][kind] = f"{idle_kib(kind):.1f}"
             r1 = latency_run(kind, Run(300, 1, 1))  # one message
             r600 = latency_run(kind, Run(300, 100, 6))  # 600 messages of 200 B
-            one[kind] = f"{r1.get('kib_per_conn', float('nan')):.1f}"
-            many[kind] = f"{r600.get('kib_per_conn', float('nan')):.1f}"
-            log(f"  idle {idle[kind]}, 1 msg {one[kind]}, 600 msgs {many[kind]} KiB/conn")
-        rows += [
-            ("KiB/conn, 2,000 connections open (no message)", idle),
-            ("KiB/conn after 1 message", one),
-            ("KiB/conn after 600 messages of 200 B", many),
-        ]
+            rows["one"][kind] = f"{r1.get('kib_per_conn', float('nan')):.1f}"
+            rows["many"][kind] = f"{r600.get('kib_per_conn', float('nan')):.1f}"
+            log(
+                f"  idle {rows['idle'][kind]}, 1 msg {rows['one'][kind]}, "
+                f"600 msgs {rows['many'][kind]} KiB/conn"
+            )
     if "cpu" in only:
         for rate, seconds in ((100, 6), (20, 30)):
-            us: dict[str, str] = {}
-            p50: dict[str, str] = {}
             for kind in kinds:
                 log(f"[{kind}] cpu at {rate} msg/s")
                 r = latency_run(kind, Run(300, rate, seconds * scale))
                 res = r["result"]
                 lost = res.get("expected", 0) - res.get("deliveries", 0)
-                us[kind] = f"{r.get('us_per_delivery', float('nan')):.2f}"
-                us[kind] += " (lost)" if lost else ""
-                p50[kind] = f"{res.get('p50_ms', -1):.2f}"
-                log(f"  {us[kind]} us/delivery, p50 {p50[kind]} ms, result {res}")
-            rows += [
-                (f"server CPU us/delivery (300 x {rate} msg/s, 200 B)", us),
-                ("  latency p50 ms", p50),
-            ]
+                us = f"{r.get('us_per_delivery', float('nan')):.2f}"
+                rows[f"cpu{rate}"][kind] = us + (" (lost)" if lost else "")
+                rows[f"p50_{rate}"][kind] = f"{res.get('p50_ms', -1):.2f}"
+                log(f"  {us} us/delivery, p50 {rows[f'p50_{rate}'][kind]} ms, result {res}")
     if "wire" in only:
         rng = random.Random(13)
         n = 100 if a.quick else 300
@@ -295,38 +548,44 @@ def main() -> None:
         }
         for name, payloads in sets.items():
             raw = sum(len(p) for p in payloads) / len(payloads)
-            cells = {}
+            key = f"wire {name}"
+            labels[key] = f"wire B/message: {name}, payload {raw:.0f} B"
+            rows[key] = {}
             for kind in kinds:
                 log(f"[{kind}] wire: {name}")
-                cells[kind] = f"{wire_bytes(kind, payloads):.0f}"
-            rows.append((f"wire B/message: {name}, payload {raw:.0f} B", cells))
-            log(f"  {cells}")
-    label_w = max(len(r[0]) for r in rows) + 2
-    head = "".ljust(label_w) + "".join(k.rjust(14) for k in kinds)
+                rows[key][kind] = f"{wire_bytes(kind, payloads):.0f}"
+            log(f"  {rows[key]}")
+    browser_note = ""
+    if "chromium" in only:
+        log(f"[{BROWSER}] memory, cpu")
+        cells, browser_note = chromium(a.quick)
+        if not cells:
+            log(f"  {BROWSER}: {browser_note}")
+        for key, cell in cells.items():
+            rows[key][BROWSER] = cell
+    columns = tuple(k for k in (*kinds, BROWSER) if any(k in c for c in rows.values()))
+    shown = [(labels[k], c) for k, c in rows.items() if c]
+    if not shown:
+        log("nothing measured")
+        return
+    label_w = max(len(r[0]) for r in shown) + 2
+    widths = [max(14, len(k) + 2) for k in columns]
+    head = "".ljust(label_w) + "".join(k.rjust(w) for k, w in zip(columns, widths, strict=True))
     lines = [head, "-" * len(head)]
-    for label, cells in rows:
-        lines.append(label.ljust(label_w) + "".join(cells.get(k, "-").rjust(14) for k in kinds))
+    for label, cells in shown:
+        lines.append(
+            label.ljust(label_w)
+            + "".join(cells.get(k, "-").rjust(w) for k, w in zip(columns, widths, strict=True))
+        )
     text = "\n".join(lines)
     print(text)
+    if browser_note and BROWSER not in columns:
+        print(f"{BROWSER}: {browser_note}")
     log(f"done in {time.monotonic() - started:.0f} s")
-    RESULTS.write_text(
-        "# permessage-deflate: plain, deflate (default), deflate with context takeover\n\n"
-        f"Made by `python -m bench.deflate{' --quick' if a.quick else ''}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {machine()}; server on CPU 0, "
-        "generator on CPU 1.\n\n```\n" + text + "\n```\n\n"
-        "Clients offer `permessage-deflate; client_max_window_bits` (Chromium's offer); "
-        "plain clients offer nothing. deflate: chatd's default (server and client "
-        "no context takeover: one deflated frame per message, shared); takeover: "
-        "`--compression-context-takeover`."
-        + (f" base deflate: the chatd in {BASELINE} (BENCH_BASELINE)." if BASELINE else "")
-        + " Memory and CPU: a relay room of 300 loadgen "
-        "members, 200-byte messages (a marker and padding: very compressible); KiB/conn is "
-        "the server's RSS growth over the members, so it includes the process's one "
-        "compressor (~256 KiB, under 1 KiB per member here). A p50 of 50 ms or more "
-        "means the server could not keep up (saturated): its CPU per delivery then "
-        "includes falling behind. wire: what one member reads, "
-        "frame headers included, for messages that are all different.\n"
-    )
+    body = "```\n" + text + "\n```\n\n" + legend(columns, browser_note, a.quick) + "\n"
+    if browser_note and BROWSER not in columns:
+        body += f"\n{BROWSER}: {browser_note}.\n"
+    write_results(body, only, a.quick, load0)
     log(f"wrote {RESULTS.relative_to(REPO)}")
 
 
