@@ -37,6 +37,11 @@ it keeps the broker contract:
   nodes silent for ``ttl`` and publishes their ``leave``. A node that finds
   itself removed (it was cut off, or Redis lost its data) writes back its
   live members, as it does after every reconnect.
+- **Edits, deletes and reactions** go through the post script too, which
+  checks their target and applies them in the same step. A stream entry
+  cannot be changed, so what they change is kept in the room's overlay set
+  (``:x``) and merged into every read; a delete writes the room's log again
+  without the deleted text (the cost of one read and write of the kept log).
 - **Relay rooms** are best effort across nodes, as a relay is: delivered here
   at once, published for the other nodes while Redis is up.
 

@@ -40,7 +40,14 @@ Presence is per user for members with a token (``user``): the broker counts
 a user's member ids, the hub holds a user's leave back for
 ``presence_debounce`` seconds (its member id stays recorded meanwhile, and
 ``live_members`` still names it), so a reconnect within it, on any node,
-shows no leave and no join. An anonymous member's leave is said at once.
+shows no leave and no join. An anonymous member's leave is said at once. A
+``silent`` link (an SSE stream) is a listener: it gets what the room says and
+is in no member list, with no presence.
+
+Edits, deletes and reactions are posts too (``post`` with a ``kind`` and a
+``target``): messages with their own ids, delivered and replayed as any; the
+broker applies them to their target in the same step (``Refused`` if it
+cannot be), so the hub has nothing more to keep for them.
 """
 
 from __future__ import annotations
