@@ -298,7 +298,16 @@ export class Chatd {
       this._frame(f);
     };
     ws.onclose = (ev) => this._lost(ws, ev.code, ev.reason);
-    ws.onerror = () => {}; // a close follows
+    // A close follows an error, except in some implementations (Node 20's
+    // WebSocket when the connection is refused): take the error as the end.
+    ws.onerror = () => {
+      this._lost(ws, 1006, "connection error");
+      try {
+        ws.close();
+      } catch {
+        // (already closing)
+      }
+    };
   }
 
   _drop() {
