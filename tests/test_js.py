@@ -3,7 +3,8 @@
 Three daemons: a plain one (CHATD_PORT), one with ``--auth token``
 (CHATD_AUTH_PORT, its key in CHATD_JWT_KEY: the node tests sign their own
 HS256 tokens) and one that the node tests restart through a small HTTP
-control server on loopback (CHATD_CONTROL_PORT: POST /stop, /aside, /start;
+control server on loopback (CHATD_CONTROL_PORT: POST /stop, /aside, /start,
+/fresh: on a new database;
 see clients/js/test/reconnect.test.mjs). Node 20's global WebSocket
 (``--experimental-websocket``): nothing from npm. Node's output is shown
 when it fails, and with ``-s`` (the measured sizes and reconnect times).
@@ -38,6 +39,7 @@ class Restartable:
     def __init__(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="chatd-js-")
         self.cwd = self._tmp.name
+        self._old: list[tempfile.TemporaryDirectory[str]] = []
         self.lock = threading.Lock()
         self.daemon: Daemon | None = Daemon("--ping-interval", "0", cwd=self.cwd)
         self.port = self.daemon.port
@@ -48,6 +50,10 @@ class Restartable:
                 self._stop()
                 return {}
             self._stop()
+            if what == "fresh":  # a new, empty database: the rooms' histories are lost
+                self._old.append(self._tmp)
+                self._tmp = tempfile.TemporaryDirectory(prefix="chatd-js-")
+                self.cwd = self._tmp.name
             # aside: the same database on another port, which the clients do not know
             port = "0" if what == "aside" else str(self.port)
             self.daemon = Daemon("--ping-interval", "0", "--port", port, cwd=self.cwd)
@@ -62,14 +68,15 @@ class Restartable:
     def close(self) -> None:
         with self.lock:
             self._stop()
-        self._tmp.cleanup()
+        for tmp in (*self._old, self._tmp):
+            tmp.cleanup()
 
 
 def control_server(target: Restartable) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             what = self.path.strip("/")
-            if what not in ("stop", "aside", "start"):
+            if what not in ("stop", "aside", "start", "fresh"):
                 self.send_error(404)
                 return
             try:

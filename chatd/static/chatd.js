@@ -568,9 +568,9 @@ export class Chatd {
     }
     for (const room of this._rooms.values()) {
       if (room.active && !joining.has(room.name)) {
-        this._request(this._joinFrame(room), { room: room.name, internal: true }).catch((e) =>
-          this._emit("error", e),
-        );
+        this._request(this._joinFrame(room), { room: room.name, internal: true }).catch((e) => {
+          if (e.code !== "disconnected" && e.code !== "closed") this._emit("error", e);
+        });
       }
     }
     const waiting = [...this._pending.values()];

@@ -126,3 +126,28 @@ test("the daemon restarted under a connected client: it comes back and gets the 
   b.close();
   d.close();
 });
+
+test("a daemon back on a new database: the client's rooms are reset, not mixed", async () => {
+  const restartUrl = url(Number(process.env.CHATD_RESTART_PORT));
+  const room = unique("lost");
+  const a = make({ url: restartUrl, nick: "keeper", initialDelay: 100, maxDelay: 500 });
+  a.connect();
+  await a.join(room);
+  await a.send(room, "one");
+  await a.join(room); // learns the epoch the room got with its first message
+  await a.send(room, "two");
+  assert.equal(a.room(room).list().length, 2);
+  const resets = record(a, "reset");
+  const joined = next(a, "joined", (j) => j.room === room, 15000);
+  await control("fresh");
+  const j = await joined;
+  assert.equal(j.reset, true);
+  assert.equal(j.recovered, false);
+  assert.equal(j.reason, "epoch");
+  assert.deepEqual(resets.map((r) => r.room), [room]);
+  assert.equal(a.room(room).list().length, 0);
+  const m = await a.send(room, "new history");
+  assert.equal(m.id, 1); // a new epoch's id 1, not taken for a duplicate of the old one
+  await until(() => a.room(room).list().length === 1, "the new message in the room state");
+  assert.equal(a.room(room).get(1).text, "new history");
+});
