@@ -108,7 +108,11 @@ def restartable() -> Iterator[Restartable]:
 def test_chatd_js_under_node(daemon, restartable: Restartable) -> None:
     node = shutil.which("node")
     if node is None:
-        pytest.fail("node is missing (Debian's nodejs, 20 or later)")
+        pytest.fail("node is missing: the nodejs package, 20.10 or later")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout
+    major, minor = (int(x) for x in version.strip().lstrip("v").split(".")[:2])
+    if (major, minor) < (20, 10):  # the first with --experimental-websocket
+        pytest.fail(f"node {version.strip()} has no WebSocket: chatd.js's tests need 20.10+")
     plain = daemon("--ping-interval", "0")
     auth = daemon("--ping-interval", "0", "--auth", "token", "--jwt-key", SECRET)
     server = control_server(restartable)

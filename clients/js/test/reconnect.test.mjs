@@ -45,8 +45,8 @@ for (const lost of ["answer", "send"]) {
 }
 
 test("a dropped connection resumes its session and gets what it missed once (timed)", async () => {
-  const times = {};
-  for (const initialDelay of [1000, 0]) {
+  const times = { 1000: [], 0: [] };
+  for (const initialDelay of [1000, 1000, 1000, 0, 0, 0, 0, 0]) {
     const room = unique("drop");
     const ws = cuttable();
     const a = client({ nick: "phone", WebSocket: ws.WebSocket, initialDelay });
@@ -65,7 +65,7 @@ test("a dropped connection resumes its session and gets what it missed once (tim
     const start = performance.now();
     old.cut({ silent: true }); // the client notices; the server still holds the old connection
     await first;
-    times[initialDelay] = performance.now() - start;
+    times[initialDelay].push(performance.now() - start);
     await until(() => got.length === 2, "both missed messages");
     // the resume secret took the old session over (else: nick_taken), and since replayed the gap
     assert.equal(joined.at(-1).recovered, true);
@@ -76,9 +76,10 @@ test("a dropped connection resumes its session and gets what it missed once (tim
     a.close();
     b.close();
   }
+  const ms = (l) => l.map((t) => t.toFixed(1)).join(", ");
   console.log(
-    `RECONNECT dropped connection -> first recovered message: ${times[1000].toFixed(1)} ms ` +
-      `(initialDelay 1000, jitter 0.5), ${times[0].toFixed(1)} ms without the backoff delay`,
+    `RECONNECT dropped connection -> first recovered message: ${ms(times[1000])} ms ` +
+      `(default initialDelay 1000, jitter 0.5); ${ms(times[0])} ms with initialDelay 0`,
   );
 });
 
