@@ -138,8 +138,17 @@ test("a daemon back on a new database: the client's rooms are reset, not mixed",
   await a.join(room); // learns the epoch the room got with its first message
   await a.send(room, "two");
   assert.equal(a.room(room).list().length, 2);
+  // b joined the room while it was empty: it has no epoch, only since
+  const b = make({ url: restartUrl, nick: "newcomer", initialDelay: 100, maxDelay: 500 });
+  b.connect();
+  const room2 = unique("lost");
+  await b.join(room2);
+  await b.send(room2, "one");
+  await b.send(room2, "two");
   const resets = record(a, "reset");
+  const resetsB = record(b, "reset");
   const joined = next(a, "joined", (j) => j.room === room, 15000);
+  const joinedB = next(b, "joined", (j) => j.room === room2, 15000);
   await control("fresh");
   const j = await joined;
   assert.equal(j.reset, true);
@@ -147,6 +156,11 @@ test("a daemon back on a new database: the client's rooms are reset, not mixed",
   assert.equal(j.reason, "epoch");
   assert.deepEqual(resets.map((r) => r.room), [room]);
   assert.equal(a.room(room).list().length, 0);
+  const jb = await joinedB;
+  assert.equal(jb.recovered, false);
+  assert.equal(jb.reason, "unknown_id"); // since 2 is past the new room's last id
+  assert.deepEqual(resetsB.map((r) => r.room), [room2]);
+  assert.equal(b.room(room2).list().length, 0);
   const m = await a.send(room, "new history");
   assert.equal(m.id, 1); // a new epoch's id 1, not taken for a duplicate of the old one
   await until(() => a.room(room).list().length === 1, "the new message in the room state");
