@@ -1,0 +1,54 @@
+// A token client: who it is comes from the token, getToken gives a token for
+// each connection and a refresh before exp; a refused static token ends it.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { make, next, record, token, unique, url } from "./helpers.mjs";
+
+const authUrl = () => url(Number(process.env.CHATD_AUTH_PORT));
+
+test("a token client joins, sends as its user and refreshes its token before exp", async () => {
+  const room = unique("team-");
+  const rooms = { "team-*": "rw" };
+  const asked = [];
+  const exps = [];
+  const c = make({
+    url: authUrl(),
+    initialDelay: 100,
+    getToken: () => {
+      // the first token lives 4 s: the refresh comes at about 2 s
+      const exp = Math.floor(Date.now() / 1000) + (asked.length === 0 ? 4 : 600);
+      asked.push(exp);
+      return token({ sub: "u-42", name: "Ada", rooms, exp });
+    },
+  });
+  c.on("refreshed", (r) => exps.push(r.exp));
+  const welcome = next(c, "welcome");
+  c.connect();
+  assert.equal((await welcome).user, "u-42");
+  assert.equal(c.nick, "Ada");
+  assert.equal(c.exp, asked[0]);
+  await c.join(room);
+  const m = await c.send(room, "signed");
+  assert.equal(m.from, "Ada");
+  assert.equal(m.user, "u-42");
+  const refreshed = await next(c, "refreshed", () => true, 8000);
+  assert.equal(refreshed.exp, asked[1]);
+  assert.equal(c.exp, asked[1]);
+  assert.equal(c.state, "open");
+  const forbidden = await c.join("elsewhere").catch((e) => e);
+  assert.equal(forbidden.code, "forbidden");
+  c.close();
+});
+
+test("a refused static token ends the client (4001) instead of retrying", async () => {
+  const bad = token({ sub: "u-1", rooms: { x: "rw" } }).slice(0, -4) + "AAAA";
+  const c = make({ url: authUrl(), token: bad, initialDelay: 100 });
+  const states = record(c, "state");
+  const closed = next(c, "state", (s) => s.state === "closed");
+  c.connect();
+  const pending = c.join("x").catch((e) => e);
+  const s = await closed;
+  assert.equal(s.code, 4001);
+  assert.equal((await pending).code, "closed");
+  assert.ok(!states.some((x) => x.state === "reconnecting"), JSON.stringify(states));
+});
