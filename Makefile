@@ -30,12 +30,14 @@ deps: $(VENV)/.deps
 runtime-deps: $(VENV)/.runtime
 
 # Debian packages the tests use: chromium (the page), systemd (unit checks, socket
-# activation), redis-server (cluster tests start their own on free loopback ports)
+# activation), redis-server (cluster tests start their own on free loopback ports),
+# nodejs (chatd.js's tests: 20.10 or later, for its WebSocket; nothing from npm)
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
