@@ -162,48 +162,45 @@ def recovery_problem(j: Joined, since: int) -> str | None:
     return None
 
 
-class HistoryPages:
-    """A join's answer: ``joined`` with the first page, then ``history`` frames.
+class Replay:
+    """A join's missed messages: the first page in hand, the rest read from the hub's
+    cursor (``Joined.more``) only as they are taken.
 
-    ``first`` is the ``joined`` payload; iterating gives each ``history``
-    frame's payload, rendered when asked for, with messages read from the
-    hub's cursor (``joined.more``) only as pages need them. A cursor that
-    answers later (a Deferred: Redis) makes the iterator give ``b""`` (wait)
-    until the batch is here, then call ``wake``. ``done``: nothing follows.
+    A cursor that answers later (a Deferred: Redis) makes ``next_message`` give
+    None with ``reading`` set, and calls ``wake`` once the batch is here; a
+    failed read is raised by the next ``next_message``. ``HistoryPages`` (chatd.v1)
+    and chatd.sse render what it gives.
     """
 
-    __slots__ = ("buf", "cursor", "done", "error", "first", "nxt", "reading", "room", "wake")
+    __slots__ = ("buf", "cursor", "error", "reading", "wake")
 
-    def __init__(self, j: Joined, tail: dict[str, Any], head: dict[str, Any]) -> None:
-        self.room = j.room
-        self.buf: deque[Message] = deque(j.history)
+    def __init__(self, j: Joined, history: list[Message] | None = None) -> None:
+        self.buf: deque[Message] = deque(j.history if history is None else history)
         self.cursor = j.more
-        self.nxt: bytes | None = None  # the next message, rendered
         self.reading = False  # a read is on its way
         self.error: Failure | None = None
         self.wake: Callable[[], object] | None = None
-        self.done = False
-        self.first = self._frame(encode(head)[:-1] + b',"history":[', tail)
 
-    def _left(self) -> bool:
+    def more(self) -> bool:
+        """Messages are left, in hand or in the cursor."""
         c = self.cursor
-        return self.nxt is not None or bool(self.buf) or (c is not None and c.after < c.until)
+        return bool(self.buf) or (c is not None and c.after < c.until)
 
-    def _peek(self) -> bytes | None:
-        """The next message's JSON, reading a batch if one is at hand; None: none yet."""
-        if self.nxt is None:
-            if not self.buf and not self.reading and self._left():
-                cursor = self.cursor
-                assert cursor is not None  # _left() with nothing next nor buffered
-                batch = cursor.read()
-                if isinstance(batch, Deferred):
-                    self.reading = True
-                    batch.addCallbacks(self._arrived, self._failed)
-                else:
-                    self.buf.extend(batch)
-            if self.buf:
-                self.nxt = encode(message_obj(self.buf.popleft()))
-        return self.nxt
+    def next_message(self) -> Message | None:
+        """The next message, reading a batch if none is in hand; None if none is here
+        yet (``reading``) or none is left."""
+        if self.error is not None:
+            self.error.raiseException()
+        if not self.buf and not self.reading and self.more():
+            cursor = self.cursor
+            assert cursor is not None  # more() with nothing in hand
+            batch = cursor.read()
+            if isinstance(batch, Deferred):
+                self.reading = True
+                batch.addCallbacks(self._arrived, self._failed)  # (it may fire at once)
+            else:
+                self.buf.extend(batch)
+        return self.buf.popleft() if self.buf else None
 
     def _arrived(self, batch: list[Message]) -> None:
         self.reading = False
@@ -216,6 +213,36 @@ class HistoryPages:
         self.error = failure
         if self.wake is not None:
             self.wake()
+
+
+class HistoryPages(Replay):
+    """A join's answer: ``joined`` with the first page, then ``history`` frames.
+
+    ``first`` is the ``joined`` payload; iterating gives each ``history``
+    frame's payload, rendered when asked for (``Replay``: a cursor that answers
+    later makes the iterator give ``b""``, wait, until the batch is here, then
+    calls ``wake``). ``done``: nothing follows.
+    """
+
+    __slots__ = ("done", "first", "nxt", "room")
+
+    def __init__(self, j: Joined, tail: dict[str, Any], head: dict[str, Any]) -> None:
+        super().__init__(j)
+        self.room = j.room
+        self.nxt: bytes | None = None  # the next message, rendered
+        self.done = False
+        self.first = self._frame(encode(head)[:-1] + b',"history":[', tail)
+
+    def _left(self) -> bool:
+        return self.nxt is not None or self.more()
+
+    def _peek(self) -> bytes | None:
+        """The next message's JSON, reading a batch if one is at hand; None: none yet."""
+        if self.nxt is None:
+            msg = self.next_message()
+            if msg is not None:
+                self.nxt = encode(message_obj(msg))
+        return self.nxt
 
     def _frame(self, head: bytes, tail: dict[str, Any]) -> bytes:
         tail["more"] = False

@@ -57,11 +57,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -74,7 +72,7 @@ from chatd.config import Settings
 from chatd.fanout import UNLIMITED, Budget, Link
 from chatd.history import Message
 from chatd.hub import Hub, Joined, NickTaken, Reset, Unavailable
-from chatd.session import encode, message_obj, recovery_problem
+from chatd.session import Replay, encode, message_obj, recovery_problem
 from chatd.stats import Stats
 
 __all__ = ["FORMAT", "SSE", "SSERenderer", "accepts_event_stream"]
@@ -142,59 +140,21 @@ def accepts_event_stream(accept: bytes | None) -> bool:
     return False
 
 
-class _Pages:
-    """The missed messages after ``joined``, as SSE events a page at a time (``Link.put``).
+class _Pages(Replay):
+    """The missed messages after ``joined``, as SSE events a page at a time (``Link.put``);
+    read from the hub's cursor only as pages are taken (``Replay``)."""
 
-    Reads the hub's cursor only as pages are taken; a cursor that answers
-    later (Redis) makes it give ``b""`` until the batch is here, then call
-    ``wake`` (the link's ``drain``).
-    """
-
-    __slots__ = ("buf", "cursor", "error", "reading", "wake")
-
-    def __init__(self, history: list[Message], j: Joined) -> None:
-        self.buf: deque[Message] = deque(history)
-        self.cursor = j.more
-        self.reading = False
-        self.error: Failure | None = None
-        self.wake: Callable[[], object] | None = None
-
-    def left(self) -> bool:
-        c = self.cursor
-        return bool(self.buf) or (c is not None and c.after < c.until)
-
-    def _arrived(self, batch: list[Message]) -> None:
-        self.reading = False
-        self.buf.extend(batch)
-        if self.wake is not None:
-            self.wake()
-
-    def _failed(self, failure: Failure) -> None:
-        self.reading = False
-        self.error = failure
-        if self.wake is not None:
-            self.wake()
+    __slots__ = ()
 
     def page(self) -> bytes | None:
         """The next page, ``b""`` if it is being read, None when all is out."""
-        if self.error is not None:
-            self.error.raiseException()
         parts: list[bytes] = []
         size = 0
         while size < PAGE_BYTES:
-            if not self.buf:
-                cursor = self.cursor
-                if self.reading or cursor is None or cursor.after >= cursor.until:
-                    break
-                batch = cursor.read()
-                if isinstance(batch, Deferred):
-                    self.reading = True
-                    batch.addCallbacks(self._arrived, self._failed)
-                    continue  # (it may have fired already)
-                if not batch:
-                    raise Unavailable("history messages vanished during the replay")
-                self.buf.extend(batch)
-            event = message_event(self.buf.popleft())
+            msg = self.next_message()
+            if msg is None:
+                break
+            event = message_event(msg)
             parts.append(event)
             size += len(event)
         if parts:
@@ -347,7 +307,7 @@ class Stream:
             elif history:
                 after = history[0].id - 1
         link = self.link
-        pages = _Pages(history, j)
+        pages = _Pages(j, history)
         pages.wake = link.drain  # (a read that answers later; nothing while not holding)
         head = b"retry: %d\nevent: joined\nid: %d\ndata: %s\n\n" % (
             self.sse.retry_ms,
@@ -363,7 +323,7 @@ class Stream:
         self.live = True
         request.setResponseCode(200)
         self.write(head + (first or b""))
-        if pages.left() or pages.reading:  # the rest as the client reads
+        if pages.more() or pages.reading:  # the rest as the client reads
             if not link.open:
                 return
             link.hold()
