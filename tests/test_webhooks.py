@@ -11,6 +11,7 @@ one online/offline pair for a user with tabs on both.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.server
@@ -473,7 +474,11 @@ def tab(port: int, sub: str) -> V1:
 
 
 def users(events: list[dict[str, Any]], sub: str) -> list[str]:
-    return [e["type"] for e in events if e["type"].startswith("user.") and e["data"]["user"] == sub]
+    """A user's events in the order chatd made them: by ``ts`` (each is its own request,
+    so an offline right after an online may arrive first: docs/WEBHOOKS.md)."""
+    mine = [e for e in events if e["type"].startswith("user.") and e["data"]["user"] == sub]
+    mine.sort(key=lambda e: (e["ts"], e["type"] == "user.offline"))
+    return [e["type"] for e in mine]
 
 
 def hooked(url: str, *args: str) -> list[str]:
@@ -600,24 +605,18 @@ def test_a_dead_or_hung_back_end_does_not_slow_chat_and_is_counted(daemon, recei
     assert "given up after 1 attempts: HTTP 400" in d.log()
 
 
-@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server missing")
-def test_two_nodes_say_a_users_online_and_offline_once(receiver) -> None:
-    rx = receiver()
+@contextlib.contextmanager
+def two_hooked_nodes(rx: Any) -> Iterator[list[Daemon]]:
+    """Two cluster nodes (a Redis of their own, --cluster-ttl 2) sending to ``rx``;
+    stopped (by pid) after, with no traceback in the log of one still running."""
     with RedisServer() as redis:
-        nodes = []
+        nodes: list[Daemon] = []
         try:
             for _ in range(2):
                 n = Daemon(*hooked(rx.url, "--redis", redis.url, "--cluster-ttl", "2"))
                 nodes.append(n)
                 n.wait_for_log(r"redis redis://\S+ connected", 30)
-            tabs = [tab(n.port, "alice") for n in nodes for _ in range(2)]
-            rx.wait(lambda ev: users(ev, "alice") == ["user.online"])
-            for c in tabs:
-                c.close()
-            rx.wait(lambda ev: "user.offline" in users(ev, "alice"))
-            tab(nodes[1].port, "bob").close()  # the marker: after it, nothing more of alice
-            events = rx.wait(lambda ev: users(ev, "bob") == ["user.online", "user.offline"])
-            assert users(events, "alice") == ["user.online", "user.offline"]
+            yield nodes
         finally:
             for n in nodes:
                 n.stop()
@@ -625,25 +624,29 @@ def test_two_nodes_say_a_users_online_and_offline_once(receiver) -> None:
             assert "Traceback" not in n.log(), n.log()
 
 
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server missing")
+def test_two_nodes_say_a_users_online_and_offline_once(receiver) -> None:
+    rx = receiver()
+    with two_hooked_nodes(rx) as nodes:
+        tabs = [tab(n.port, "alice") for n in nodes for _ in range(2)]
+        rx.wait(lambda ev: users(ev, "alice") == ["user.online"])
+        for c in tabs:
+            c.close()
+        rx.wait(lambda ev: "user.offline" in users(ev, "alice"))
+        tab(nodes[1].port, "bob").close()  # the marker: after it, nothing more of alice
+        events = rx.wait(lambda ev: users(ev, "bob") == ["user.online", "user.offline"])
+        assert users(events, "alice") == ["user.online", "user.offline"]
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server missing")
 def test_a_users_offline_is_said_once_when_the_node_holding_it_dies(receiver) -> None:
     rx = receiver()
-    with RedisServer() as redis:
-        nodes = []
-        try:
-            for _ in range(2):
-                n = Daemon(*hooked(rx.url, "--redis", redis.url, "--cluster-ttl", "2"))
-                nodes.append(n)
-                n.wait_for_log(r"redis redis://\S+ connected", 30)
-            doomed, survivor = nodes
-            alice = tab(doomed.port, "alice")  # noqa: F841 (held open until the node dies)
-            both = [tab(doomed.port, "bob"), tab(survivor.port, "bob")]  # bob stays, on the other
-            rx.wait(lambda ev: users(ev, "alice") == ["user.online"] == users(ev, "bob"))
-            doomed.stop(signal.SIGKILL)  # no goodbye: its members expire through the survivor
-            rx.wait(lambda ev: "user.offline" in users(ev, "alice"))
-            both[1].close()  # the marker: bob's offline, said after alice's by the survivor
-            events = rx.wait(lambda ev: users(ev, "bob") == ["user.online", "user.offline"])
-            assert users(events, "alice") == ["user.online", "user.offline"]  # once
-        finally:
-            for n in nodes:
-                n.stop()
-        assert "Traceback" not in nodes[1].log(), nodes[1].log()
+    with two_hooked_nodes(rx) as (doomed, survivor):
+        alice = tab(doomed.port, "alice")  # noqa: F841 (held open until the node dies)
+        both = [tab(doomed.port, "bob"), tab(survivor.port, "bob")]  # bob stays, on the other
+        rx.wait(lambda ev: users(ev, "alice") == ["user.online"] == users(ev, "bob"))
+        doomed.stop(signal.SIGKILL)  # no goodbye: its members expire through the survivor
+        rx.wait(lambda ev: "user.offline" in users(ev, "alice"))
+        both[1].close()  # the marker: bob's offline, said after alice's by the survivor
+        events = rx.wait(lambda ev: users(ev, "bob") == ["user.online", "user.offline"])
+        assert users(events, "alice") == ["user.online", "user.offline"]  # once
