@@ -74,6 +74,8 @@ from bench.run import (
     proc_rss_kib,
     running,
 )
+from tools.chromium import CHROMIUM as CHROMIUM_BIN
+from tools.chromium import CHROMIUM_ARGS
 from tools.daemon import Daemon
 
 RESULTS = REPO / "bench" / "RESULTS-deflate.md"
@@ -83,18 +85,6 @@ KINDS = tuple(KIND_ARGS)
 BASELINE = os.environ.get("BENCH_BASELINE", "")
 BASE = "base deflate"
 BROWSER = "chromium (deflate)"
-CHROMIUM_BIN = os.environ.get("CHATD_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [  # as tests/conftest.py launches it
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 BROWSER_SOCKETS = 200  # one page; Chromium allows about 255 WebSockets per profile
 PARTS = ("memory", "cpu", "wire", "chromium")
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from tools.chromium import CHROMIUM, CHROMIUM_ARGS
 from tools.daemon import Daemon
 
 
@@ -34,20 +34,6 @@ def daemon() -> Iterator[Callable[..., Daemon]]:
         d.stop()
     for d in started:
         assert "Unhandled" not in d.log(), d.log()
-
-
-CHROMIUM = os.environ.get("CHATD_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 
 
 @pytest.fixture(scope="session")
