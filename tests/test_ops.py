@@ -21,7 +21,7 @@ from rawhttp import handshake, status_of
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from v1client import V1
-from wsclient import Client, Closed
+from wsclient import TEXT, Client, Closed, frame
 
 import chatd
 from chatd.config import Settings
@@ -247,11 +247,13 @@ def test_sigterm_closes_1001_keeps_everything_and_exits_0(tmp_path) -> None:
     listener.next("presence")
     plain = Client(d.port, "/")
     stubborn = Client(d.port, "/relay/x")  # will not answer the close handshake
-    # Messages accepted just before the signal must be stored and delivered.
-    for i in range(20):
-        sender.say("bye", f"last words {i}")
+    # Messages accepted just before the signal must be stored and delivered. The
+    # twenty go in one write (one read for the server, one batch): once the first is
+    # through, the rest were accepted with it.
+    sends = [{"type": "send", "room": "bye", "text": f"last words {i}"} for i in range(20)]
+    sender.sock.sendall(b"".join(frame(TEXT, json.dumps(o).encode()) for o in sends))
     listener_first = listener.next("message")["text"]
-    assert listener_first == "last words 0"  # the first is through: the rest are accepted too
+    assert listener_first == "last words 0"
     started = time.monotonic()
     os.kill(d.pid, signal.SIGTERM)
     got: list[str] = []
