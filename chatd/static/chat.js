@@ -148,7 +148,10 @@ function onState(s) {
     }
   }
   if (s.state !== "open") for (const v of rooms.values()) v.joined = false;
-  if (s.state === "closed" && chat) stop();
+  if (s.state === "closed" && chat) {   // chatd.js gave up: replaced, or the token refused
+    stop(s.code === 4000 ? t("replaced")
+      : s.code === 4001 ? t("badToken", { msg: s.reason || "unauthorized" }) : undefined);
+  }
   renderState();
 }
 
