@@ -14,6 +14,8 @@ from tools.daemon import REPO, Daemon
 pytestmark = pytest.mark.browser
 
 WAIT_MS = 30_000  # generous: a deadline costs nothing when the page is quick
+PHONE = (390, 780)
+DESKTOP = (1280, 800)
 
 
 def eventually(read: Callable[[], object], want: object, what: str, timeout: float = 30.0) -> None:
@@ -29,10 +31,18 @@ def eventually(read: Callable[[], object], want: object, what: str, timeout: flo
 class Person:
     """One browser context (its own storage): a person at a phone-sized screen."""
 
-    def __init__(self, browser, port: int, path: str = "/") -> None:
+    def __init__(
+        self,
+        browser,
+        port: int,
+        path: str = "/",
+        size: tuple[int, int] = PHONE,
+        locale: str | None = None,
+    ) -> None:
         self.port = port
         self.path = path
-        self.context = browser.new_context(viewport={"width": 390, "height": 780})
+        extra = {"locale": locale} if locale else {}
+        self.context = browser.new_context(viewport={"width": size[0], "height": size[1]}, **extra)
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
@@ -57,6 +67,20 @@ class Person:
 
     def wait_open(self, timeout: float = WAIT_MS) -> None:
         self.page.wait_for_selector('#state[data-state="open"]', timeout=timeout)
+
+    def join_another(self, room: str) -> None:
+        """Join one more room from the join form (unfolded first on a phone)."""
+        if not self.page.is_visible("#join-form"):
+            self.page.click("#show-join")
+        self.page.fill("#room", room)
+        self.page.press("#room", "Enter")
+        self.page.wait_for_selector(
+            f'#rooms button.room[aria-current="true"][data-room="{room}"]', timeout=WAIT_MS
+        )
+        self.wait_open()
+
+    def room_button(self, room: str):
+        return self.page.locator(f'#rooms button.room[data-room="{room}"]')
 
     def say(self, text: str) -> None:
         self.page.fill("#text", text)
@@ -90,8 +114,8 @@ class Person:
 def people(browser, chatd: Daemon) -> Iterator[list[Person]]:
     made: list[Person] = []
 
-    def make(port: int = chatd.port) -> Person:
-        p = Person(browser, port)
+    def make(port: int = chatd.port, **kw) -> Person:
+        p = Person(browser, port, **kw)
         made.append(p)
         return p
 
@@ -384,3 +408,191 @@ def test_embedding_the_page_in_a_frame_is_refused_unless_allowed(browser, daemon
         eventually(lambda: refused.url.startswith("chrome-error://"), True, "the framing refused")
     finally:
         context.close()
+
+
+def test_two_rooms_at_once_with_an_unread_badge_on_the_room_not_shown(people, chatd) -> None:
+    alice = people()
+    alice.join("alice", "tea2")
+    alice.join_another("coffee2")
+    assert alice.page.locator("#rooms .name").all_text_contents() == ["tea2", "coffee2"]
+    bob = V1(chatd.port, "bob")
+    bob.join("tea2")
+    bob.join("coffee2")
+    bob.say("tea2", "in tea while you look at coffee")
+    bob.say("coffee2", "in coffee")
+    alice.wait_texts(["in coffee"])  # the log shows the room selected, only
+    badge = alice.room_button("tea2").locator(".badge")
+    eventually(lambda: badge.all_text_contents(), ["1"], "the unread badge of tea")
+    assert alice.room_button("coffee2").locator(".badge").count() == 0
+    assert alice.page.text_content("#unread") == "1 new"
+    assert alice.page.title() == "(1) chatd"
+    shot(alice, "page-phone-two-rooms.png")
+    alice.room_button("tea2").click()
+    alice.wait_texts(["in tea while you look at coffee"])
+    assert alice.page.text_content("#state") == "alice in tea2"
+    eventually(lambda: badge.count(), 0, "read once shown: the badge goes")
+    eventually(lambda: alice.page.title(), "chatd", "the title without a count")
+    # Leaving one room keeps the other: the log shows what is left.
+    alice.page.click("#leave")
+    eventually(lambda: alice.page.locator("#rooms .name").all_text_contents(), ["coffee2"], "rooms")
+    alice.wait_texts(["in coffee"])
+    alice.wait_open()
+    alice.say("still here")
+    alice.wait_text("still here")
+    bob.close()
+
+
+def test_messages_are_grouped_by_sender_under_a_date(people, chatd) -> None:
+    sam, tim = V1(chatd.port, "sam"), V1(chatd.port, "tim")
+    sam.join("groups")
+    tim.join("groups")
+    for who, said in ((sam, "s1"), (sam, "s2"), (sam, "s3"), (tim, "t1"), (sam, "s4")):
+        who.say("groups", said)
+        while who.next()["type"] != "message":  # (presence frames come first)
+            pass
+    uma = people()
+    uma.join("uma", "groups")
+    uma.wait_texts(["s1", "s2", "s3", "t1", "s4"])
+    msgs = uma.page.locator("#log .msg")
+    conts = [("cont" in (c or "")) for c in msgs.evaluate_all("ns => ns.map(n => n.className)")]
+    assert conts == [False, True, True, False, False]  # one name per run of a sender
+    visible_names = [msgs.nth(i).locator(".from").is_visible() for i in range(msgs.count())]
+    assert visible_names == [True, False, False, True, True]
+    assert uma.page.locator("#log .day").all_text_contents() == ["Today"]
+    # The same history seen "tomorrow": under a "Yesterday" line.
+    later = people()
+    later.page.clock.set_fixed_time(time.time() + 86_400)
+    later.open()
+    later.join("vera", "groups")
+    later.wait_texts(["s1", "s2", "s3", "t1", "s4"])
+    assert later.page.locator("#log .day").all_text_contents() == ["Yesterday"]
+    sam.close()
+    tim.close()
+
+
+def test_links_are_clickable_and_safe_and_html_stays_text(people, chatd) -> None:
+    wes = people()
+    wes.join("wes", "links")
+    other = V1(chatd.port, "xena")
+    other.join("links")
+    said = "see https://example.com/a?b=1&c=<2>, <b>bold</b> javascript:alert(1) http://x.test."
+    other.say("links", said)
+    wes.wait_text(said)  # the text is whole: links are in it, not instead of it
+    links = wes.page.locator("#log .msg .text a")
+    assert links.count() == 2
+    got = links.evaluate_all(
+        "as => as.map(a => [a.getAttribute('href'), a.textContent, a.target, a.rel])"
+    )
+    assert got == [
+        ["https://example.com/a?b=1&c=", "https://example.com/a?b=1&c=", "_blank",
+         "noopener noreferrer"],
+        ["http://x.test/", "http://x.test", "_blank", "noopener noreferrer"],
+    ]  # fmt: skip
+    assert wes.page.locator("#log b, #log script, #log img").count() == 0
+    other.close()
+
+
+def test_the_page_speaks_chinese_when_the_browser_prefers_it(people) -> None:
+    yan = people(locale="zh-CN")
+    assert yan.page.get_attribute("html", "lang") == "zh-CN"
+    assert yan.page.text_content("#send") == "发送"
+    assert yan.page.text_content("#join") == "加入"
+    assert yan.page.text_content("#state") == "未连接"
+    yan.join("yan", "茶".encode().hex())
+    room = "茶".encode().hex()
+    assert yan.page.text_content("#state") == f"yan 在 {room}"
+    yan.say("你好")
+    yan.wait_text("你好")
+    assert yan.page.text_content("#leave") == "离开"
+    shot(yan, "page-phone-zh.png")
+    # and English otherwise: one language on the page
+    en = people(locale="en-US")
+    assert en.page.text_content("#send") == "Send"
+    assert en.page.text_content("#join") == "Join"
+
+
+def test_reconnecting_is_said_in_words_counting_down(people, tmp_path) -> None:
+    import re
+
+    port = free_port()
+    d = Daemon("--port", str(port), cwd=str(tmp_path))
+    try:
+        zoe = people(port)
+        zoe.join("zoe", "countdown")
+        zoe.say("before")
+        zoe.wait_text("before")
+        d.stop()
+        zoe.page.wait_for_selector('#state[data-state="reconnecting"]', timeout=WAIT_MS)
+        said = re.compile(r"reconnecting in (\d+) s…")
+
+        def seconds() -> int:
+            m = said.fullmatch(zoe.page.text_content("#state") or "")
+            return int(m.group(1)) if m else 0
+
+        # The backoff grows while the daemon is away: wait for a delay of 2 s or more...
+        eventually(lambda: seconds() >= 2, True, "a delay of a few seconds")
+        n = seconds()
+        shot(zoe, "page-phone-reconnecting.png")
+        # ...and see it count down, second by second.
+        eventually(lambda: zoe.page.text_content("#state"), f"reconnecting in {n - 1} s…", "")
+        shown = zoe.page.inner_text("main")
+        assert "1006" not in shown and "1001" not in shown  # never a raw close code
+        zoe.page.locator("#log .sys").get_by_text("connection lost", exact=False).wait_for(
+            timeout=WAIT_MS
+        )
+        d = Daemon("--port", str(port), cwd=str(tmp_path))
+        zoe.wait_open(timeout=60_000)
+        assert zoe.page.text_content("#state") == "zoe in countdown"
+    finally:
+        d.stop()
+
+
+def test_the_phone_layout_folds_the_join_form_once_joined(people) -> None:
+    phone = people()
+    assert phone.page.is_visible("#join-form")
+    assert not phone.page.is_visible("#show-join")
+    phone.join("ann", "fold")
+    assert not phone.page.is_visible("#join-form")  # folded away once joined
+    assert phone.page.is_visible("#show-join")
+    shot(phone, "page-phone.png")
+    phone.page.click("#show-join")
+    assert phone.page.is_visible("#join-form")
+    assert phone.page.get_attribute("#show-join", "aria-expanded") == "true"
+    shot(phone, "page-phone-join-open.png")
+    phone.join_another("fold2")
+    assert not phone.page.is_visible("#join-form")  # and again after joining another
+    desk = people(size=DESKTOP)
+    desk.join("ben", "fold")
+    assert desk.page.is_visible("#join-form")  # a desktop has room for it
+    assert not desk.page.is_visible("#show-join")
+    assert not desk.page.is_visible("a[href='plain.html']")  # not in the main header
+
+
+def test_screenshots_of_a_conversation_at_desktop_and_phone_sizes(people, chatd) -> None:
+    desk = people(size=DESKTOP)
+    desk.join("alice", "lobby")
+    desk.join_another("design")
+    phone = people()
+    phone.join("bob", "design")
+    desk.say("Morning! The mock-ups are at https://example.com/mockups")
+    phone.wait_text("Morning! The mock-ups are at https://example.com/mockups")
+    desk.say("Tell me what you think.")
+    phone.say("Looking now 👀")
+    phone.say("The phone layout folds the join form away.")
+    desk.wait_text("The phone layout folds the join form away.")
+    msg = phone.page.locator("#log .msg").first
+    msg.click()
+    msg.get_by_role("button", name="react 👍").click()
+    desk.page.locator("#log .msg .reactions button").first.wait_for(timeout=WAIT_MS)
+    other = V1(chatd.port, "carol")
+    other.join("lobby")
+    other.say("lobby", "anyone for lunch?")
+    eventually(
+        lambda: desk.room_button("lobby").locator(".badge").all_text_contents(), ["1"], "badge"
+    )
+    phone.page.type("#text", "typing…", delay=400)  # (a typing is said every 2 s at most)
+    desk.page.locator("#typing").get_by_text("bob is typing…").wait_for(timeout=WAIT_MS)
+    shot(desk, "page-desktop.png")
+    phone.page.fill("#text", "")
+    shot(phone, "page-phone-conversation.png")
+    other.close()
