@@ -31,13 +31,16 @@ runtime-deps: $(VENV)/.runtime
 
 # Debian packages the tests use: chromium (the page), systemd (unit checks, socket
 # activation), redis-server (cluster tests start their own on free loopback ports),
-# nodejs (chatd.js's tests: 20.10 or later, for its WebSocket; nothing from npm)
+# nodejs (chatd.js's tests: 20.10 or later, for its WebSocket; nothing from npm),
+# an emoji and a Chinese font (the page's screenshots show reactions and the zh interface)
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
+	fc-list : family 2>/dev/null | grep -q "Noto Color Emoji" || missing="$$missing fonts-noto-color-emoji"; \
+	fc-list : family 2>/dev/null | grep -q "WenQuanYi Micro Hei" || missing="$$missing fonts-wqy-microhei"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
