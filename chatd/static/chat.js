@@ -93,7 +93,7 @@ let countdown = null;   // {until, timer} while waiting to reconnect
 let lostOnce = false;   // a "connection lost" line was written since the last open
 const rooms = new Map();   // name -> view: the page's side of one joined room
 let current = null;        // the name of the room shown
-let mayType = true, typedAt = 0, typedRoom = null;
+let mayType = true, typedAt = 0;
 
 function roomView(name) {
   let v = rooms.get(name);
@@ -514,13 +514,10 @@ function stop(msg) {
 }
 
 function start() {
-  const opts = token ? { token } : { nick };
-  chat = new Chatd(opts);
   // The last session's resume secret, across reloads: the old connection may still look
-  // open to the server; showing the secret takes it over instead of nick_taken. (chatd.js
-  // has no option for a first secret: its field is set before connect.)
-  const resume = sessionStorage.getItem("chatd.resume");
-  if (resume) chat._resume = resume;
+  // open to the server; showing the secret takes it over instead of nick_taken.
+  const resume = sessionStorage.getItem("chatd.resume") || undefined;
+  chat = new Chatd(token ? { token, resume } : { nick, resume });
   const c = chat;
   const mineOnly = (fn) => (...a) => { if (chat === c) fn(...a); };
   c.on("state", mineOnly(onState));
@@ -618,9 +615,8 @@ function onError(e) {
     stop(code === "unauthorized" ? t("badToken", { msg: e.message }) : e.message);
     return;
   }
-  // (A typing refused comes as an error with a ref chatd.js no longer waits for, as
-  // typing has no answer: then stop saying it, quietly; it is a hint.)
-  if (e.frame && e.frame.ref != null && typedRoom && Date.now() - typedAt < 5000) {
+  // A typing refused (a reader's): stop saying it, quietly; it is a hint.
+  if (e.request && e.request.type === "typing") {
     mayType = false;
     return;
   }
@@ -697,7 +693,6 @@ text.addEventListener("input", () => {
   const now = Date.now();
   if (mayType && chat && current && text.value && now - typedAt >= TYPING_EVERY) {
     typedAt = now;
-    typedRoom = current;
     chat.typing(current).catch(() => {});
   }
 });

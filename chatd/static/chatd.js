@@ -186,7 +186,8 @@ export class Chatd {
     this._pending = new Map(); // ref -> request, in the order asked
     this._ws = null;
     this._ready = false; // welcomed on the current socket
-    this._resume = null;
+    this._resume = options.resume ?? null; // a session to take over (an earlier welcome's)
+    this._sent = new Map(); // ref -> frame of the last requests that have no answer
     this._attempt = 0;
     this._timer = null;
     this._connectTimer = null;
@@ -379,7 +380,12 @@ export class Chatd {
     const { build, ...wire } = frame;
     this._write({ ...wire, ref: req.ref });
     req.written = true;
-    if (req.noAnswer) this._done(req, undefined);
+    if (req.noAnswer) {
+      // Its refusal may still come: an "error" event then names it (ChatdError.request).
+      this._sent.set(req.ref, wire);
+      if (this._sent.size > 32) this._sent.delete(this._sent.keys().next().value);
+      this._done(req, undefined);
+    }
   }
 
   _done(req, value) {
@@ -490,6 +496,12 @@ export class Chatd {
   }
 
   /** Says the user is typing (every 2 s or so); dropped while disconnected. */
+  /** The secret that lets a later connection take this session over (a reload: give
+   * it as the `resume` option), or null before the first welcome. */
+  get resumeSecret() {
+    return this._resume;
+  }
+
   typing(room) {
     if (!this._ready) return Promise.resolve();
     return this._request({ type: "typing", room }, { room, noAnswer: true });
@@ -543,9 +555,12 @@ export class Chatd {
       case "refreshed":
         if (req) this._done(req, f);
         return;
-      case "error":
+      case "error": {
         if (req) return this._fail(req, f.code, f.message, f);
-        return this._emit("error", new ChatdError(f.code, f.message, f));
+        const e = new ChatdError(f.code, f.message, f);
+        e.request = f.ref != null ? (this._sent.get(f.ref) ?? null) : null;
+        return this._emit("error", e);
+      }
     }
   }
 

@@ -40,6 +40,9 @@ export interface ChatdOptions {
   refreshBefore?: number;
   /** ids remembered per room to filter duplicates (default 5000). */
   maxSeen?: number;
+  /** An earlier session's resume secret (`resumeSecret`, kept across a reload): the first
+   * connection takes that session over instead of meeting its nick as taken. */
+  resume?: string;
 }
 
 export type Reactions = Record<string, string[]>;
@@ -169,6 +172,8 @@ export declare class ChatdError extends Error {
   /** The server's error code (bad_field, forbidden, not_found, ...) or disconnected, closed, timeout, left. */
   code: string;
   frame?: object;
+  /** On an "error" event: the request without an answer (typing, read) it refuses, if known. */
+  request?: { type: string; room?: string; [field: string]: unknown } | null;
   constructor(code: string, message?: string, frame?: object);
 }
 
@@ -206,6 +211,8 @@ export declare class Chatd {
   delete(room: string, id: number): Promise<Message>;
   react(room: string, id: number, emoji: string): Promise<Message>;
   unreact(room: string, id: number, emoji: string): Promise<Message>;
+  /** The secret that lets a later connection take this session over, or null. */
+  readonly resumeSecret: string | null;
   typing(room: string): Promise<void>;
   read(room: string, id: number): Promise<void>;
   room(name: string): RoomState | undefined;

@@ -52,3 +52,39 @@ test("a refused static token ends the client (4001) instead of retrying", async 
   assert.equal((await pending).code, "closed");
   assert.ok(!states.some((x) => x.state === "reconnecting"), JSON.stringify(states));
 });
+
+test("a reader's refused typing comes as an error event that names the typing", async () => {
+  const room = unique("news-");
+  const c = make({ url: authUrl(), initialDelay: 100, token: token({ sub: "u-7", rooms: { "news-*": "r" } }) });
+  c.connect();
+  await c.join(room);
+  const refused = next(c, "error");
+  await c.typing(room); // no answer of its own: the refusal comes as an event
+  const e = await refused;
+  assert.equal(e.code, "forbidden");
+  assert.deepEqual([e.request.type, e.request.room], ["typing", room]);
+  c.close();
+});
+
+test("the resume option takes an earlier session over (a reload)", async () => {
+  const room = unique("reload-");
+  const nick = unique("r");
+  const first = make({ url: url(), nick, initialDelay: 100 });
+  const welcomed = next(first, "welcome");
+  first.connect();
+  await welcomed;
+  await first.join(room);
+  const secret = first.resumeSecret;
+  assert.equal(typeof secret, "string");
+  const replaced = next(first, "state", (s) => s.state === "closed");
+  // The same nick while the first still holds it: taken, unless the session is resumed.
+  const second = make({ url: url(), nick, resume: secret, initialDelay: 100 });
+  const welcome = next(second, "welcome");
+  second.connect();
+  const w = await welcome;
+  assert.equal(w.resumed, true);
+  assert.deepEqual(w.rooms, [room]);
+  assert.equal((await replaced).code, 4000);
+  await second.join(room);
+  second.close();
+});
