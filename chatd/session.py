@@ -806,10 +806,10 @@ class ChatSession:
         failure.trap(Unavailable)  # type: ignore[no-untyped-call]
         self.error("unavailable", "the message could not be stored and was not sent", ref)
 
-    def _amend(self, obj: dict[str, Any], ref: Ref, kind: str, text: str) -> None:
-        """An edit, delete or reaction about message ``id``: stored as an event, which
-        comes back to this connection with the rest of the room as the answer."""
-        room = self._writer(obj)
+    def _amend(self, room: str, obj: dict[str, Any], ref: Ref, kind: str, text: str) -> None:
+        """An edit, delete or reaction about message ``id`` of ``room`` (checked by
+        ``_writer``): stored as an event, which comes back to this connection with the
+        rest of the room as the answer."""
         target = _field(obj, "id", int)
         if target < 1:
             raise ProtocolError("bad_field", "'id' is a message id")
@@ -827,12 +827,12 @@ class ChatSession:
         self.error("unavailable", "the change could not be stored and was not sent", ref)
 
     def on_edit(self, obj: dict[str, Any], ref: Ref) -> None:
-        _field(obj, "text", str)
-        self._writer(obj)
-        self._amend(obj, ref, "edit", self._text(obj))
+        _field(obj, "text", str)  # (a missing text first, as for send)
+        room = self._writer(obj)
+        self._amend(room, obj, ref, "edit", self._text(obj))
 
     def on_delete(self, obj: dict[str, Any], ref: Ref) -> None:
-        self._amend(obj, ref, "delete", "")
+        self._amend(self._writer(obj), obj, ref, "delete", "")
 
     def _emoji(self, obj: dict[str, Any]) -> str:
         """A reaction: 1-``EMOJI_MAX`` characters, no spaces or control characters
@@ -845,10 +845,12 @@ class ChatSession:
         return emoji
 
     def on_react(self, obj: dict[str, Any], ref: Ref) -> None:
-        self._amend(obj, ref, "react", self._emoji(obj))
+        emoji = self._emoji(obj)
+        self._amend(self._writer(obj), obj, ref, "react", emoji)
 
     def on_unreact(self, obj: dict[str, Any], ref: Ref) -> None:
-        self._amend(obj, ref, "unreact", self._emoji(obj))
+        emoji = self._emoji(obj)
+        self._amend(self._writer(obj), obj, ref, "unreact", emoji)
 
     def on_read(self, obj: dict[str, Any], ref: Ref) -> None:
         """Move this user's read marker up (never back): its connections, and in a
